@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+REF_STAMP := $(VENV)/.reference-installed
+MODEL ?= efficientnet-lite0
+
+.PHONY: install run test lint reference-deps services-stop clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# PyTorch is only for the reference test that checks the ONNX conversion; the service never
+# imports it. The CPU wheel comes from this machine's local wheel folder.
+$(REF_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
+		|| echo "torch==2.13.0 is not installable here: the reference test will be skipped"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0
+	touch $(REF_STAMP)
+
+reference-deps: $(REF_STAMP)
+
+run: install
+	$(VENV)/bin/lookalike run
+
+test: install reference-deps
+	$(VENV)/bin/lookalike models install $(MODEL)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check service workers tests bench migrations
+
+services-stop: install
+	$(VENV)/bin/lookalike services stop
+
+clean:
+	rm -rf $(VENV) var

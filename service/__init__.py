@@ -1,0 +1,1 @@
+"""Lookalike: an image-retrieval service."""

@@ -1,0 +1,44 @@
+"""Every error leaves the API as `{"error": {"code", "message"}}`."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from service.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(code: str, message: str, status: int) -> ResponseReturnValue:
+    """The JSON error body with its status."""
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install handlers for domain errors, HTTP errors and anything unexpected."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> ResponseReturnValue:
+        return error_response(exc.code, exc.message, exc.status)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> ResponseReturnValue:
+        limit = app.config["MAX_UPLOAD_BYTES"]
+        return error_response("payload_too_large",
+                              f"the request body is larger than {limit} bytes", 413)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        if exc.response is not None and exc.response.is_json:
+            return exc.response  # already shaped (e.g. by a validation hook)
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(code, exc.description or exc.name, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
+        log.exception("unhandled error")
+        return error_response("internal_error", "an unexpected error occurred", 500)

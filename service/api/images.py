@@ -1,0 +1,175 @@
+"""Images: upload, read, list, patch, delete, original bytes and thumbnails."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+from spectree import Response as Resp
+
+from service.api.context import content_store
+from service.api.openapi import spec
+from service.api.schemas import (
+    ErrorResponse,
+    ImageList,
+    ImageOut,
+    ListQuery,
+    MetadataPatch,
+    UploadForm,
+)
+from service.db import session_scope
+from service.embedding.transforms import ImageDecodeError
+from service.errors import ApiError
+from service.images import service as images
+from service.images.models import Image
+from service.queue import EMBED_IMAGE, enqueue
+
+bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
+log = logging.getLogger(__name__)
+TAGS = ["images"]
+
+
+def image_json(image: Image, *, duplicate: bool | None = None) -> dict[str, Any]:
+    """The public shape of an image row."""
+    out: dict[str, Any] = {
+        "id": str(image.id), "collection": image.collection, "status": image.status,
+        "error": image.error, "metadata": image.meta, "width": image.width,
+        "height": image.height, "format": image.format, "mime": image.mime,
+        "bytes": image.bytes, "sha256": image.sha256, "filename": image.filename,
+        "created_at": image.created_at.isoformat(),
+    }
+    if duplicate is not None:
+        out["duplicate"] = duplicate
+    return out
+
+
+def parse_metadata_field(raw: str | None) -> dict[str, Any]:
+    """The optional `metadata` form field: a JSON object."""
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError("invalid_metadata", f"metadata is not valid JSON: {exc}") from exc
+    return images.validate_metadata(value, max_bytes=int(current_app.config["MAX_METADATA_BYTES"]))
+
+
+def encode_cursor(created_at: datetime, image_id: uuid.UUID) -> str:
+    """An opaque keyset cursor."""
+    raw = f"{created_at.isoformat()}|{image_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Back from the opaque cursor, or 400."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, image_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), uuid.UUID(image_id)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
+
+
+@bp.post("")
+@spec.validate(form=UploadForm, resp=Resp(HTTP_200=ImageOut, HTTP_202=ImageOut,
+                                          HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
+               tags=TAGS)
+def upload_image() -> tuple[dict[str, Any], int]:
+    """Upload an image; it is embedded asynchronously (202), or returned if already stored (200)."""
+    upload = request.files.get("file")
+    if upload is None:
+        raise ApiError("missing_file", "multipart field 'file' is required")
+    metadata = parse_metadata_field(request.form.get("metadata"))
+    collection = request.form.get("collection") or "default"
+    data = upload.read()
+    with session_scope() as session:
+        stored = images.store_image(
+            data, session=session, store=content_store(), collection=collection,
+            metadata=metadata, filename=upload.filename,
+            max_pixels=int(current_app.config["MAX_IMAGE_PIXELS"]),
+        )
+        body = image_json(stored.image, duplicate=stored.duplicate)
+    if stored.duplicate:
+        return body, 200
+    try:
+        enqueue(EMBED_IMAGE, body["id"])
+    except Exception:  # The row stays pending; the sweeper re-enqueues it.
+        log.exception("could not enqueue %s", body["id"])
+    return body, 202
+
+
+@bp.get("")
+@spec.validate(query=ListQuery, resp=Resp(HTTP_200=ImageList, HTTP_400=ErrorResponse), tags=TAGS)
+def list_images() -> dict[str, Any]:
+    """List images newest first, with a cursor for the next page."""
+    q: ListQuery = request.context.query  # type: ignore[attr-defined]
+    cursor = decode_cursor(q.cursor) if q.cursor else None
+    with session_scope() as session:
+        rows = images.list_images(session=session, collection=q.collection, status=q.status,
+                                  limit=q.limit + 1, cursor=cursor)
+        page = rows[: q.limit]
+        next_cursor = (encode_cursor(page[-1].created_at, page[-1].id)
+                       if len(rows) > q.limit else None)
+        return {"items": [image_json(r) for r in page], "next_cursor": next_cursor}
+
+
+@bp.get("/<image_id>")
+@spec.validate(resp=Resp(HTTP_200=ImageOut, HTTP_404=ErrorResponse), tags=TAGS)
+def get_image(image_id: str) -> dict[str, Any]:
+    """One image's record."""
+    with session_scope() as session:
+        return image_json(images.get_image(image_id, session=session))
+
+
+@bp.patch("/<image_id>")
+@spec.validate(json=MetadataPatch, resp=Resp(HTTP_200=ImageOut, HTTP_400=ErrorResponse,
+                                             HTTP_404=ErrorResponse), tags=TAGS)
+def patch_image(image_id: str) -> dict[str, Any]:
+    """Replace an image's metadata."""
+    body: MetadataPatch = request.context.json  # type: ignore[attr-defined]
+    with session_scope() as session:
+        image = images.replace_metadata(
+            image_id, body.metadata, session=session,
+            max_bytes=int(current_app.config["MAX_METADATA_BYTES"]))
+        return image_json(image)
+
+
+@bp.delete("/<image_id>")
+@spec.validate(resp=Resp("HTTP_204", HTTP_404=ErrorResponse), tags=TAGS)
+def delete_image(image_id: str) -> tuple[str, int]:
+    """Delete an image, its vectors and (if unshared) its file."""
+    with session_scope() as session:
+        images.delete_image(image_id, session=session, store=content_store())
+    return "", 204
+
+
+@bp.get("/<image_id>/file")
+@spec.validate(resp=Resp(HTTP_404=ErrorResponse), tags=TAGS)
+def image_file(image_id: str) -> Response:
+    """The original bytes."""
+    with session_scope() as session:
+        image = images.get_image(image_id, session=session)
+        data = content_store().get(image.sha256)
+        return Response(data, mimetype=image.mime, headers={
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "X-Content-Type-Options": "nosniff"})
+
+
+@bp.get("/<image_id>/thumbnail")
+@spec.validate(resp=Resp(HTTP_404=ErrorResponse), tags=TAGS)
+def image_thumbnail(image_id: str) -> Response:
+    """A JPEG of at most 256 px."""
+    with session_scope() as session:
+        image = images.get_image(image_id, session=session)
+        try:
+            data = images.thumbnail(image, store=content_store(),
+                                    max_pixels=int(current_app.config["MAX_IMAGE_PIXELS"]))
+        except ImageDecodeError as exc:
+            raise ApiError(exc.code, exc.message, status=422) from exc
+        return Response(data, mimetype="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=86400"})

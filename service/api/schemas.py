@@ -1,0 +1,121 @@
+"""Request and response models of the HTTP API (they also generate the OpenAPI document)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from spectree.model_adapter.pydantic_adapter import BaseFile
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, with a stable code."""
+
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    error: ErrorDetail
+
+
+class ImageOut(BaseModel):
+    """A stored image."""
+
+    id: str
+    collection: str
+    status: str
+    error: str | None = None
+    metadata: dict[str, Any]
+    width: int
+    height: int
+    format: str
+    mime: str
+    bytes: int
+    sha256: str
+    filename: str | None = None
+    created_at: datetime
+    duplicate: bool | None = None
+
+
+class ImageList(BaseModel):
+    """A page of images, newest first."""
+
+    items: list[ImageOut]
+    next_cursor: str | None = None
+
+
+class ListQuery(BaseModel):
+    """Listing parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: str | None = Field(default=None, max_length=128)
+    status: str | None = Field(default=None, pattern="^(pending|ready|failed)$")
+    limit: int = Field(default=50, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=200)
+
+
+class UploadForm(BaseModel):
+    """Multipart upload of one image."""
+
+    file: BaseFile
+    metadata: str | None = Field(default=None, description="a JSON object")
+    collection: str | None = Field(default=None, max_length=128)
+
+
+class MetadataPatch(BaseModel):
+    """Replacement metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, Any]
+
+
+class SearchQuery(BaseModel):
+    """A search: by stored image, by raw vector, or (multipart) by uploaded file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str | None = Field(default=None, max_length=64)
+    vector: list[float] | None = Field(default=None, max_length=65536)
+    k: int = Field(default=10, ge=1, le=1000)
+    collection: str | None = Field(default=None, max_length=128)
+    filter: dict[str, Any] | None = None
+    model: str | None = Field(default=None, max_length=128)
+
+
+class SearchForm(BaseModel):
+    """Multipart search by an uploaded photo; other fields as JSON in `query`."""
+
+    file: BaseFile
+    query: str | None = Field(default=None, description="SearchQuery fields as a JSON object")
+
+
+class SearchHitOut(BaseModel):
+    """One result, best first."""
+
+    id: str
+    score: float = Field(description="cosine similarity, 1 - distance")
+    distance: float = Field(description="cosine distance")
+    collection: str
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    """Search results."""
+
+    results: list[SearchHitOut]
+    model: str
+    metric: str = "cosine"
+    took_ms: float
+
+
+class Health(BaseModel):
+    """Liveness or readiness."""
+
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,41 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from service.config import load_settings
+from service.db import init_db
+from service.images.storage import ContentStore
+from service.queue import celery_init_app
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings, database, broker, blueprints, error handlers, OpenAPI."""
+    app = Flask(__name__)
+    app.config.from_mapping(load_settings())
+    app.config.from_prefixed_env("LOOKALIKE")
+    if config:
+        app.config.update(config)
+    # Werkzeug refuses larger bodies with 413 before reading them.
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_BYTES"])
+    app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    init_db(app)
+    celery_init_app(app)
+    app.extensions["content_store"] = ContentStore(app.config["STORAGE_DIR"])
+
+    from service.api import errors, health, images, search
+    from service.api.openapi import spec
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(images.bp)
+    app.register_blueprint(search.bp)
+    errors.register_error_handlers(app)
+    spec.register(app)
+    return app

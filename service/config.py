@@ -1,0 +1,53 @@
+"""Settings: defaults, then the environment, then explicit overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("LOOKALIKE_VAR_DIR", PROJECT_ROOT / "var"))
+SERVICES_STATE_FILE = "services.json"
+
+DEFAULTS: dict[str, Any] = {
+    "DATABASE_URL": None,
+    "REDIS_URL": None,
+    "STORAGE_DIR": str(VAR_DIR / "storage"),
+    "MODEL_DIR": str(VAR_DIR / "models"),
+    "DEFAULT_MODEL": "efficientnet-lite0",
+    # Uploads above this are refused with 413 before the body is read.
+    "MAX_UPLOAD_BYTES": 50 * 1024 * 1024,
+    # Decompression-bomb guard: a tiny file may claim billions of pixels.
+    "MAX_IMAGE_PIXELS": 64_000_000,
+    "MAX_METADATA_BYTES": 64 * 1024,
+    "SEARCH_MAX_K": 1000,
+    "EMBED_BATCH_SIZE": 16,
+    "ORT_INTRA_OP_THREADS": 0,
+}
+
+# Plain names that deployments conventionally set without a prefix.
+UNPREFIXED = ("DATABASE_URL", "REDIS_URL")
+
+
+def embedded_service_urls(var_dir: Path = VAR_DIR) -> dict[str, str]:
+    """URLs of the embedded services that `lookalike services start` recorded, if any."""
+    state = var_dir / SERVICES_STATE_FILE
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if k in UNPREFIXED and isinstance(v, str)}
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge defaults, embedded-service URLs, plain DATABASE_URL/REDIS_URL and overrides."""
+    settings = dict(DEFAULTS)
+    settings.update(embedded_service_urls())
+    for name in UNPREFIXED:
+        if os.environ.get(name):
+            settings[name] = os.environ[name]
+    if overrides:
+        settings.update(overrides)
+    return settings

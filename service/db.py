@@ -1,0 +1,76 @@
+"""Engine, sessions and the declarative base."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Flask, current_app
+from sqlalchemy import Engine, MetaData, create_engine
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every ORM model."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Pin the psycopg 3 driver whatever scheme the deployment wrote."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def make_engine(url: str, **kwargs: object) -> Engine:
+    """Create an engine with connection checks so a restarted server is survived."""
+    options: dict[str, object] = {"pool_size": 5, "max_overflow": 5}
+    options.update(kwargs)
+    if "poolclass" in options:
+        options.pop("pool_size")
+        options.pop("max_overflow")
+    return create_engine(
+        sqlalchemy_url(url), pool_pre_ping=True, connect_args={"connect_timeout": 5}, **options
+    )
+
+
+def init_db(app: Flask) -> None:
+    """Attach an engine and a session factory to the app."""
+    url = app.config.get("DATABASE_URL")
+    if not url:
+        raise RuntimeError(
+            "DATABASE_URL is not set and no embedded services are running: "
+            "run `lookalike services start` or set DATABASE_URL"
+        )
+    engine = make_engine(url)
+    app.extensions["db_engine"] = engine
+    app.extensions["db_sessionmaker"] = sessionmaker(engine, expire_on_commit=False)
+
+
+def get_engine() -> Engine:
+    """The current app's engine."""
+    return current_app.extensions["db_engine"]
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session: Session = current_app.extensions["db_sessionmaker"]()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

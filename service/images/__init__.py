@@ -1,0 +1,1 @@
+"""Images: upload, storage, decoding, listing and deletion."""

@@ -1,0 +1,212 @@
+"""Image domain functions shared by the API and the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from PIL import Image as PILImage
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from service.embedding.transforms import ImageDecodeError, open_image, to_rgb
+from service.errors import ApiError, NotFound
+from service.images.models import STATUSES, Image
+from service.images.storage import ContentStore
+
+log = logging.getLogger(__name__)
+
+MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+        "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+THUMBNAIL_SIZE = 256
+MAX_COLLECTION_LENGTH = 128
+
+
+@dataclass
+class StoredImage:
+    """The outcome of an upload: the image row and whether it already existed."""
+
+    image: Image
+    duplicate: bool
+
+
+def validate_collection(name: str) -> str:
+    """A collection name: 1-128 printable characters."""
+    if not isinstance(name, str) or not name or len(name) > MAX_COLLECTION_LENGTH:
+        raise ApiError("invalid_collection", "collection must be 1 to 128 characters")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise ApiError("invalid_collection", "collection must not contain control characters")
+    return name
+
+
+def validate_metadata(meta: Any, *, max_bytes: int) -> dict[str, Any]:
+    """Metadata must be a JSON object that PostgreSQL can store as jsonb."""
+    if not isinstance(meta, dict):
+        raise ApiError("invalid_metadata", "metadata must be a JSON object")
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ApiError("invalid_metadata", f"metadata is not valid JSON: {exc}") from exc
+    if len(text.encode()) > max_bytes:
+        raise ApiError("invalid_metadata", f"metadata is larger than {max_bytes} bytes")
+    if "\\u0000" in text:
+        raise ApiError("invalid_metadata", "metadata must not contain NUL characters")
+    return meta
+
+
+def clean_filename(name: str | None) -> str | None:
+    """Keep only the last path component, without control characters."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if ord(c) >= 32 and c != "\x7f")[:255]
+    return base or None
+
+
+def store_image(
+    data: bytes,
+    *,
+    session: Session,
+    store: ContentStore,
+    collection: str,
+    metadata: dict[str, Any],
+    filename: str | None,
+    max_pixels: int,
+) -> StoredImage:
+    """Validate and store an upload; an identical file in the collection is returned as is."""
+    collection = validate_collection(collection)
+    digest = hashlib.sha256(data).hexdigest()
+    existing = session.scalar(
+        select(Image).where(Image.collection == collection, Image.sha256 == digest)
+    )
+    if existing is not None:
+        return StoredImage(existing, duplicate=True)
+    try:
+        img = open_image(data, max_pixels=max_pixels, draft_size=THUMBNAIL_SIZE)
+    except ImageDecodeError as exc:
+        raise ApiError(exc.code, exc.message) from exc
+    fmt = img.format or "JPEG"
+    # Size before draft decoding, so the reported size is the original's.
+    width, height = PILImage.open(io.BytesIO(data)).size
+    created_file = store.put(digest, data)
+    row = {
+        "id": uuid.uuid4(), "collection": collection, "sha256": digest,
+        "filename": clean_filename(filename), "mime": MIME.get(fmt, "application/octet-stream"),
+        "format": fmt, "width": width, "height": height, "bytes": len(data),
+        "meta": metadata, "status": "pending",
+    }
+    try:
+        inserted = session.execute(
+            insert(Image).values(**row)
+            .on_conflict_do_nothing(constraint="uq_images_collection_sha256")
+            .returning(Image.id)
+        ).scalar()
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if created_file:
+            _remove_if_unreferenced(digest, session=session, store=store)
+        raise
+    if inserted is None:
+        # A concurrent upload of the same bytes won the race.
+        existing = session.scalar(
+            select(Image).where(Image.collection == collection, Image.sha256 == digest)
+        )
+        if existing is None:
+            raise ApiError("conflict", "the image was deleted while it was uploaded", status=409)
+        return StoredImage(existing, duplicate=True)
+    return StoredImage(session.get(Image, inserted), duplicate=False)
+
+
+def _remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> None:
+    try:
+        still_used = session.scalar(select(Image.id).where(Image.sha256 == digest).limit(1))
+    except Exception:  # The database may be what failed; keeping a file is the safe side.
+        log.exception("could not check references of %s", digest)
+        return
+    if still_used is None:
+        store.delete(digest)
+
+
+def parse_id(image_id: str | uuid.UUID) -> uuid.UUID:
+    """A UUID from a path segment, or 404 (a malformed id names no image)."""
+    if isinstance(image_id, uuid.UUID):
+        return image_id
+    try:
+        return uuid.UUID(str(image_id))
+    except ValueError as exc:
+        raise NotFound("not_found", f"no image {image_id!r}") from exc
+
+
+def get_image(image_id: str | uuid.UUID, *, session: Session) -> Image:
+    """The image, or 404."""
+    image = session.get(Image, parse_id(image_id))
+    if image is None:
+        raise NotFound("not_found", f"no image {image_id}")
+    return image
+
+
+def delete_image(image_id: str | uuid.UUID, *, session: Session, store: ContentStore) -> None:
+    """Delete the row (vectors cascade) and, if no other collection holds it, the file."""
+    image = get_image(image_id, session=session)
+    digest = image.sha256
+    session.execute(delete(Image).where(Image.id == image.id))
+    session.commit()
+    _remove_if_unreferenced(digest, session=session, store=store)
+
+
+def replace_metadata(image_id: str | uuid.UUID, metadata: Any, *, session: Session,
+                     max_bytes: int) -> Image:
+    """Replace an image's metadata object."""
+    image = get_image(image_id, session=session)
+    image.meta = validate_metadata(metadata, max_bytes=max_bytes)
+    session.commit()
+    return image
+
+
+def list_images(*, session: Session, collection: str | None, status: str | None, limit: int,
+                cursor: tuple[datetime, uuid.UUID] | None) -> list[Image]:
+    """Images newest first, after the keyset cursor (created_at, id)."""
+    query = select(Image)
+    if collection is not None:
+        query = query.where(Image.collection == collection)
+    if status is not None:
+        if status not in STATUSES:
+            raise ApiError("invalid_status", f"status must be one of {', '.join(STATUSES)}")
+        query = query.where(Image.status == status)
+    if cursor is not None:
+        created, last_id = cursor
+        query = query.where(or_(Image.created_at < created,
+                                and_(Image.created_at == created, Image.id < last_id)))
+    query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def thumbnail(image: Image, *, store: ContentStore, max_pixels: int) -> bytes:
+    """A JPEG of at most 256 px on its longer side, cached beside the original."""
+    path = store.thumbnail_path(image.sha256)
+    if path.exists():
+        return path.read_bytes()
+    img = open_image(store.get(image.sha256), max_pixels=max_pixels, draft_size=THUMBNAIL_SIZE)
+    img = to_rgb(img)
+    img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), PILImage.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85, optimize=True)
+    store.put_thumbnail(image.sha256, out.getvalue())
+    return out.getvalue()
+
+
+def mark_failed(image_id: uuid.UUID, reason: str, *, session: Session) -> None:
+    """Record a permanent failure with a readable reason."""
+    image = session.get(Image, image_id)
+    if image is not None:
+        image.status = "failed"
+        image.error = reason[:2000]
+        session.commit()

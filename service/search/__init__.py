@@ -1,0 +1,1 @@
+"""Similarity search: filters, query plans and ranking in SQL."""

@@ -1,0 +1,1 @@
+"""Embedded PostgreSQL (with pgvector) and Redis for `make run` and `make test`."""
