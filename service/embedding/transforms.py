@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # Formats accepted as uploads; SVG and PDF are not images Pillow decodes safely, so refused.
-ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+# (Multi-picture JPEGs open through the JPEG plugin and report "MPO".)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageDecodeError(ValueError):
@@ -41,9 +42,11 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     if not data:
         raise ImageDecodeError("empty_file", "the file is empty")
     try:
-        img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("image_too_large", str(exc)) from exc
+        raise ImageDecodeError(
+            "image_too_large", f"the image has more pixels than the limit of {max_pixels}"
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(
             "not_an_image",
@@ -62,7 +65,9 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
             img.draft("RGB", (draft_size, draft_size))
         img.load()
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("image_too_large", str(exc)) from exc
+        raise ImageDecodeError(
+            "image_too_large", f"the image has more pixels than the limit of {max_pixels}"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError("corrupt_image", f"the image could not be decoded: {exc}") from exc
     return img

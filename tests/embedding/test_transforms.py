@@ -1,0 +1,132 @@
+"""Preprocessing as pure functions: orientation, modes, bombs, truncation, crop geometry."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.embedding.transforms import (
+    ImageDecodeError,
+    Preprocessing,
+    normalise,
+    open_image,
+    preprocess,
+    resize_and_crop,
+    to_rgb,
+)
+
+PREP = Preprocessing(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def marked() -> Image.Image:
+    """A 40x20 image, red on the left half, blue on the right."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))
+    return img
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(marked(), "PNG", exif=exif)
+    img = to_rgb(open_image(data, max_pixels=10_000))
+    expected_size = (20, 40) if orientation >= 5 else (40, 20)
+    assert img.size == expected_size
+    # The transform must be the one EXIF prescribes, checked against Pillow's reference table.
+    reference = marked().transpose({2: Image.Transpose.FLIP_LEFT_RIGHT,
+                                    3: Image.Transpose.ROTATE_180,
+                                    4: Image.Transpose.FLIP_TOP_BOTTOM,
+                                    5: Image.Transpose.TRANSPOSE,
+                                    6: Image.Transpose.ROTATE_270,
+                                    7: Image.Transpose.TRANSVERSE,
+                                    8: Image.Transpose.ROTATE_90}[orientation]
+                                   ) if orientation > 1 else marked()
+    assert np.array_equal(np.asarray(img), np.asarray(reference))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "CMYK", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    if mode == "I;16":
+        src = Image.fromarray(np.full((30, 30), 65535, dtype=np.uint16))
+        data = encode(src, "PNG")
+    elif mode == "CMYK":
+        data = encode(Image.new("CMYK", (30, 30), (0, 255, 255, 0)), "JPEG")
+    else:
+        data = encode(Image.new("RGB", (30, 30), (200, 10, 10)).convert(mode),
+                      "TIFF" if mode == "LA" else "PNG")
+    img = to_rgb(open_image(data, max_pixels=10_000))
+    assert img.mode == "RGB" and img.size == (30, 30)
+    if mode == "I;16":
+        assert np.asarray(img).min() == 255  # full-scale 16-bit white stays white
+    if mode == "CMYK":
+        r, g, b = np.asarray(img)[15, 15]
+        assert r > 200 and g < 60 and b < 60
+
+
+def test_transparent_pixels_become_white() -> None:
+    data = encode(Image.new("RGBA", (10, 10), (0, 0, 0, 0)), "PNG")
+    assert np.asarray(to_rgb(open_image(data, max_pixels=1000))).min() == 255
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    # A PNG header claiming 50,000 x 50,000 pixels, with almost no data.
+    png = encode(Image.new("L", (1, 1)), "PNG")
+    ihdr = b"IHDR" + (50_000).to_bytes(4, "big") * 2 + png[24:29]
+    bomb = png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]
+    with pytest.raises(ImageDecodeError) as err:
+        open_image(bomb, max_pixels=64_000_000)
+    assert err.value.code == "image_too_large"
+    assert "64000000" in err.value.message
+
+
+@pytest.mark.parametrize("data,code", [(b"", "empty_file"), (b"plain text", "not_an_image"),
+                                       (b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+                                        "not_an_image"),
+                                       (b"%PDF-1.4\n", "not_an_image")])
+def test_non_images_are_refused(data: bytes, code: str) -> None:
+    with pytest.raises(ImageDecodeError) as err:
+        open_image(data, max_pixels=1000)
+    assert err.value.code == code
+
+
+def test_truncated_jpeg_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    data = encode(Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(ImageDecodeError) as err:
+        open_image(data[: len(data) // 2], max_pixels=1_000_000)
+    assert err.value.code == "corrupt_image"
+
+
+def test_resize_and_crop_geometry() -> None:
+    img = resize_and_crop(Image.new("RGB", (1000, 500)), resize=256, size=224)
+    assert img.size == (224, 224)
+    # A centred marker stays centred.
+    src = Image.new("RGB", (600, 300), (0, 0, 0))
+    src.paste((255, 255, 255), (290, 140, 310, 160))
+    out = np.asarray(resize_and_crop(src, resize=256, size=224)).sum(axis=2)
+    ys, xs = np.nonzero(out > 300)
+    assert abs(ys.mean() - 111.5) < 2 and abs(xs.mean() - 111.5) < 2
+
+
+def test_normalise_and_draft_decoding_agree_with_full_decoding() -> None:
+    rng = np.random.default_rng(1)
+    big = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).resize(
+        (1600, 1200)).filter(__import__("PIL.ImageFilter", fromlist=["x"]).GaussianBlur(8))
+    data = encode(big, "JPEG", quality=95)
+    fast = preprocess(data, PREP, max_pixels=10_000_000)
+    full = normalise(resize_and_crop(to_rgb(Image.open(io.BytesIO(data)).convert("RGB")),
+                                     resize=256, size=224), PREP)
+    assert fast.shape == (3, 224, 224) and fast.dtype == np.float32
+    # Draft decoding reduces the DCT scale; on a smooth photo the inputs barely differ.
+    assert float(np.abs(fast - full).mean()) < 0.02

@@ -1,0 +1,81 @@
+"""The embed_image task in a real worker: idempotent, and failing with a reason when it must."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
+from service.db import session_scope
+from service.embedding.models import ImageEmbedding
+from service.queue import EMBED_IMAGE, enqueue
+from tests.conftest import wait_for_status
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def _upload(client: FlaskClient, path: Path, collection: str) -> str:
+    resp = client.post("/api/v1/images", data={"file": (io.BytesIO(path.read_bytes()), "x.jpg"),
+                                               "collection": collection},
+                       content_type="multipart/form-data")
+    assert resp.status_code == 202, resp.get_json()
+    return resp.get_json()["id"]
+
+
+def _vectors_of(app: Flask, image_id: str) -> int:
+    with app.app_context(), session_scope() as session:
+        return session.scalar(select(func.count()).select_from(ImageEmbedding)
+                              .where(ImageEmbedding.image_id == uuid.UUID(image_id)))
+
+
+def test_rerunning_the_task_neither_duplicates_nor_corrupts(
+        app: Flask, client: FlaskClient, photos: list[Path]) -> None:
+    image_id = _upload(client, photos[0], "t-idem")
+    assert wait_for_status(client, image_id)["status"] == "ready"
+    search = {"image_id": image_id, "k": 1}
+    with app.app_context():
+        for _ in range(3):
+            enqueue(EMBED_IMAGE, image_id)
+    # A later task proves the queue drained past the re-runs.
+    marker = _upload(client, photos[1], "t-idem")
+    wait_for_status(client, marker)
+    assert _vectors_of(app, image_id) == 1
+    assert client.get(f"/api/v1/images/{image_id}").get_json()["status"] == "ready"
+    assert client.post("/api/v1/search", json=search).status_code == 200
+
+
+def test_undecodable_stored_file_marks_image_failed_with_reason(
+        app: Flask, client: FlaskClient, photos: list[Path]) -> None:
+    data = photos[2].read_bytes()
+    store = app.extensions["content_store"]
+    image_id = _upload(client, photos[2], "t-fail")
+    # Corrupt the stored original before the worker reads it (or re-embed it after).
+    import hashlib
+
+    store.path(hashlib.sha256(data).hexdigest()).write_bytes(data[:200])
+    with app.app_context(), session_scope() as session:
+        session.execute(ImageEmbedding.__table__.delete().where(
+            ImageEmbedding.image_id == uuid.UUID(image_id)))
+        from service.images.models import Image
+
+        session.get(Image, uuid.UUID(image_id)).status = "pending"
+    with app.app_context():
+        enqueue(EMBED_IMAGE, image_id)
+    body = wait_for_status(client, image_id, want=("failed",))
+    assert body["status"] == "failed"
+    assert "decoded" in body["error"] or "not an image" in body["error"]
+    assert _vectors_of(app, image_id) == 0
+
+
+def test_task_for_deleted_image_is_a_no_op(app: Flask, client: FlaskClient,
+                                           photos: list[Path]) -> None:
+    image_id = str(uuid.uuid4())
+    with app.app_context():
+        enqueue(EMBED_IMAGE, image_id)
+    marker = _upload(client, photos[3], "t-gone")
+    assert wait_for_status(client, marker)["status"] == "ready"
