@@ -122,4 +122,4 @@ def stored_vector(image_id: uuid.UUID, model: EmbeddingModel, *,
     """The stored vector of an image under a model, if it has one."""
     vec = session.scalar(select(ImageEmbedding.vector).where(
         ImageEmbedding.image_id == image_id, ImageEmbedding.model_id == model.id))
-    return None if vec is None else np.asarray(vec.to_list(), dtype=np.float32)
+    return None if vec is None else np.asarray(vec, dtype=np.float32)
