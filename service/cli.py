@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from service.config import VAR_DIR, load_settings
+from service.config import VAR_DIR, settings_from_env
 
 
 @click.group()
@@ -66,7 +66,7 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
     from service.migrate import upgrade
 
-    upgrade(load_settings().get("DATABASE_URL"), revision)
+    upgrade(settings_from_env().get("DATABASE_URL"), revision)
     click.echo(f"database at {revision}")
 
 
@@ -77,7 +77,7 @@ def models() -> None:
 
 
 def _model_dir() -> Path:
-    return Path(os.environ.get("LOOKALIKE_MODEL_DIR") or load_settings()["MODEL_DIR"])
+    return Path(settings_from_env()["MODEL_DIR"])
 
 
 @models.command("install")
@@ -145,23 +145,39 @@ def models_verify(name: str) -> None:
 @click.option("--concurrency", default=1, show_default=True, help="Celery worker processes.")
 def run(host: str, port: int, api_workers: int, concurrency: int) -> None:
     """Start services (if needed), migrate, then serve the API and a worker until Ctrl-C."""
+    env = dict(os.environ)
+    started_here = None
+    if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
+        stack = _stack()
+        # Services started by `lookalike services start` are left running on exit.
+        was_running = all(stack.status().values())
+        urls = stack.start()
+        started_here = None if was_running else stack
+        env.update({k: v for k, v in urls.items() if not os.environ.get(k)})
+        click.echo("embedded PostgreSQL and Redis running under ./var")
+    try:
+        _serve(env, host, port, api_workers, concurrency)
+    finally:
+        if started_here is not None:
+            started_here.stop()
+            click.echo("embedded services stopped")
+
+
+def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
+           concurrency: int) -> None:
     from service.embedding import registry
     from service.migrate import upgrade
 
-    env = dict(os.environ)
-    stack = None
-    if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
-        stack = _stack()
-        urls = stack.start()
-        env.update({k: v for k, v in urls.items() if not os.environ.get(k)})
-        click.echo("embedded PostgreSQL and Redis running under ./var")
-    settings = load_settings({k: env[k] for k in ("DATABASE_URL", "REDIS_URL")})
+    settings = settings_from_env({k: env[k] for k in ("DATABASE_URL", "REDIS_URL")})
     model_dir = Path(settings["MODEL_DIR"])
     try:
         registry.verify(model_dir, settings["DEFAULT_MODEL"])
     except registry.ModelError:
         click.echo(f"installing {settings['DEFAULT_MODEL']} …")
-        registry.install(settings["DEFAULT_MODEL"], model_dir)
+        try:
+            registry.install(settings["DEFAULT_MODEL"], model_dir)
+        except registry.ModelError as exc:
+            raise click.ClickException(str(exc)) from exc
     upgrade(settings["DATABASE_URL"])
     bin_dir = Path(sys.executable).parent
     procs = [
@@ -192,9 +208,6 @@ def run(host: str, port: int, api_workers: int, concurrency: int) -> None:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if stack is not None:
-            stack.stop()
-            click.echo("embedded services stopped")
     if not stopping:
         sys.exit(1)
 

@@ -51,3 +51,17 @@ def load_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if overrides:
         settings.update(overrides)
     return settings
+
+
+def settings_from_env(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`load_settings` plus LOOKALIKE_* variables, as the app reads them (for the CLI)."""
+    settings = load_settings()
+    prefix = "LOOKALIKE_"
+    for key, value in os.environ.items():
+        if key.startswith(prefix):
+            try:
+                settings[key[len(prefix):]] = json.loads(value)
+            except ValueError:
+                settings[key[len(prefix):]] = value
+    settings.update(overrides or {})
+    return settings
