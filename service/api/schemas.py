@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from spectree.model_adapter.pydantic_adapter import BaseFile
@@ -86,6 +86,10 @@ class SearchQuery(BaseModel):
     collection: str | None = Field(default=None, max_length=128)
     filter: dict[str, Any] | None = None
     model: str | None = Field(default=None, max_length=128)
+    metric: Literal["cosine", "l2", "inner_product", "l1", "chebyshev"] = "cosine"
+    min_score: float | None = Field(default=None, allow_inf_nan=False)
+    cursor: str | None = Field(default=None, max_length=512)
+    explain: bool = False
 
 
 class SearchForm(BaseModel):
@@ -99,10 +103,25 @@ class SearchHitOut(BaseModel):
     """One result, best first."""
 
     id: str
-    score: float = Field(description="cosine similarity, 1 - distance")
-    distance: float = Field(description="cosine distance")
+    score: float = Field(description="larger is better: cosine similarity for cosine, the "
+                                     "inner product for inner_product, 1/(1+distance) else")
+    distance: float = Field(description="the exact distance under the metric")
     collection: str
     metadata: dict[str, Any]
+
+
+class SearchPlanOut(BaseModel):
+    """How the query ran."""
+
+    method: str = Field(description="exact or index")
+    metric: str
+    index_metric: str | None = None
+    ef_search: int | None = None
+    estimated_rows: float
+    estimated_selectivity: float
+    rows_scanned: int | None = None
+    fallback: bool
+    notes: list[str]
 
 
 class SearchResponse(BaseModel):
@@ -110,8 +129,10 @@ class SearchResponse(BaseModel):
 
     results: list[SearchHitOut]
     model: str
-    metric: str = "cosine"
+    metric: str
     took_ms: float
+    next_cursor: str | None = None
+    explain: SearchPlanOut | None = None
 
 
 class Health(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import Any
 
 from flask import Blueprint, current_app, request
@@ -47,15 +48,24 @@ def search() -> dict[str, Any]:
         raise ApiError("unsupported_media_type",
                        "send JSON or multipart/form-data with a 'file' field", status=415)
     req = SearchRequest(k=query.k, image_id=query.image_id, vector=query.vector, file=data,
-                        collection=query.collection, filter_doc=query.filter, model=query.model)
+                        collection=query.collection, filter_doc=query.filter, model=query.model,
+                        metric=query.metric, min_score=query.min_score, cursor=query.cursor,
+                        explain=query.explain)
     config = current_app.config
     with session_scope() as session:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],
                              default_model=config["DEFAULT_MODEL"],
                              max_pixels=int(config["MAX_IMAGE_PIXELS"]),
                              max_k=int(config["SEARCH_MAX_K"]))
+        result = outcome.result
         results = [{"id": str(h.image.id), "score": h.score, "distance": h.distance,
                     "collection": h.image.collection, "metadata": h.image.meta}
-                   for h in outcome.hits]
-    return {"results": results, "model": outcome.model, "metric": "cosine",
-            "took_ms": round((time.perf_counter() - started) * 1000, 2)}
+                   for h in result.hits]
+    body: dict[str, Any] = {
+        "results": results, "model": outcome.model, "metric": outcome.metric,
+        "took_ms": round((time.perf_counter() - started) * 1000, 2),
+        "next_cursor": result.next_cursor,
+    }
+    if query.explain:
+        body["explain"] = asdict(result.plan)
+    return body

@@ -1,33 +1,160 @@
-"""Search domain functions: nearest neighbours under filters, ranked in SQL."""
+"""Search domain functions: query plans (exact or HNSW), ranking and paging, all in SQL.
+
+A filtered HNSW search in pgvector can return too few rows, and PostgreSQL's planner may drop
+the index. So each query is planned here: the planner's row estimate for the filter decides
+between an exact scan over the filtered rows (small sets) and an iterative HNSW scan (large
+sets), and an index scan that comes back short is re-run exactly. Every plan orders its final
+rows by the exact distance, ties by id, so the result is always min(k, matches) rows.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from pgvector.sqlalchemy import HALFVEC
-from sqlalchemy import cast, select, text
+from sqlalchemy import ColumnElement, and_, bindparam, cast, literal_column, or_, select, text
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError
 from service.images.models import Image
 from service.search.filters import compile_filter
+from service.search.metrics import Metric, get_metric
+
+# Filters the planner expects to match at most this many rows are ranked exactly: scanning
+# them costs less than walking the graph past all the rows the filter rejects.
+EXACT_MAX_ROWS = 20_000
+MAX_SCAN_TUPLES = 200_000
+# The graph is explored this wide at least (more for k above it). A fixed width makes the
+# strict-order scan one deterministic stream, so later pages continue the first one exactly.
+EF_SEARCH = 100
+MAX_EF_SEARCH = 1000
+
+
+class _Explain(Executable, ClauseElement):
+    """`EXPLAIN (FORMAT JSON) <select>` with the select's parameters bound as usual."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: Any, analyze: bool = False) -> None:
+        self.statement = statement
+        self.analyze = analyze
+
+
+@compiles(_Explain, "postgresql")
+def _compile_explain(element: _Explain, compiler: Any, **kw: Any) -> str:
+    options = "ANALYZE, BUFFERS, FORMAT JSON" if element.analyze else "FORMAT JSON"
+    return f"EXPLAIN ({options}) " + compiler.process(element.statement, **kw)
+
+
+@dataclass
+class SearchPlan:
+    """How a query ran, for `"explain": true`."""
+
+    method: str = "exact"
+    metric: str = "cosine"
+    index_metric: str | None = None
+    ef_search: int | None = None
+    estimated_rows: float = 0.0
+    estimated_selectivity: float = 1.0
+    rows_scanned: int | None = None
+    fallback: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class SearchHit:
-    """One result: the image and its cosine distance to the query."""
+    """One result with its exact distance under the ranking metric."""
 
     image: Image
     distance: float
+    score: float
 
-    @property
-    def score(self) -> float:
-        """Cosine similarity."""
-        return 1.0 - self.distance
+
+@dataclass
+class SearchResult:
+    """Hits, best first, the plan, and a cursor for the next page."""
+
+    hits: list[SearchHit]
+    plan: SearchPlan
+    next_cursor: str | None = None
+
+
+@dataclass
+class Cursor:
+    """Where a page ended: the last (distance, id), rows before it, the graph width, the query."""
+
+    distance: float
+    image_id: uuid.UUID
+    offset: int
+    ef_search: int
+    fingerprint: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.distance, str(self.image_id), self.offset, self.ef_search,
+                          self.fingerprint])
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, value: str, fingerprint: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            distance, image_id, offset, ef, fp = json.loads(raw)
+            cursor = cls(float(distance), uuid.UUID(image_id), int(offset),
+                         max(1, min(MAX_EF_SEARCH, int(ef))), str(fp))
+        except (ValueError, TypeError) as exc:
+            raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
+        if cursor.fingerprint != fingerprint:
+            raise ApiError("invalid_cursor", "cursor belongs to a different query")
+        return cursor
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short digest that ties a cursor to the query that made it."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _index_exists(session: Session, name: str) -> bool:
+    return bool(session.scalar(text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}))
+
+
+def _after(cursor: Cursor, distance: Any, image_id: Any) -> ColumnElement[bool]:
+    """Rows that rank after the cursor: a larger distance, or the same one and a larger id."""
+    return or_(distance > cursor.distance,
+               and_(distance == cursor.distance, image_id > cursor.image_id))
+
+
+def _model_is(model: EmbeddingModel) -> ColumnElement[bool]:
+    # A literal integer, so that the planner can match the model's partial HNSW index
+    # even under a generic plan.
+    return ImageEmbedding.model_id == literal_column(str(int(model.id)))
+
+
+def _plan_rows(session: Session, statement: Any) -> float:
+    plan = session.execute(_Explain(statement)).scalar_one()
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def _scanned_rows(plan: dict[str, Any]) -> int:
+    """Rows that left the scans under the plan's top node (vectors whose distance was taken)."""
+    total = 0
+    node_type = plan.get("Node Type", "")
+    if "Scan" in node_type and plan.get("Relation Name") == "image_embeddings":
+        loops = int(plan.get("Actual Loops", 1) or 1)
+        total += int(plan.get("Actual Rows", 0)) * loops + int(
+            plan.get("Rows Removed by Filter", 0))
+    for child in plan.get("Plans", []):
+        total += _scanned_rows(child)
+    return total
 
 
 def search_vectors(
@@ -36,39 +163,142 @@ def search_vectors(
     session: Session,
     model: EmbeddingModel,
     k: int,
+    metric: str = "cosine",
     collection: str | None = None,
     filter_doc: dict[str, Any] | None = None,
     exclude_id: uuid.UUID | None = None,
-) -> list[SearchHit]:
-    """The k nearest ready images by cosine distance, best first, ties by id."""
+    min_score: float | None = None,
+    cursor: Cursor | None = None,
+    explain: bool = False,
+    exact_max_rows: int = EXACT_MAX_ROWS,
+    force_method: str | None = None,
+    query_fingerprint: str = "",
+) -> SearchResult:
+    """The k nearest ready images under a filter, best first by exact distance, ties by id."""
+    ranking = get_metric(metric)
     dim = int(model.dim)
-    vec = cast(ImageEmbedding.vector, HALFVEC(dim))
-    distance = vec.cosine_distance(query.astype(np.float32)).label("distance")
-    conditions = [ImageEmbedding.model_id == model.id, Image.status == "ready"]
+    q = bindparam("query", np.asarray(query, dtype=np.float32), type_=HALFVEC(dim))
+    conditions: list[ColumnElement[bool]] = [Image.status == "ready"]
     if collection is not None:
         conditions.append(Image.collection == collection)
     if filter_doc:
         conditions.append(compile_filter(filter_doc))
     if exclude_id is not None:
         conditions.append(Image.id != exclude_id)
-    # Iterative index scans keep reading the graph until k rows pass the filter.
-    session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-    session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"),
-                    {"ef": str(min(1000, max(40, 2 * k)))})
-    inner = (
-        select(Image.id.label("image_id"), distance)
-        .join(Image, Image.id == ImageEmbedding.image_id)
-        .where(*conditions)
-        .order_by(distance)
+
+    plan = SearchPlan(metric=ranking.name)
+    filtered = bool(filter_doc) or collection is not None or exclude_id is not None
+    if filtered:
+        total = max(1.0, _plan_rows(session, select(Image.id).where(Image.status == "ready")))
+        plan.estimated_rows = _plan_rows(session, select(Image.id).where(*conditions))
+        plan.estimated_selectivity = min(1.0, plan.estimated_rows / total)
+    method = force_method or ("exact" if filtered and plan.estimated_rows <= exact_max_rows
+                              else "index")
+    offset = cursor.offset if cursor else 0
+    ef = cursor.ef_search if cursor else min(MAX_EF_SEARCH, max(EF_SEARCH, k))
+    # Exact distance on the uncast column: it cannot match the HNSW index expression, so the
+    # planner never walks the graph for this one.
+    exact = ranking.distance(ImageEmbedding.vector, q)
+
+    rows: list[Any] = []
+    if method == "index":
+        rows = _index_search(session, model, ranking, q, exact, conditions, cursor, k, offset,
+                             ef, plan, explain)
+        if len(rows) < k and force_method is None:
+            # The graph walk hit its limits before finding k matches: rank exactly instead.
+            plan.fallback = True
+            plan.notes.append(f"index scan returned {len(rows)} < k rows; re-ran exactly")
+            method = "exact"
+    if method == "exact":
+        plan.method, plan.ef_search, plan.index_metric = "exact", None, None
+        page = conditions if cursor is None else [*conditions, _after(cursor, exact, Image.id)]
+        rows = _exact_search(session, model, exact, page, k, plan, explain)
+
+    hits = [SearchHit(image=image, distance=float(d), score=ranking.score(float(d)))
+            for image, d in rows]
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    next_cursor = None
+    if len(hits) == k:
+        last = hits[-1]
+        next_cursor = Cursor(last.distance, last.image.id, offset + k, ef,
+                             query_fingerprint).encode()
+    return SearchResult(hits=hits, plan=plan, next_cursor=next_cursor)
+
+
+def _exact_search(session: Session, model: EmbeddingModel, exact: Any,
+                  conditions: list[ColumnElement[bool]], k: int, plan: SearchPlan,
+                  explain: bool) -> list[Any]:
+    distance = exact.label("distance")
+    statement = (
+        select(Image, distance)
+        .join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
+        .where(_model_is(model), *conditions)
+        .order_by(distance, Image.id)
         .limit(k)
+    )
+    if explain:
+        analyzed = session.execute(_Explain(statement, analyze=True)).scalar_one()
+        plan.rows_scanned = _scanned_rows(analyzed[0]["Plan"])
+    return list(session.execute(statement).all())
+
+
+def _index_search(session: Session, model: EmbeddingModel, ranking: Metric, q: Any, exact: Any,
+                  conditions: list[ColumnElement[bool]], cursor: Cursor | None,
+                  k: int, offset: int, ef: int, plan: SearchPlan, explain: bool) -> list[Any]:
+    from service.embedding.service import index_name
+
+    dim = int(model.dim)
+    index_metric = ranking.name if ranking.index_ops else "cosine"
+    if not _index_exists(session, index_name(model.id, index_metric)):
+        plan.notes.append(f"no {index_metric} index for this model; using the cosine index")
+        index_metric = "cosine"
+    plan.method, plan.ef_search, plan.index_metric = "index", ef, index_metric
+    approx = get_metric(index_metric).distance(cast(ImageEmbedding.vector, HALFVEC(dim)), q)
+    reranked = index_metric != ranking.name
+    inner_where = list(conditions)
+    if reranked:
+        # Re-rank a fixed pool of index candidates, the same pool for every page.
+        candidates = max(ef, offset + k)
+    else:
+        # The index order is the exact order up to near-ties that the graph walk may emit
+        # swapped: fetch a margin and let the outer query order exactly.
+        candidates = 2 * k + 10
+        if cursor is not None:
+            inner_where.append(_after(cursor, exact, Image.id))
+    session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
+                         "set_config('hnsw.iterative_scan', 'strict_order', true), "
+                         "set_config('hnsw.max_scan_tuples', :mst, true), "
+                         "set_config('enable_seqscan', 'off', true), "
+                         "set_config('enable_sort', 'off', true), "
+                         "set_config('enable_bitmapscan', 'off', true)"),
+                    {"ef": str(ef), "mst": str(MAX_SCAN_TUPLES)})
+    inner = (
+        select(ImageEmbedding.image_id.label("image_id"), exact.label("distance"))
+        .join(Image, Image.id == ImageEmbedding.image_id)
+        .where(_model_is(model), *inner_where)
+        .order_by(approx)
+        .limit(candidates)
         .subquery()
     )
-    rows = session.execute(
+    outer_where = []
+    if reranked and cursor is not None:
+        outer_where.append(_after(cursor, inner.c.distance, Image.id))
+    statement = (
         select(Image, inner.c.distance)
         .join(inner, inner.c.image_id == Image.id)
+        .where(*outer_where)
         .order_by(inner.c.distance, Image.id)
-    ).all()
-    return [SearchHit(image=row[0], distance=float(row[1])) for row in rows]
+        .limit(k)
+    )
+    if explain:
+        analyzed = session.execute(_Explain(statement, analyze=True)).scalar_one()
+        plan.rows_scanned = _scanned_rows(analyzed[0]["Plan"])
+    rows = list(session.execute(statement).all())
+    session.execute(text("SELECT set_config('enable_seqscan', 'on', true), "
+                         "set_config('enable_sort', 'on', true), "
+                         "set_config('enable_bitmapscan', 'on', true)"))
+    return rows
 
 
 @dataclass
@@ -82,33 +312,28 @@ class SearchRequest:
     collection: str | None = None
     filter_doc: dict[str, Any] | None = None
     model: str | None = None
+    metric: str = "cosine"
+    min_score: float | None = None
+    cursor: str | None = None
+    explain: bool = False
 
 
 @dataclass
 class SearchOutcome:
-    """Hits and the model that ranked them."""
+    """Hits, the model that ranked them, and the plan."""
 
-    hits: list[SearchHit]
+    result: SearchResult
     model: str
+    metric: str
 
 
-def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_model: str,
-               max_pixels: int, max_k: int) -> SearchOutcome:
-    """Resolve the query vector (stored image, raw vector or uploaded file), then search."""
+def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name: str,
+                  max_pixels: int) -> tuple[EmbeddingModel, np.ndarray, uuid.UUID | None]:
     from service.embedding import service as embedding
     from service.embedding.registry import ModelError
     from service.embedding.transforms import ImageDecodeError
     from service.images.service import get_image
 
-    given = [x for x in (req.image_id, req.vector, req.file) if x is not None]
-    if len(given) != 1:
-        raise ApiError("invalid_query", "give exactly one of image_id, vector or file")
-    if not 1 <= req.k <= max_k:
-        raise ApiError("invalid_query", f"k must be between 1 and {max_k}")
-    if req.filter_doc is not None:
-        compile_filter(req.filter_doc)  # Validate before any expensive work.
-    name = req.model or default_model
-    exclude = None
     if req.file is not None:
         try:
             info, vector = embedding.embed_query(req.file, model_dir=model_dir, model_name=name,
@@ -117,28 +342,50 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
             raise ApiError(exc.code, exc.message) from exc
         except ModelError as exc:
             raise ApiError("unknown_model", str(exc)) from exc
-        model = embedding.ensure_model_row(info, session=session)
-    else:
-        model = embedding.find_model(name, session=session)
-        if model is None:
-            raise ApiError("unknown_model", f"no images have been embedded with model {name!r}")
-        if req.image_id is not None:
-            image = get_image(req.image_id, session=session)
-            stored = embedding.stored_vector(image.id, model, session=session)
-            if stored is None:
-                raise ApiError("not_ready", f"image {image.id} has no vector yet "
-                               f"(status {image.status})", status=409)
-            vector, exclude = stored, image.id
-        else:
-            vector = np.asarray(req.vector, dtype=np.float32)
-            if vector.shape != (model.dim,):
-                raise ApiError("invalid_vector", f"vector must have {model.dim} numbers "
-                               f"for model {name!r}, got {vector.size}")
-            if not np.all(np.isfinite(vector)) or np.abs(vector).max() > 65504:
-                raise ApiError("invalid_vector", "vector values must be finite halfvec numbers")
-    if not np.any(vector):
+        return embedding.ensure_model_row(info, session=session), vector, None
+    model = embedding.find_model(name, session=session)
+    if model is None:
+        raise ApiError("unknown_model", f"no images have been embedded with model {name!r}")
+    if req.image_id is not None:
+        image = get_image(req.image_id, session=session)
+        stored = embedding.stored_vector(image.id, model, session=session)
+        if stored is None:
+            raise ApiError("not_ready", f"image {image.id} has no vector yet "
+                           f"(status {image.status})", status=409)
+        return model, stored, image.id
+    vector = np.asarray(req.vector, dtype=np.float32)
+    if vector.shape != (model.dim,):
+        raise ApiError("invalid_vector", f"vector must have {model.dim} numbers "
+                       f"for model {name!r}, got {vector.size}")
+    if not np.all(np.isfinite(vector)) or np.abs(vector).max() > 65504:
+        raise ApiError("invalid_vector", "vector values must be finite halfvec numbers")
+    return model, vector, None
+
+
+def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_model: str,
+               max_pixels: int, max_k: int) -> SearchOutcome:
+    """Resolve the query vector (stored image, raw vector or uploaded file), then search."""
+    given = [x for x in (req.image_id, req.vector, req.file) if x is not None]
+    if len(given) != 1:
+        raise ApiError("invalid_query", "give exactly one of image_id, vector or file")
+    if not 1 <= req.k <= max_k:
+        raise ApiError("invalid_query", f"k must be between 1 and {max_k}")
+    get_metric(req.metric)
+    if req.filter_doc is not None:
+        compile_filter(req.filter_doc)  # Validate before any expensive work.
+    name = req.model or default_model
+    source = (req.image_id or hashlib.sha256(
+        req.file if req.file is not None else np.asarray(req.vector, np.float32).tobytes()
+    ).hexdigest())
+    fp = fingerprint(name, req.metric, req.collection, req.filter_doc, req.min_score, req.k,
+                     source)
+    cursor = Cursor.decode(req.cursor, fp) if req.cursor else None
+    model, vector, exclude = _query_vector(req, session=session, model_dir=model_dir, name=name,
+                                           max_pixels=max_pixels)
+    if not np.any(vector) and req.metric == "cosine":
         raise ApiError("invalid_vector", "a zero vector has no cosine neighbours")
-    hits = search_vectors(vector, session=session, model=model, k=req.k,
-                          collection=req.collection, filter_doc=req.filter_doc,
-                          exclude_id=exclude)
-    return SearchOutcome(hits=hits, model=model.name)
+    result = search_vectors(vector, session=session, model=model, k=req.k, metric=req.metric,
+                            collection=req.collection, filter_doc=req.filter_doc,
+                            exclude_id=exclude, min_score=req.min_score, cursor=cursor,
+                            explain=req.explain, query_fingerprint=fp)
+    return SearchOutcome(result=result, model=model.name, metric=req.metric)
