@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 REF_STAMP := $(VENV)/.reference-installed
 MODEL ?= efficientnet-lite0
 
-.PHONY: install run test lint reference-deps services-stop clean
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: install run test lint reference-deps bench-deps bench-search bench-embed services-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,20 @@ $(REF_STAMP): $(STAMP)
 	touch $(REF_STAMP)
 
 reference-deps: $(REF_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-deps: $(BENCH_STAMP)
+
+bench-search: bench-deps
+	$(VENV)/bin/lookalike models install $(MODEL)
+	$(PY) -m bench.search --http $(BENCH_ARGS)
+
+bench-embed: bench-deps
+	$(VENV)/bin/lookalike models install $(MODEL)
+	$(PY) -m bench.embed $(BENCH_ARGS)
 
 run: install
 	$(VENV)/bin/lookalike run
