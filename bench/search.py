@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from pgvector.psycopg import HalfVector, register_vector
+from pgvector import HalfVector
+from pgvector.psycopg import register_vector
 
 from bench.common import append_results, bench_services, clothing_embeddings, percentiles
 
@@ -167,7 +168,8 @@ def run(args: argparse.Namespace) -> None:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-    report(args, rows_out, load_s, build_s, index_bytes, getattr(build_index, "settings", {}))
+    report(args, rows_out, dim, load_s, build_s, index_bytes,
+           getattr(build_index, "settings", {}))
 
 
 def start_api(urls: dict[str, str], port: int) -> subprocess.Popen[bytes]:
@@ -254,10 +256,10 @@ def faiss_peer(vectors: np.ndarray, queries: np.ndarray,
     return out
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, Any]], load_s: float, build_s: float,
-           index_bytes: int, settings: dict[str, str]) -> None:
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], dim: int, load_s: float,
+           build_s: float, index_bytes: int, settings: dict[str, str]) -> None:
     lines = [
-        f"N = {args.n:,} vectors × 1280 (halfvec), {args.queries} queries, k = {K}. "
+        f"N = {args.n:,} vectors × {dim} (halfvec), {args.queries} queries, k = {K}. "
         f"Load (COPY) {load_s:.0f} s; HNSW (m=16, ef_construction=64) build {build_s:.0f} s, "
         f"index {index_bytes / 2**20:.0f} MiB. PostgreSQL: "
         + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".",

@@ -114,7 +114,7 @@ class GraphBuilder:
     def constant(self, prefix: str, array: np.ndarray) -> str:
         """Add an initializer and return its name."""
         name = self._name(prefix)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def conv(
