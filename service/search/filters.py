@@ -101,7 +101,8 @@ def _compile_doc(doc: Any, where: str, depth: int, budget: _Budget) -> ColumnEle
                      for i, v in enumerate(value)]
             clauses.append(and_(*parts) if key == "$and" else or_(*parts))
         elif key == "$not":
-            clauses.append(not_(_compile_doc(value, here, depth + 1, budget)))
+            # IS NOT TRUE keeps $not two-valued where a comparison on a missing key is NULL.
+            clauses.append(_compile_doc(value, here, depth + 1, budget).is_not(true()))
         elif key.startswith("$"):
             raise FilterError(here, "unknown operator (top level takes $and, $or, $not)")
         else:
@@ -198,15 +199,14 @@ class _MetaField:
             # CASE guarantees the cast only runs on valid timestamps (no SQL error possible).
             as_time = case((func.pg_input_is_valid(text_value, "timestamptz"),
                             cast(text_value, TIMESTAMP(timezone=True))), else_=None)
-            # A missing or non-date value is false, not NULL, so that $not stays two-valued.
-            return func.coalesce(_apply(op, as_time, moment), false())
+            return _apply(op, as_time, moment)
         if isinstance(operand, bool) or not isinstance(operand, int | float | str):
             raise FilterError(where, "expected a number, a string or an ISO-8601 date")
         _check_scalar(operand, where)
         kind = "string" if isinstance(operand, str) else "number"
         # jsonb ordering across types is arbitrary (booleans sort above numbers): check type.
         compared = _apply(op, self.value, cast(literal(operand, JSONB), JSONB))
-        return func.coalesce(and_(self._typed(kind), compared), false())
+        return and_(self._typed(kind), compared)
 
 
 class _Column:

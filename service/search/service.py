@@ -32,7 +32,9 @@ from service.search.metrics import Metric, get_metric
 # Filters the planner expects to match at most this many rows are ranked exactly: scanning
 # them costs less than walking the graph past all the rows the filter rejects.
 EXACT_MAX_ROWS = 20_000
-MAX_SCAN_TUPLES = 200_000
+# A graph walk that has visited this many tuples without finding k matches gives up, and the
+# query is re-run exactly (the filter was more selective than the planner thought).
+MAX_SCAN_TUPLES = 20_000
 # The graph is explored this wide at least (more for k above it). A fixed width makes the
 # strict-order scan one deterministic stream, so later pages continue the first one exactly.
 EF_SEARCH = 100
