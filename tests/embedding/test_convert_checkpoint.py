@@ -90,9 +90,9 @@ class FakeTorchPickler(pickle._Pickler):  # the pure-Python pickler lets us add 
         self.legacy = legacy
 
     def save_fake_global(self, obj: Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())  # type: ignore[attr-defined]
 
-    dispatch[Global] = save_fake_global
+    dispatch[Global] = save_fake_global  # type: ignore[assignment]
 
     def persistent_id(self, obj: object) -> tuple[object, ...] | None:
         if not isinstance(obj, Storage):
@@ -161,7 +161,7 @@ def sample_state() -> tuple[dict[str, Tensor], dict[str, np.ndarray]]:
         "view.offset": Tensor(shared, 5, (3,), (1,)),
         "view.transposed": Tensor(shared, 8, (4, 3), (1, 4)),
     }
-    expected = {
+    expected: dict[str, np.ndarray] = {
         "conv.weight": conv,
         "half": np.array([1.5, -2.0], dtype=np.float16),
         "steps": np.array(7, dtype=np.int64),

@@ -63,7 +63,8 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     img = Image.fromarray(rgb)
     resize = round(size * 256 / 224)
     scale = resize / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+    new_size = (round(img.width * scale), round(img.height * scale))
+    img = img.resize(new_size, Image.Resampling.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     img = img.crop((left, top, left + size, top + size))
     x = np.asarray(img, dtype=np.float32) / 255.0

@@ -7,12 +7,15 @@ from service.embedding.convert.efficientnet_lite import (
     convert_efficientnet_lite,
 )
 from service.embedding.convert.graph import WeightsError
+from service.embedding.convert.mobilenetv2 import build_mobilenetv2, convert_mobilenetv2
 
 __all__ = [
     "VARIANTS",
     "CheckpointError",
     "WeightsError",
     "build_efficientnet_lite",
+    "build_mobilenetv2",
     "convert_efficientnet_lite",
+    "convert_mobilenetv2",
     "load_checkpoint",
 ]

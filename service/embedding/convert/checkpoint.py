@@ -28,7 +28,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 import numpy as np
 
@@ -97,7 +97,7 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return type(value) is int  # bool is an int subclass but never a valid size
 
 
@@ -113,7 +113,7 @@ def _rebuild_tensor_v2(
     """Stand-in for `torch._utils._rebuild_tensor_v2`: validate and record the view."""
     if not isinstance(storage, _StorageRef):
         raise CheckpointError("tensor does not refer to a storage")
-    if not _is_int(storage_offset) or storage_offset < 0:  # type: ignore[operator]
+    if not _is_int(storage_offset) or storage_offset < 0:
         raise CheckpointError(f"invalid storage offset {storage_offset!r}")
     if not isinstance(size, tuple) or not isinstance(stride, tuple):
         raise CheckpointError("tensor size and stride must be tuples")
@@ -121,7 +121,7 @@ def _rebuild_tensor_v2(
         raise CheckpointError(f"invalid tensor shape {size!r} / stride {stride!r}")
     if not all(_is_int(n) and n >= 0 for n in size + stride):
         raise CheckpointError(f"invalid tensor shape {size!r} / stride {stride!r}")
-    return _TensorRef(storage, storage_offset, size, stride)  # type: ignore[arg-type]
+    return _TensorRef(storage, storage_offset, size, stride)
 
 
 def _check_opcodes(buf: io.BytesIO) -> None:
@@ -133,7 +133,8 @@ def _check_opcodes(buf: io.BytesIO) -> None:
     pickle into a clean error before the unpickler sees it.
     """
     start = buf.tell()
-    limit = len(buf.getbuffer()) - start
+    limit = buf.seek(0, io.SEEK_END) - start  # not getbuffer(): that would copy the bytes
+    buf.seek(start)
     try:
         for opcode, arg, _pos in pickletools.genops(buf):
             if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and (
@@ -166,8 +167,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if module == "torch" and name in _STORAGE_TYPES:
                 return _STORAGE_TYPES[name]
         raise CheckpointError(
-            f"checkpoint refers to {module}.{name}, which a plain tensor state dict never "
-            "does; refusing to load it"
+            f"checkpoint refers to {module:.100}.{name:.100}, which a plain tensor state dict "
+            "never does; refusing to load it"
         )
 
     def _rebuild_tensor(self, *args: object) -> _TensorRef:

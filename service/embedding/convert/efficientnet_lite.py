@@ -36,7 +36,6 @@ from service.embedding.convert.graph import (
     GraphBuilder,
     Weights,
     conv_output_size,
-    fold_batch_norm,
     same_padding,
 )
 
@@ -144,22 +143,13 @@ def _conv_bn(
     group: int = 1,
     relu6: bool = True,
 ) -> tuple[str, tuple[int, int]]:
-    """Conv (TF-SAME pads) with its batch norm folded in, then optional ReLU6."""
-    channels = shape[0]
-    weight, bias = fold_batch_norm(
-        w.get(f"{conv}.weight", shape),
-        None,
-        w.get(f"{bn}.weight", (channels,)),
-        w.get(f"{bn}.bias", (channels,)),
-        w.get(f"{bn}.running_mean", (channels,)),
-        w.get(f"{bn}.running_var", (channels,)),
-        BN_EPS,
-    )
+    """Conv with TF-SAME pads for this input size and its batch norm folded in; new size."""
     kernel = shape[-1]
     pads = same_padding(size, kernel, stride)
-    out = g.conv(x, weight, bias, stride=stride, pads=pads, group=group, name=conv)
-    if relu6:
-        out = g.relu6(out)
+    out = g.conv_bn(
+        w, x, conv=conv, bn=bn, shape=shape, stride=stride, pads=pads, eps=BN_EPS, group=group,
+        relu6=relu6,
+    )
     return out, conv_output_size(size, kernel, stride, pads)
 
 

@@ -89,9 +89,9 @@ def same_padding(size: tuple[int, int], kernel: int, stride: int) -> list[int]:
     return [pad_h // 2, pad_w // 2, pad_h - pad_h // 2, pad_w - pad_w // 2]
 
 
-def conv_output_size(size: tuple[int, int], kernel: int, stride: int, pads: list[int]) -> tuple[
-    int, int
-]:
+def conv_output_size(
+    size: tuple[int, int], kernel: int, stride: int, pads: list[int]
+) -> tuple[int, int]:
     """Spatial output size of a convolution with explicit pads."""
     height = (size[0] + pads[0] + pads[2] - kernel) // stride + 1
     width = (size[1] + pads[1] + pads[3] - kernel) // stride + 1
@@ -146,6 +146,34 @@ class GraphBuilder:
             )
         )
         return out
+
+    def conv_bn(
+        self,
+        weights: Weights,
+        x: str,
+        *,
+        conv: str,
+        bn: str,
+        shape: tuple[int, int, int, int],
+        stride: int,
+        pads: list[int],
+        eps: float,
+        group: int = 1,
+        relu6: bool = True,
+    ) -> str:
+        """Bias-free conv `{conv}.weight` with batch norm `{bn}.*` folded in, then ReLU6."""
+        channels = shape[0]
+        weight, bias = fold_batch_norm(
+            weights.get(f"{conv}.weight", shape),
+            None,
+            weights.get(f"{bn}.weight", (channels,)),
+            weights.get(f"{bn}.bias", (channels,)),
+            weights.get(f"{bn}.running_mean", (channels,)),
+            weights.get(f"{bn}.running_var", (channels,)),
+            eps,
+        )
+        out = self.conv(x, weight, bias, stride=stride, pads=pads, group=group, name=conv)
+        return self.relu6(out) if relu6 else out
 
     def relu6(self, x: str) -> str:
         """Add Clip(0, 6); the two bounds are shared initializers."""

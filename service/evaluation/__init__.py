@@ -1,0 +1,1 @@
+"""Retrieval quality: mAP, precision and recall at k."""
