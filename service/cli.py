@@ -116,6 +116,36 @@ def models_list() -> None:
         click.echo(f"{name:28s} {state}")
 
 
+def _triple(value: str) -> tuple[float, float, float]:
+    parts = [float(x) for x in value.split(",")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise click.BadParameter("give one number or three, comma-separated")
+    return parts[0], parts[1], parts[2]
+
+
+@models.command("add")
+@click.argument("name")
+@click.option("--onnx", "onnx_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--size", required=True, type=int, help="Square input size in pixels.")
+@click.option("--resize", type=int, help="Shorter side before the crop (default size*256/224).")
+@click.option("--mean", default="0.485,0.456,0.406", show_default=True)
+@click.option("--std", default="0.229,0.224,0.225", show_default=True)
+@click.option("--licence", default="unknown", show_default=True)
+def models_add(name: str, onnx_file: str, size: int, resize: int | None, mean: str, std: str,
+               licence: str) -> None:
+    """Register your own ONNX image model (one NCHW input, a 2-D embedding output)."""
+    from service.embedding import registry
+
+    try:
+        info = registry.add_onnx(name, Path(onnx_file), _model_dir(), size=size, resize=resize,
+                                 mean=_triple(mean), std=_triple(std), licence=licence)
+    except (registry.ModelError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"added {name} dim={info.dim} sha256={info.sha256[:12]}")
+
+
 @models.command("verify")
 @click.argument("name")
 def models_verify(name: str) -> None:

@@ -222,3 +222,52 @@ def verify(model_dir: Path, name: str) -> ModelInfo:
     if actual != info.sha256:
         raise ModelError(f"model {name!r}: model.onnx sha256 {actual} != recorded {info.sha256}")
     return info
+
+
+MAX_ONNX_BYTES = 2 * 1024**3
+
+
+def add_onnx(name: str, onnx_file: Path, model_dir: Path, *, size: int, resize: int | None,
+             mean: tuple[float, float, float], std: tuple[float, float, float],
+             licence: str = "unknown") -> ModelInfo:
+    """Register a user's ONNX image model after checking it is one: NCHW image in, 2-D out."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model_path(model_dir, name)  # validates the name
+    if name in CATALOG:
+        raise ModelError(f"{name!r} is a catalogue model; pick another name")
+    if not onnx_file.is_file() or onnx_file.stat().st_size > MAX_ONNX_BYTES:
+        raise ModelError(f"{onnx_file} is not a readable ONNX file under 2 GiB")
+    try:
+        model = onnx.load_model(onnx_file)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelError(f"{onnx_file.name} is not a valid ONNX model: {exc}") from exc
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(f"an image model has one input; {onnx_file.name} has {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or (dims[1].dim_value not in (0, 3)):
+        raise ModelError("the input must be a float NCHW image tensor with 3 channels")
+    try:
+        session = ort.InferenceSession(onnx_file.read_bytes(),
+                                       providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {inputs[0].name: np.zeros((2, 3, size, size), np.float32)})
+    except Exception as exc:
+        raise ModelError(f"{onnx_file.name} does not run on a {size}x{size} image: {exc}") from exc
+    names = [o.name for o in session.get_outputs()]
+    shapes = {n: np.asarray(o).shape for n, o in zip(names, outputs, strict=True)}
+    embedding = "embedding" if "embedding" in shapes else next(
+        (n for n, s in shapes.items() if len(s) == 2), None)
+    if embedding is None or len(shapes[embedding]) != 2 or shapes[embedding][0] != 2:
+        raise ModelError("the model needs a 2-D (batch, dim) float output")
+    ordered = [embedding, *[n for n in names if n != embedding]]
+    info = ModelInfo(
+        name=name, version="1", dim=int(shapes[embedding][1]), input_size=size,
+        resize=resize or round(size * 256 / 224), mean=list(mean), std=list(std),
+        input_name=inputs[0].name, outputs=ordered, licence=licence, sha256="",
+        source=f"added from {onnx_file.name}",
+    )
+    return write_model(model_dir, model, info)

@@ -42,7 +42,8 @@ class Embedder:
         """Run a preprocessed NCHW batch."""
         results = self.session.run(None, {self.info.input_name: images})
         named = dict(zip(self.outputs, results, strict=True))
-        vectors = named.get("embedding", results[0])
+        # model.json lists the embedding output first (it need not be called "embedding").
+        vectors = named.get(self.info.outputs[0], results[0])
         return Embeddings(vectors=np.asarray(vectors, dtype=np.float32),
                           logits=named.get("logits"))
 

@@ -298,6 +298,22 @@ def test_rejects_calling_a_storage_type(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("body", [
+    # BUILD with a dict state, then with a slot state, onto the allowed stand-ins.
+    b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeK\x01sb.",
+    b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeK\x01s\x86b.",
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b.",
+    b"\x80\x02ccollections\nOrderedDict\nN}X\x04\x00\x00\x00keysK\x01s\x86b.",
+])
+def test_cannot_tamper_with_allowed_names(tmp_path: Path, body: bytes) -> None:
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(write_legacy(tmp_path / "tamper.pth", {}, body=body))
+    # Nothing leaked into later loads.
+    state, expected = sample_state()
+    loaded = load_checkpoint(write_legacy(tmp_path / "fine.pth", state))
+    np.testing.assert_array_equal(loaded["conv.weight"], expected["conv.weight"])
+
+
 def test_rejects_huge_memo_index(tmp_path: Path) -> None:
     # LONG_BINPUT 2**32-1 would make CPython's unpickler allocate a 32 GiB memo.
     body = b"\x80\x02}r\xff\xff\xff\xff."

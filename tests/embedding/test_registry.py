@@ -75,3 +75,54 @@ def test_int8_variant_agrees_with_fp32(model_dir: Path, tmp_path: Path) -> None:
         np.linalg.norm(a.vectors, axis=1) * np.linalg.norm(b.vectors, axis=1))
     assert cos.min() > 0.9, cos
     assert (a.logits.argmax(1) == b.logits.argmax(1)).mean() >= 0.75
+
+
+def tiny_onnx(path: Path, *, out_rank: int = 2, inputs: int = 1) -> Path:
+    """A small generated model: average-pool an NCHW image to a 48-d vector."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["N", 3, 224, 224])
+           for i in range(inputs)]
+    nodes = [helper.make_node("AveragePool", ["x0"], ["p"], kernel_shape=[56, 56],
+                              strides=[56, 56])]
+    if out_rank == 2:
+        nodes.append(helper.make_node("Flatten", ["p"], ["feat"], axis=1))
+        out = helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 48])
+    else:
+        nodes.append(helper.make_node("Identity", ["p"], ["feat"]))
+        out = helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 3, 4, 4])
+    model = helper.make_model(helper.make_graph(nodes, "tiny", ins, [out]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, path)
+    return path
+
+
+def test_add_own_onnx_model(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    result = CliRunner().invoke(cli, ["models", "add", "mine", "--onnx",
+                                      str(tiny_onnx(tmp_path / "m.onnx")), "--size", "224"],
+                                env={"LOOKALIKE_MODEL_DIR": str(models)})
+    assert result.exit_code == 0, result.output
+    info = registry.verify(models, "mine")
+    assert info.dim == 48 and info.outputs == ["feat"] and info.resize == 256
+    vectors = Embedder(info, models / "mine" / "model.onnx").embed_bytes(
+        [photo("coffee")], max_pixels=10**8).vectors
+    assert vectors.shape == (1, 48)
+
+
+@pytest.mark.parametrize("kind,message", [("rank4", "2-D"), ("two_inputs", "one input"),
+                                          ("garbage", "not a valid ONNX")])
+def test_add_refuses_what_is_not_an_image_model(tmp_path: Path, kind: str, message: str) -> None:
+    path = tmp_path / "m.onnx"
+    if kind == "garbage":
+        path.write_bytes(b"\x08\x07garbage")
+    else:
+        tiny_onnx(path, out_rank=4 if kind == "rank4" else 2,
+                  inputs=2 if kind == "two_inputs" else 1)
+    models = tmp_path / "models"
+    with pytest.raises(registry.ModelError, match=message):
+        registry.add_onnx("mine", path, models, size=224, resize=None, mean=(0.5,) * 3,
+                          std=(0.5,) * 3)
+    assert not (models / "mine").exists()
