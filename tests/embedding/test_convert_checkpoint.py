@@ -299,14 +299,19 @@ def test_rejects_calling_a_storage_type(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("body", [
-    # BUILD with a dict state, then with a slot state, onto the allowed stand-ins.
+    # BUILD (dict state, then slot state) onto the allowed names, a storage and a tensor.
     b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeK\x01sb.",
     b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeK\x01s\x86b.",
     b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b.",
     b"\x80\x02ccollections\nOrderedDict\nN}X\x04\x00\x00\x00keysK\x01s\x86b.",
+    b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00"
+    b"\x00cpuK\x01NtQ}X\x05\x00\x00\x00numelJ\x00\x00\x00\x40sb.",
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(X\x07\x00\x00\x00storagectorch\nFloatStorage"
+    b"\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01NtQK\x00K\x01\x85K\x01\x85\x89NtR"
+    b"}X\x06\x00\x00\x00strideJ\xff\xff\xff\xff\x85sb.",
 ])
 def test_cannot_tamper_with_allowed_names(tmp_path: Path, body: bytes) -> None:
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt|modify"):
         load_checkpoint(write_legacy(tmp_path / "tamper.pth", {}, body=body))
     # Nothing leaked into later loads.
     state, expected = sample_state()

@@ -44,12 +44,22 @@ class CheckpointError(Exception):
     """The file is not a checkpoint we can read safely; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class _StorageType:
-    """A `torch.<Name>Storage` class as named in the pickle: how its bytes decode.
+class _Sealed:
+    """Base of every object a checkpoint pickle can get hold of.
 
-    Frozen with slots so that a hostile pickle cannot BUILD new state into it.
+    The pickle BUILD opcode calls `__setstate__` on whatever is on the stack, or else
+    writes straight into its `__dict__` (frozen dataclasses included). Without this, a
+    hostile file could rewrite a storage type's dtype, or a validated tensor's shape and
+    strides, after we checked them.
     """
+
+    def __setstate__(self, state: object) -> None:
+        raise CheckpointError("checkpoint pickle tries to modify a tensor or storage object")
+
+
+@dataclass(frozen=True)
+class _StorageType(_Sealed):
+    """A `torch.<Name>Storage` class as named in the pickle: how its bytes decode."""
 
     name: str
     dtype: np.dtype[Any]
@@ -78,8 +88,8 @@ def _storage_types() -> dict[str, _StorageType]:
 _STORAGE_TYPES = _storage_types()
 
 
-@dataclass(frozen=True, slots=True)
-class _StorageRef:
+@dataclass(frozen=True)
+class _StorageRef(_Sealed):
     """A storage named by a persistent id; its bytes are read after the pickle."""
 
     key: str
@@ -87,8 +97,8 @@ class _StorageRef:
     numel: int
 
 
-@dataclass(frozen=True, slots=True)
-class _TensorRef:
+@dataclass(frozen=True)
+class _TensorRef(_Sealed):
     """What `_rebuild_tensor_v2` was asked to build: a strided view into a storage."""
 
     storage: _StorageRef
@@ -122,6 +132,14 @@ def _rebuild_tensor_v2(
     if not all(_is_int(n) and n >= 0 for n in size + stride):
         raise CheckpointError(f"invalid tensor shape {size!r} / stride {stride!r}")
     return _TensorRef(storage, storage_offset, size, stride)
+
+
+class _Rebuilder(_Sealed):
+    """What the pickle gets for `_rebuild_tensor_v2`: sealed, unlike a plain function
+    (whose `__defaults__` a BUILD could otherwise rewrite for every later load)."""
+
+    def __call__(self, *args: object) -> _TensorRef:
+        return _rebuild_tensor_v2(*args)
 
 
 def _check_opcodes(buf: io.BytesIO) -> None:
@@ -163,18 +181,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if (module, name) == ("collections", "OrderedDict"):
                 return collections.OrderedDict
             if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-                return self._rebuild_tensor
+                return _Rebuilder()
             if module == "torch" and name in _STORAGE_TYPES:
                 return _STORAGE_TYPES[name]
         raise CheckpointError(
             f"checkpoint refers to {module:.100}.{name:.100}, which a plain tensor state dict "
             "never does; refusing to load it"
         )
-
-    def _rebuild_tensor(self, *args: object) -> _TensorRef:
-        # A bound method rather than the module function: a hostile BUILD cannot set
-        # attributes (e.g. __defaults__) on it that would outlive this load.
-        return _rebuild_tensor_v2(*args)
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         """Turn a `('storage', type, key, location, numel[, view])` id into a _StorageRef."""
