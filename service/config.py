@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_IMAGE_PIXELS": 64_000_000,
     "MAX_METADATA_BYTES": 64 * 1024,
     "SEARCH_MAX_K": 1000,
+    # Filters estimated to match fewer rows than this are ranked exactly (docs/search.md).
+    "SEARCH_EXACT_MAX_ROWS": 3000,
     "EMBED_BATCH_SIZE": 16,
     "ORT_INTRA_OP_THREADS": 0,
 }

@@ -56,7 +56,8 @@ def search() -> dict[str, Any]:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],
                              default_model=config["DEFAULT_MODEL"],
                              max_pixels=int(config["MAX_IMAGE_PIXELS"]),
-                             max_k=int(config["SEARCH_MAX_K"]))
+                             max_k=int(config["SEARCH_MAX_K"]),
+                             exact_max_rows=int(config["SEARCH_EXACT_MAX_ROWS"]))
         result = outcome.result
         results = [{"id": str(h.image.id), "score": h.score, "distance": h.distance,
                     "collection": h.image.collection, "metadata": h.image.meta}

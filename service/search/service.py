@@ -30,8 +30,9 @@ from service.search.filters import compile_filter
 from service.search.metrics import Metric, get_metric
 
 # Filters the planner expects to match at most this many rows are ranked exactly: scanning
-# them costs less than walking the graph past all the rows the filter rejects.
-EXACT_MAX_ROWS = 20_000
+# them costs less than walking the graph past all the rows the filter rejects. Measured at
+# 100k x 1280 (docs/benchmarks.md): exact costs ~4 us a row, 38 ms at 10,000 rows.
+EXACT_MAX_ROWS = 3_000
 # A graph walk that has visited this many tuples without finding k matches gives up, and the
 # query is re-run exactly (the filter was more selective than the planner thought).
 MAX_SCAN_TUPLES = 20_000
@@ -365,7 +366,8 @@ def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name:
 
 
 def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_model: str,
-               max_pixels: int, max_k: int) -> SearchOutcome:
+               max_pixels: int, max_k: int,
+               exact_max_rows: int = EXACT_MAX_ROWS) -> SearchOutcome:
     """Resolve the query vector (stored image, raw vector or uploaded file), then search."""
     given = [x for x in (req.image_id, req.vector, req.file) if x is not None]
     if len(given) != 1:
@@ -389,5 +391,6 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
     result = search_vectors(vector, session=session, model=model, k=req.k, metric=req.metric,
                             collection=req.collection, filter_doc=req.filter_doc,
                             exclude_id=exclude, min_score=req.min_score, cursor=cursor,
-                            explain=req.explain, query_fingerprint=fp)
+                            explain=req.explain, query_fingerprint=fp,
+                            exact_max_rows=exact_max_rows)
     return SearchOutcome(result=result, model=model.name, metric=req.metric)
