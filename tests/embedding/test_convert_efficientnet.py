@@ -132,6 +132,12 @@ def test_block_plan_scaling() -> None:
     assert round_filters(112, 1.1) == 120
 
 
+def test_conversion_is_deterministic() -> None:
+    # The registry records the ONNX file's sha256, so the same weights must give the same bytes.
+    first = converted("lite0")[0].SerializeToString()
+    assert convert_efficientnet_lite(weights_path("lite0"), "lite0").SerializeToString() == first
+
+
 def test_unknown_variant() -> None:
     with pytest.raises(ValueError, match="lite9"):
         build_efficientnet_lite({}, "lite9")

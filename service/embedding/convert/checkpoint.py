@@ -25,6 +25,7 @@ import math
 import pickle
 import pickletools
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,11 +155,15 @@ def _check_opcodes(buf: io.BytesIO) -> None:
     limit = buf.seek(0, io.SEEK_END) - start  # not getbuffer(): that would copy the bytes
     buf.seek(start)
     try:
-        for opcode, arg, _pos in pickletools.genops(buf):
-            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and (
-                not isinstance(arg, int) or arg > limit
-            ):
-                raise CheckpointError(f"pickle memo index {arg!r:.40} is out of range")
+        with warnings.catch_warnings():
+            # pickletools warns on bad escapes in protocol-0 strings; torch never writes
+            # those, so treat them as corruption rather than letting the warning out.
+            warnings.simplefilter("error")
+            for opcode, arg, _pos in pickletools.genops(buf):
+                if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and (
+                    not isinstance(arg, int) or arg > limit
+                ):
+                    raise CheckpointError(f"pickle memo index {arg!r:.40} is out of range")
     except CheckpointError:
         raise
     except Exception as exc:
@@ -381,9 +386,18 @@ def load_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    if data[:4] == b"PK\x03\x04":
-        return _load_zip(data)
-    # Every legacy file starts with the protocol-2 pickle of the magic number.
-    if data[:2] != b"\x80\x02":
-        raise CheckpointError(f"{path.name} is not a PyTorch checkpoint")
-    return _load_legacy(data)
+    try:
+        if data[:4] == b"PK\x03\x04":
+            return _load_zip(data)
+        # Every legacy file starts with the protocol-2 pickle of the magic number.
+        if data[:2] != b"\x80\x02":
+            raise CheckpointError(f"{path.name} is not a PyTorch checkpoint")
+        return _load_legacy(data)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        # The file is untrusted input: whatever else a malformed one trips over (an
+        # encrypted zip member, an odd struct) is still "not a checkpoint we can read".
+        raise CheckpointError(
+            f"unreadable checkpoint {path.name}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -35,6 +35,7 @@ from service.embedding.convert.checkpoint import load_checkpoint
 from service.embedding.convert.graph import (
     GraphBuilder,
     Weights,
+    WeightsError,
     conv_output_size,
     same_padding,
 )
@@ -199,7 +200,7 @@ def build_efficientnet_lite(
     embedding = g.global_pool(x, "embedding")
     fc_weight = w.get("_fc.weight")
     if fc_weight.ndim != 2 or fc_weight.shape[1] != HEAD_CHANNELS:
-        raise ValueError(f"_fc.weight has shape {fc_weight.shape}, expected [classes, 1280]")
+        raise WeightsError(f"_fc.weight has shape {fc_weight.shape}, expected [classes, 1280]")
     classes = fc_weight.shape[0]
     g.linear(embedding, fc_weight, w.get("_fc.bias", (classes,)), "logits")
     w.check_all_used(ignore_suffixes=(".num_batches_tracked",))
