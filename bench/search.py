@@ -144,8 +144,11 @@ def run(args: argparse.Namespace) -> None:
         server = start_api(urls, args.port) if args.http else None
         id_index = {image_id: i for i, image_id in enumerate(ids)}
         rows_out = []
-        faiss_rows = faiss_peer(vectors, queries, members) if args.faiss else {}
+        wanted = {k: m for k, m in members.items() if not args.only or k in args.only.split(",")}
+        faiss_rows = faiss_peer(vectors, queries, wanted) if args.faiss else {}
         for key, share in SELECTIVITIES.items():
+            if key not in wanted:
+                continue
             rows = np.flatnonzero(members[key])
             doc = {key: True}
             recalls, full, sql_ms, numpy_ms, methods = [], 0, [], [], {}
@@ -305,6 +308,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--qps-seconds", type=float, default=20)
     parser.add_argument("--no-faiss", dest="faiss", action="store_false")
+    parser.add_argument("--only", default="", help="comma-separated keys: all,f10,f1,f01,f001")
     run(parser.parse_args())
 
 
