@@ -167,6 +167,66 @@ def models_verify(name: str) -> None:
     click.echo(f"{name}: sha256 ok, inference ok, dim={info.dim}")
 
 
+# ---- evaluation -------------------------------------------------------------------------------
+@main.command("eval")
+@click.option("--collection", required=True)
+@click.option("--label-key", default="label", show_default=True)
+@click.option("--k", "ks", default="1,5,10,100", show_default=True)
+@click.option("--sample", type=int, help="Evaluate this many random queries, not every image.")
+@click.option("--model", help="Model name (default: DEFAULT_MODEL).")
+@click.option("--method", type=click.Choice(["auto", "index", "exact"]), default="auto",
+              show_default=True, help="auto plans as the API does; index forces HNSW.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write report.json, PNG charts and index.html here.")
+def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model: str | None,
+             method: str, report_dir: str | None) -> None:
+    """mAP, P@k and R@k of a labelled collection: the search path against brute force."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding.service import find_model
+    from service.errors import ApiError
+    from service.evaluation.report import write_report
+    from service.evaluation.service import evaluate_collection
+    from service.images import service as images
+
+    try:
+        k_values = tuple(sorted({int(k) for k in ks.split(",")}))
+    except ValueError as exc:
+        raise click.BadParameter("--k takes comma-separated integers") from exc
+    app = create_app()
+    with app.app_context(), session_scope() as session:
+        name = model or app.config["DEFAULT_MODEL"]
+        row = find_model(name, session=session)
+        if row is None:
+            raise click.ClickException(f"no images have been embedded with model {name!r}")
+        try:
+            result = evaluate_collection(session=session, collection=collection,
+                                         label_key=label_key, model=row, ks=k_values,
+                                         sample=sample, method=None if method == "auto"
+                                         else method)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from exc
+        click.echo(f"{collection}: {result.images} images, {result.classes} classes, "
+                   f"{result.service.queries} queries, model {row.name}")
+        click.echo(f"{'':24s} {'mAP':>7s}" + "".join(f" {'P@' + str(k):>7s} {'R@' + str(k):>7s}"
+                                                   for k in k_values))
+        for label, scores in (("service (SQL + HNSW)", result.service),
+                              ("exact brute force", result.exact)):
+            click.echo(f"{label:24s} {scores.mean_ap:7.4f}" + "".join(
+                f" {scores.precision[k]:7.4f} {scores.recall[k]:7.4f}" for k in k_values))
+        if report_dir:
+            wanted = {q.image_id for q in result.worst} | {
+                r["id"] for q in result.worst for r in q.top}
+            thumbs = {}
+            store = app.extensions["content_store"]
+            for image_id in wanted:
+                image = images.get_image(image_id, session=session)
+                thumbs[image_id] = images.thumbnail(
+                    image, store=store, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]))
+            page = write_report(result, Path(report_dir), thumbs)
+            click.echo(f"report: {page}")
+
+
 # ---- run --------------------------------------------------------------------------------------
 @main.command("run")
 @click.option("--host", default="127.0.0.1", show_default=True)

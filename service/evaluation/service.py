@@ -1,0 +1,148 @@
+"""Evaluate retrieval on a labelled collection: the service's search path against brute force."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.embedding.models import EmbeddingModel, ImageEmbedding
+from service.errors import ApiError
+from service.evaluation.metrics import RetrievalScores, evaluate_rankings
+from service.images.models import Image
+from service.search.service import search_vectors
+
+
+@dataclass
+class LabelledSet:
+    """The ready images of a collection that carry a label, with their vectors."""
+
+    ids: list[uuid.UUID]
+    labels: np.ndarray
+    vectors: np.ndarray
+
+
+@dataclass
+class QueryOutcome:
+    """One query's AP through the search path, and its top results."""
+
+    image_id: str
+    label: str
+    ap: float
+    top: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """mAP/P@k/R@k through the search path and by brute force, plus details for a report."""
+
+    collection: str
+    model: str
+    label_key: str
+    images: int
+    classes: int
+    service: RetrievalScores
+    exact: RetrievalScores
+    per_class_ap: dict[str, float]
+    pr_curve: list[tuple[float, float]]
+    worst: list[QueryOutcome]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        def scores(s: RetrievalScores) -> dict[str, Any]:
+            return {"map": s.mean_ap, "precision": s.precision, "recall": s.recall,
+                    "queries": s.queries}
+        return {
+            "collection": self.collection, "model": self.model, "label_key": self.label_key,
+            "images": self.images, "classes": self.classes, "service": scores(self.service),
+            "exact": scores(self.exact), "map_gap": self.exact.mean_ap - self.service.mean_ap,
+            "per_class_ap": self.per_class_ap, "pr_curve": self.pr_curve,
+            "worst": [q.__dict__ for q in self.worst],
+        }
+
+
+def load_labelled(*, session: Session, collection: str, label_key: str,
+                  model: EmbeddingModel) -> LabelledSet:
+    """Ids, labels and vectors of the collection's labelled, embedded images."""
+    rows = session.execute(
+        select(Image.id, Image.meta[label_key].astext, ImageEmbedding.vector)
+        .join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
+        .where(Image.collection == collection, Image.status == "ready",
+               ImageEmbedding.model_id == model.id, Image.meta.has_key(label_key))
+        .order_by(Image.id)
+    ).all()
+    if not rows:
+        raise ApiError("no_labelled_images",
+                       f"no ready images in {collection!r} carry the metadata key {label_key!r}")
+    labels = np.asarray([r[1] for r in rows])
+    if len(set(labels.tolist())) < 2:
+        raise ApiError("one_class", f"{label_key!r} has a single value in {collection!r}: "
+                       "evaluation needs at least two classes")
+    vectors = np.asarray([np.asarray(r[2], dtype=np.float32) for r in rows])
+    return LabelledSet(ids=[r[0] for r in rows], labels=labels, vectors=vectors)
+
+
+def _pr_curve(rankings: list[np.ndarray], totals: list[int]) -> list[tuple[float, float]]:
+    """Interpolated precision at 11 recall levels, averaged over queries."""
+    levels = np.linspace(0, 1, 11)
+    curves = []
+    for rel, total in zip(rankings, totals, strict=True):
+        hits = np.cumsum(rel)
+        precision = hits / np.arange(1, len(rel) + 1)
+        recall = hits / max(total, 1)
+        # Interpolated: the best precision at any recall at least this level.
+        best = np.maximum.accumulate(precision[::-1])[::-1]
+        curves.append([float(best[recall >= r][0]) if np.any(recall >= r) else 0.0
+                       for r in levels])
+    mean = np.mean(curves, axis=0) if curves else np.zeros(len(levels))
+    return [(float(r), float(p)) for r, p in zip(levels, mean, strict=True)]
+
+
+def evaluate_collection(*, session: Session, collection: str, label_key: str,
+                        model: EmbeddingModel, ks: tuple[int, ...] = (1, 5, 10, 100),
+                        sample: int | None = None, seed: int = 0, worst: int = 8,
+                        method: str | None = None) -> Evaluation:
+    """Each (sampled) image queries the rest through search_vectors and by brute force."""
+    data = load_labelled(session=session, collection=collection, label_key=label_key,
+                         model=model)
+    n = len(data.ids)
+    rng = np.random.default_rng(seed)
+    queries = np.arange(n) if not sample or sample >= n else np.sort(
+        rng.choice(n, sample, replace=False))
+    index_of = {image_id: i for i, image_id in enumerate(data.ids)}
+    unit = data.vectors / np.maximum(np.linalg.norm(data.vectors, axis=1, keepdims=True), 1e-12)
+    service_rankings, exact_rankings, totals, outcomes = [], [], [], []
+    for qi in queries:
+        total = int((data.labels == data.labels[qi]).sum()) - 1
+        result = search_vectors(data.vectors[qi], session=session, model=model, k=n - 1,
+                                collection=collection, exclude_id=data.ids[qi],
+                                force_method=method)
+        got = [index_of[h.image.id] for h in result.hits if h.image.id in index_of]
+        relevant = data.labels[got] == data.labels[qi]
+        service_rankings.append(relevant)
+        sims = unit @ unit[qi]
+        sims[qi] = -np.inf
+        order = np.argsort(-sims, kind="stable")[:-1]
+        exact_rankings.append(data.labels[order] == data.labels[qi])
+        totals.append(total)
+        ap = evaluate_rankings([relevant], ks=(1,), totals=[total]).mean_ap
+        outcomes.append(QueryOutcome(
+            image_id=str(data.ids[qi]), label=str(data.labels[qi]), ap=ap,
+            top=[{"id": str(data.ids[j]), "label": str(data.labels[j])} for j in got[:8]]))
+    service = evaluate_rankings(service_rankings, ks, totals)
+    exact = evaluate_rankings(exact_rankings, ks, totals)
+    per_class: dict[str, list[float]] = {}
+    for rel, total, qi in zip(exact_rankings, totals, queries, strict=True):
+        per_class.setdefault(str(data.labels[qi]), []).append(
+            evaluate_rankings([rel], ks=(1,), totals=[total]).mean_ap)
+    return Evaluation(
+        collection=collection, model=model.name, label_key=label_key, images=n,
+        classes=len(set(data.labels.tolist())), service=service, exact=exact,
+        per_class_ap={k: float(np.mean(v)) for k, v in sorted(per_class.items())},
+        pr_curve=_pr_curve(service_rankings, totals),
+        worst=sorted(outcomes, key=lambda o: o.ap)[:worst],
+    )
