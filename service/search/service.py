@@ -199,9 +199,9 @@ def search_vectors(
                               else "index")
     offset = cursor.offset if cursor else 0
     # Under a filter only a share of each graph step's candidates qualify, so the walk is
-    # widened in proportion (about 20 qualifying candidates per step at least).
+    # widened in proportion (about 15 qualifying candidates per step at least).
     ef = cursor.ef_search if cursor else min(MAX_EF_SEARCH, max(
-        EF_SEARCH, k, round(20 / max(plan.estimated_selectivity, 1e-3))))
+        EF_SEARCH, k, round(15 / max(plan.estimated_selectivity, 1e-3))))
     # Exact distance on the uncast column: it cannot match the HNSW index expression, so the
     # planner never walks the graph for this one.
     exact = ranking.distance(ImageEmbedding.vector, q)
