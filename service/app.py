@@ -36,6 +36,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(search.bp)
+    from service.api import codes  # Issue 6: hashing (and graph) endpoints.
+
+    app.register_blueprint(codes.bp)
     errors.register_error_handlers(app)
     spec.register(app)
     return app

@@ -90,6 +90,10 @@ class SearchQuery(BaseModel):
     min_score: float | None = Field(default=None, allow_inf_nan=False)
     cursor: str | None = Field(default=None, max_length=512)
     explain: bool = False
+    # Issue 6 (hashing): "hash" searches a code set's binary codes (service/hashing).
+    index: Literal["hnsw", "hash"] = "hnsw"
+    code: str | None = Field(default=None, max_length=128, description="code set for 'hash'")
+    rerank: bool = Field(default=True, description="re-rank hash candidates exactly")
 
 
 class SearchForm(BaseModel):
@@ -113,7 +117,7 @@ class SearchHitOut(BaseModel):
 class SearchPlanOut(BaseModel):
     """How the query ran."""
 
-    method: str = Field(description="exact or index")
+    method: str = Field(description="exact, index or hash")
     metric: str
     index_metric: str | None = None
     ef_search: int | None = None

@@ -50,7 +50,8 @@ def search() -> dict[str, Any]:
     req = SearchRequest(k=query.k, image_id=query.image_id, vector=query.vector, file=data,
                         collection=query.collection, filter_doc=query.filter, model=query.model,
                         metric=query.metric, min_score=query.min_score, cursor=query.cursor,
-                        explain=query.explain)
+                        explain=query.explain, index=query.index, code=query.code,
+                        rerank=query.rerank)
     config = current_app.config
     with session_scope() as session:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],

@@ -322,6 +322,10 @@ class SearchRequest:
     min_score: float | None = None
     cursor: str | None = None
     explain: bool = False
+    # Issue 6 (hashing): index "hash" ranks by a code set's Hamming candidates.
+    index: str = "hnsw"
+    code: str | None = None
+    rerank: bool = True
 
 
 @dataclass
@@ -391,6 +395,16 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
                                            max_pixels=max_pixels)
     if not np.any(vector) and req.metric == "cosine":
         raise ApiError("invalid_vector", "a zero vector has no cosine neighbours")
+    if req.index == "hash":  # Issue 6: Hamming candidates, exact re-rank (service/hashing).
+        from service.hashing.search import hash_search
+
+        if cursor is not None:
+            raise ApiError("invalid_cursor", "hash search has no pages: ask for a larger k")
+        result = hash_search(vector, session=session, model=model, code=req.code, k=req.k,
+                             metric=req.metric, rerank=req.rerank, collection=req.collection,
+                             filter_doc=req.filter_doc, exclude_id=exclude,
+                             min_score=req.min_score, explain=req.explain)
+        return SearchOutcome(result=result, model=model.name, metric=req.metric)
     result = search_vectors(vector, session=session, model=model, k=req.k, metric=req.metric,
                             collection=req.collection, filter_doc=req.filter_doc,
                             exclude_id=exclude, min_score=req.min_score, cursor=cursor,

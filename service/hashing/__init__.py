@@ -1,0 +1,1 @@
+"""Binary codes of the CNN vectors (LSH, spectral hashing, ITQ) and Hamming search."""

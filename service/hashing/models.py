@@ -1,0 +1,66 @@
+"""ORM models of code sets (fitted encoders) and the binary codes of images."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import BIT, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.db import Base
+
+
+class CodeSet(Base):
+    """A named encoder (method, bits, fitted arrays) over one model's vectors of a collection."""
+
+    __tablename__ = "code_sets"
+    __table_args__ = (
+        CheckConstraint("method IN ('lsh', 'spectral', 'itq')", name="method"),
+        CheckConstraint("bits BETWEEN 8 AND 1024", name="bits"),
+        CheckConstraint("status IN ('pending', 'ready', 'failed')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    model_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("models.id", ondelete="CASCADE"), nullable=False)
+    # None: fitted on (and covering) every collection's images of the model.
+    collection: Mapped[str | None] = mapped_column(String(128))
+    method: Mapped[str] = mapped_column(String(16), nullable=False)
+    bits: Mapped[int] = mapped_column(Integer, nullable=False)
+    seed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # The fitted arrays as an .npz blob (CodeParams.to_bytes); null until fitted.
+    params: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    fitted_rows: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now())
+    fitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImageCode(Base):
+    """The binary code of one image under one code set.
+
+    `bit varying` so that code sets of any length share the table; each set gets a partial
+    HNSW index over `code::bit(n)` with `bit_hamming_ops`.
+    """
+
+    __tablename__ = "image_codes"
+
+    image_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    code_set_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("code_sets.id", ondelete="CASCADE"), primary_key=True)
+    code: Mapped[str] = mapped_column(BIT(varying=True), nullable=False)
