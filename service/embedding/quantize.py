@@ -16,6 +16,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from service.embedding.transforms import Preprocessing, batch, preprocess
 
@@ -65,8 +66,11 @@ def quantize_model(model: onnx.ModelProto, prep: Preprocessing, images: list[byt
     # One image per batch: the percentile calibrator needs equally shaped batches.
     batches = [batch([arr]) for arr in arrays]
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save_model(model, src)
+        raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, raw)
+        # ORT's recommended pre-pass (shape inference, graph optimisation) lets more of the
+        # graph fuse into integer kernels.
+        quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)
         quantize_static(
             str(src), str(dst), _Reader(input_name, batches),
             quant_format=QuantFormat.QDQ, per_channel=True,
