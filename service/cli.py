@@ -227,6 +227,38 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
             click.echo(f"report: {page}")
 
 
+@main.command("finetune")
+@click.option("--collection", required=True)
+@click.option("--label-key", default="label", show_default=True)
+@click.option("--from", "base", default="efficientnet-lite0", show_default=True)
+@click.option("--dim", default=256, show_default=True, help="Output size of --unsupervised.")
+@click.option("--split-key", help="Metadata key that keeps a group (e.g. a person) on one side.")
+@click.option("--shots", type=int, help="Train on only this many images per class.")
+@click.option("--unsupervised", is_flag=True, help="PCA whitening instead of a labelled head.")
+@click.option("--name", help="Name of the new model (default <from>+head-N).")
+def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
+             shots: int | None, unsupervised: bool, name: str | None) -> None:
+    """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.errors import ApiError
+    from service.training.service import finetune as run_finetune
+
+    app = create_app()
+    with app.app_context(), session_scope() as session:
+        try:
+            out = run_finetune(session=session, collection=collection, label_key=label_key,
+                               base=base, model_dir=Path(app.config["MODEL_DIR"]),
+                               split_key=split_key, shots=shots, unsupervised=unsupervised,
+                               dim=dim, name=name)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from exc
+    click.echo(f"installed {out.model}: trained on {out.train_images}, tested on "
+               f"{out.test_images} images")
+    click.echo(f"test mAP {out.raw_test_map:.4f} -> {out.head_test_map:.4f}, "
+               f"P@10 {out.raw_test_p10:.4f} -> {out.head_test_p10:.4f}")
+
+
 # ---- run --------------------------------------------------------------------------------------
 @main.command("run")
 @click.option("--host", default="127.0.0.1", show_default=True)

@@ -1,0 +1,1 @@
+"""Learned retrieval heads on a backbone's pooled features, exported as ONNX (no PyTorch)."""

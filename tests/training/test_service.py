@@ -1,0 +1,81 @@
+"""Fine-tuning on a real labelled collection installs a backbone+head model that works."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flask import Flask
+
+from service.db import session_scope
+from service.embedding import registry
+from service.embedding.session import Embedder
+from service.errors import ApiError
+from service.training.service import finetune
+from tests.conftest import wait_for_status
+
+pytestmark = pytest.mark.usefixtures("worker")
+COLLECTION = "t-train"
+
+
+@pytest.fixture(scope="module")
+def labelled(app: Flask, clothing: Path) -> list[tuple[str, str]]:
+    """48 photos from 4 classes with their sender ids."""
+    client = app.test_client()
+    with (clothing / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    chosen = []
+    for label in ("Shoes", "Hat", "Pants", "T-Shirt"):
+        chosen += [r for r in rows if r["label"] == label][:12]
+    out = []
+    for r in chosen:
+        meta = {"label": r["label"], "sender_id": r["sender_id"]}
+        resp = client.post("/api/v1/images", data={
+            "file": (io.BytesIO((clothing / r["file"]).read_bytes()), "x.jpg"),
+            "collection": COLLECTION, "metadata": json.dumps(meta)},
+            content_type="multipart/form-data")
+        out.append((resp.get_json()["id"], r["file"]))
+    for image_id, _ in out:
+        assert wait_for_status(client, image_id)["status"] == "ready"
+    return out
+
+
+@pytest.fixture
+def models(model_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(model_dir / "efficientnet-lite0", tmp_path / "efficientnet-lite0")
+    return tmp_path
+
+
+@pytest.mark.parametrize("unsupervised", [False, True])
+def test_finetune_installs_a_working_model(app: Flask, labelled, models: Path, clothing: Path,
+                                           unsupervised: bool) -> None:
+    with app.app_context(), session_scope() as session:
+        out = finetune(session=session, collection=COLLECTION, label_key="label",
+                       base="efficientnet-lite0", model_dir=models, split_key=None,
+                       unsupervised=unsupervised, dim=16)
+    assert out.model == "efficientnet-lite0+head-1"
+    info = registry.verify(models, out.model)
+    assert info.extra["training"]["train_images"] == out.train_images
+    assert info.dim == (16 if unsupervised else 4)
+    embedder = Embedder(info, models / out.model / "model.onnx")
+    photo = (clothing / labelled[0][1]).read_bytes()
+    result = embedder.embed_bytes([photo], max_pixels=10**8)
+    assert result.vectors.shape == (1, info.dim) and np.isfinite(result.vectors).all()
+    if not unsupervised:
+        assert result.vectors.sum() == pytest.approx(1.0, abs=1e-4)  # class probabilities
+        assert out.head_test_map >= out.raw_test_map - 0.05
+
+
+def test_bad_labels_and_splits(app: Flask, labelled, models: Path) -> None:
+    with app.app_context(), session_scope() as session:
+        with pytest.raises(ApiError, match="carry the metadata key 'nope'"):
+            finetune(session=session, collection=COLLECTION, label_key="nope",
+                     base="efficientnet-lite0", model_dir=models)
+        with pytest.raises(ApiError, match="no metadata key 'missing'"):
+            finetune(session=session, collection=COLLECTION, label_key="label",
+                     base="efficientnet-lite0", model_dir=models, split_key="missing")
