@@ -16,7 +16,7 @@ from service.evaluation.metrics import exact_cosine_scores
 
 @dataclass
 class Head:
-    """x -> softmax((sqrt(x) - mean) / scale @ weight + bias), or without softmax for PCA."""
+    """x -> softmax((max(x, 0)^power - mean) / scale @ weight + bias); no softmax for PCA."""
 
     kind: str
     mean: np.ndarray
@@ -24,11 +24,12 @@ class Head:
     weight: np.ndarray
     bias: np.ndarray
     softmax: bool
+    power: float = 0.5
     record: dict = field(default_factory=dict)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Apply the head in numpy (the ONNX graph computes the same)."""
-        z = (np.sqrt(np.maximum(x, 0)) - self.mean) / self.scale
+        z = (np.maximum(x, 0) ** self.power - self.mean) / self.scale
         out = z @ self.weight + self.bias
         if self.softmax:
             out = np.exp(out - out.max(axis=1, keepdims=True))
@@ -100,13 +101,14 @@ def _classifier_head(theta: np.ndarray, mean: np.ndarray, scale: np.ndarray, d: 
                 bias=theta[d * c:].astype(np.float32), softmax=True)
 
 
-def fit_pca_whitening(x: np.ndarray, *, dim: int = 256, shrinkage: float = 1.0) -> Head:
+def fit_pca_whitening(x: np.ndarray, *, dim: int = 256, shrinkage: float = 1.0,
+                      power: float = 1.0) -> Head:
     """Power-normalise, centre, project on the top `dim` components, whiten with shrinkage.
 
     Eigenvalues are shrunk towards their mean, λ' = (1 − s)·λ + s·mean(λ), before scaling by
     λ'^(-1/2): s = 0 is full whitening, s = 1 a plain PCA projection.
     """
-    z = np.sqrt(np.maximum(x, 0))
+    z = np.maximum(x, 0) ** power
     mean = z.mean(axis=0)
     _, sing, vt = np.linalg.svd(z - mean, full_matrices=False)
     dim = min(dim, vt.shape[0])
@@ -115,5 +117,5 @@ def fit_pca_whitening(x: np.ndarray, *, dim: int = 256, shrinkage: float = 1.0) 
     weight = (vt[:dim].T / np.sqrt(shrunk)).astype(np.float32)
     return Head(kind="pca-whiten", mean=mean.astype(np.float32),
                 scale=np.ones_like(mean, dtype=np.float32), weight=weight,
-                bias=np.zeros(dim, dtype=np.float32), softmax=False,
-                record={"dim": dim, "shrinkage": shrinkage, "power": 0.5})
+                bias=np.zeros(dim, dtype=np.float32), softmax=False, power=power,
+                record={"dim": dim, "shrinkage": shrinkage, "power": power})

@@ -21,6 +21,7 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
         node.input[:] = [renamed if i == source else i for i in node.input]
     consts = {
         "head_zero": np.zeros(1, np.float32),
+        "head_power": np.array([head.power], np.float32),
         "head_mean": head.mean.astype(np.float32),
         "head_scale": head.scale.astype(np.float32),
         "head_weight": head.weight.astype(np.float32),
@@ -30,7 +31,7 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
     last = "head_linear" if head.softmax else output
     graph.node.extend([
         helper.make_node("Max", [renamed, "head_zero"], ["head_relu"]),
-        helper.make_node("Sqrt", ["head_relu"], ["head_sqrt"]),
+        helper.make_node("Pow", ["head_relu", "head_power"], ["head_sqrt"]),
         helper.make_node("Sub", ["head_sqrt", "head_mean"], ["head_centred"]),
         helper.make_node("Div", ["head_centred", "head_scale"], ["head_scaled"]),
         helper.make_node("MatMul", ["head_scaled", "head_weight"], ["head_projected"]),
