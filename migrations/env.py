@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import pool
 
 import service.embedding.models  # noqa: F401  (registers tables on Base.metadata)
+import service.evaluation.models  # noqa: F401
 import service.images.models  # noqa: F401
 from service.config import load_settings
 from service.db import Base, make_engine, sqlalchemy_url

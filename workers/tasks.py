@@ -62,3 +62,14 @@ def fit_codes(self: object, code_set_id: int) -> str:
 
     with session_scope() as session:
         return fit_code_set(int(code_set_id), session=session)
+
+
+@shared_task(name="lookalike.run_evaluation", bind=True, acks_late=True,
+             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
+             retry_backoff_max=120, max_retries=5)
+def run_evaluation(self: object, run_id: str) -> str:
+    """Run one queued evaluation."""
+    from service.evaluation.service import execute_run
+
+    with session_scope() as session:
+        return execute_run(uuid.UUID(run_id), session=session)

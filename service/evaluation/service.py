@@ -146,3 +146,48 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
         pr_curve=_pr_curve(service_rankings, totals),
         worst=sorted(outcomes, key=lambda o: o.ap)[:worst],
     )
+
+
+def create_run(params: dict[str, Any], *, session: Session) -> Any:
+    """Validate the parameters cheaply and record a queued evaluation."""
+    from service.embedding.service import find_model
+    from service.evaluation.models import EvaluationRun
+
+    if find_model(params["model"], session=session) is None:
+        raise ApiError("unknown_model",
+                       f"no images have been embedded with model {params['model']!r}")
+    run = EvaluationRun(params=params, status="queued")
+    session.add(run)
+    session.commit()
+    return run
+
+
+def execute_run(run_id: uuid.UUID, *, session: Session) -> str:
+    """Run a queued evaluation (idempotent: a finished run is left as it is)."""
+    from datetime import UTC, datetime
+
+    from service.embedding.service import find_model
+    from service.evaluation.models import EvaluationRun
+
+    run = session.get(EvaluationRun, run_id)
+    if run is None or run.status in ("done", "failed"):
+        return "gone" if run is None else run.status
+    run.status = "running"
+    session.commit()
+    p = run.params
+    try:
+        model = find_model(p["model"], session=session)
+        if model is None:
+            raise ApiError("unknown_model", f"model {p['model']!r} is gone")
+        result = evaluate_collection(session=session, collection=p["collection"],
+                                     label_key=p["label_key"], model=model,
+                                     ks=tuple(p["ks"]), sample=p.get("sample"),
+                                     method=p.get("method"))
+        run.result, run.status = result.summary(), "done"
+    except ApiError as exc:
+        session.rollback()
+        run = session.get(EvaluationRun, run_id)
+        run.status, run.error = "failed", exc.message
+    run.finished_at = datetime.now(UTC)
+    session.commit()
+    return run.status

@@ -79,3 +79,24 @@ def test_cli_report(settings: dict, labelled: list[str], tmp_path: Path) -> None
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "index.html").read_text()
     assert "Worst queries" in page and "data:image/jpeg;base64," in page
+
+
+def test_evaluation_job_over_http(app: Flask, labelled: list[str]) -> None:
+    import time
+
+    client = app.test_client()
+    resp = client.post("/api/v1/evaluations", json={"collection": COLLECTION, "ks": [1, 5]})
+    assert resp.status_code == 202, resp.get_json()
+    run_id = resp.get_json()["id"]
+    deadline = time.monotonic() + 60
+    body = {}
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/v1/evaluations/{run_id}").get_json()
+        if body["status"] in ("done", "failed"):
+            break
+        time.sleep(0.3)
+    assert body["status"] == "done", body
+    assert body["result"]["images"] == 24 and 0.5 < body["result"]["exact"]["map"] <= 1
+    bad = client.post("/api/v1/evaluations", json={"collection": COLLECTION, "model": "nope"})
+    assert bad.status_code == 400 and bad.get_json()["error"]["code"] == "unknown_model"
+    assert client.get("/api/v1/evaluations/not-an-id").status_code == 404

@@ -1,0 +1,74 @@
+"""Evaluations: run `lookalike eval` as a job and fetch its result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from pydantic import BaseModel, Field
+from spectree import Response as Resp
+
+from service.api.openapi import spec
+from service.api.schemas import ErrorResponse
+from service.db import session_scope
+from service.errors import NotFound
+from service.evaluation import service as evaluation
+from service.evaluation.models import EvaluationRun
+from service.images.service import parse_id
+from service.queue import enqueue
+
+bp = Blueprint("evaluations", __name__, url_prefix="/api/v1/evaluations")
+RUN_EVALUATION = "lookalike.run_evaluation"
+
+
+class EvaluationRequest(BaseModel):
+    """What to evaluate."""
+
+    collection: str = Field(max_length=128)
+    label_key: str = Field(default="label", min_length=1, max_length=256)
+    ks: list[int] = Field(default=[1, 5, 10, 100], min_length=1, max_length=10)
+    sample: int | None = Field(default=None, ge=1, le=100_000)
+    model: str | None = Field(default=None, max_length=128)
+    method: str | None = Field(default=None, pattern="^(index|exact)$")
+
+
+class EvaluationOut(BaseModel):
+    """An evaluation run."""
+
+    id: str
+    status: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def run_json(run: EvaluationRun) -> dict[str, Any]:
+    """The public shape of a run."""
+    return {"id": str(run.id), "status": run.status, "params": run.params,
+            "result": run.result, "error": run.error}
+
+
+@bp.post("")
+@spec.validate(json=EvaluationRequest, resp=Resp(HTTP_202=EvaluationOut, HTTP_400=ErrorResponse),
+               tags=["evaluations"])
+def create() -> tuple[dict[str, Any], int]:
+    """Queue an evaluation of a labelled collection (mAP, P@k, R@k; search path vs exact)."""
+    body: EvaluationRequest = request.context.json  # type: ignore[attr-defined]
+    params = body.model_dump()
+    params["model"] = params["model"] or current_app.config["DEFAULT_MODEL"]
+    params["ks"] = sorted({k for k in params["ks"] if 0 < k <= 10_000}) or [10]
+    with session_scope() as session:
+        out = run_json(evaluation.create_run(params, session=session))
+    enqueue(RUN_EVALUATION, out["id"])
+    return out, 202
+
+
+@bp.get("/<run_id>")
+@spec.validate(resp=Resp(HTTP_200=EvaluationOut, HTTP_404=ErrorResponse), tags=["evaluations"])
+def get(run_id: str) -> dict[str, Any]:
+    """An evaluation's status and, when done, its result."""
+    with session_scope() as session:
+        run = session.get(EvaluationRun, parse_id(run_id))
+        if run is None:
+            raise NotFound("not_found", f"no evaluation {run_id}")
+        return run_json(run)
