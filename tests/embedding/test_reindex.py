@@ -1,0 +1,100 @@
+"""Reindexing a collection under a new model while searches keep being served."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from sqlalchemy import delete
+
+from service.db import session_scope
+from service.embedding import registry
+from service.embedding.defaults import ServiceSetting, default_model, set_default_model
+from service.embedding.reindex import drop_model, progress, start_reindex
+from service.errors import ApiError
+from service.queue import enqueue
+from tests.conftest import wait_for_status
+from tests.embedding.test_registry import tiny_onnx
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture
+def tiny_model(settings: dict, tmp_path: Path):
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    registry.add_onnx(name, tiny_onnx(tmp_path / "m.onnx"), Path(settings["MODEL_DIR"]),
+                      size=224, resize=None, mean=(0.5,) * 3, std=(0.5,) * 3)
+    yield name
+    shutil.rmtree(Path(settings["MODEL_DIR"]) / name, ignore_errors=True)
+
+
+def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path],
+                                           tiny_model: str) -> None:
+    client = app.test_client()
+    collection = f"t-reindex-{uuid.uuid4().hex[:6]}"
+    ids = []
+    for path in photos[:10]:
+        resp = client.post("/api/v1/images", data={
+            "file": (io.BytesIO(path.read_bytes() + collection.encode()), "x.jpg"),
+            "collection": collection}, content_type="multipart/form-data")
+        ids.append(resp.get_json()["id"])
+    for image_id in ids:
+        wait_for_status(client, image_id)
+
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        c = app.test_client()
+        while not stop.is_set():
+            r = c.post("/api/v1/search", json={"image_id": ids[0], "k": 5,
+                                               "collection": collection})
+            if r.status_code != 200 or not r.get_json()["results"]:
+                errors.append(f"{r.status_code} {r.get_json()}")
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    try:
+        with app.app_context():
+            with session_scope() as session:
+                run = start_reindex(collection, tiny_model, session=session,
+                                    model_dir=app.config["MODEL_DIR"])
+                run_id = run.id
+            enqueue("lookalike.reindex", str(run_id))
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                with session_scope() as session:
+                    state = progress(run_id, session=session)
+                if state.status != "running":
+                    break
+                time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert (state.status, state.done, state.total, state.failed) == ("done", 10, 10, 0)
+
+    with app.app_context(), session_scope() as session:
+        old = default_model(session=session)
+        try:
+            set_default_model(tiny_model, session=session)
+            resp = client.post("/api/v1/search", json={"image_id": ids[0], "k": 3,
+                                                       "collection": collection})
+            assert resp.status_code == 200 and resp.get_json()["model"] == tiny_model
+            assert len(resp.get_json()["results"]) == 3
+            with pytest.raises(ApiError, match="is the default model"):
+                drop_model(tiny_model, session=session)
+        finally:
+            session.execute(delete(ServiceSetting))
+            session.commit()
+        assert default_model(session=session) == old
+        assert drop_model(tiny_model, session=session) == 1
+    resp = client.post("/api/v1/search", json={"image_id": ids[0], "k": 3,
+                                               "model": tiny_model})
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "unknown_model"
