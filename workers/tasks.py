@@ -47,10 +47,12 @@ def embed_image(self: object, image_id: str) -> str:
 
 
 def index_new_image(image_id: uuid.UUID, *, session: Session) -> None:
-    """Encode a freshly embedded image under the ready code sets that cover it."""
+    """Encode a freshly embedded image under its code sets and link it into the kNN graph."""
+    from service.graph.service import link_image
     from service.hashing.service import encode_image
 
     encode_image(image_id, session=session)
+    link_image(image_id, session=session)
 
 
 @shared_task(name="lookalike.fit_codes", bind=True, acks_late=True,
@@ -62,6 +64,19 @@ def fit_codes(self: object, code_set_id: int) -> str:
 
     with session_scope() as session:
         return fit_code_set(int(code_set_id), session=session)
+
+
+@shared_task(name="lookalike.rebuild_graph", bind=True, acks_late=True,
+             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
+             retry_backoff_max=120, retry_jitter=True, max_retries=8)
+def rebuild_graph(self: object, collection: str, model_id: int) -> int:
+    """Recompute one collection's kNN graph exactly; returns the edges written."""
+    from service.embedding.models import EmbeddingModel
+    from service.graph.service import rebuild_graph as rebuild
+
+    with session_scope() as session:
+        model = session.get(EmbeddingModel, int(model_id))
+        return 0 if model is None else rebuild(collection, session=session, model=model)
 
 
 @shared_task(name="lookalike.run_evaluation", bind=True, acks_late=True,

@@ -44,3 +44,74 @@ class CodeSetList(BaseModel):
     """Every code set, oldest first."""
 
     items: list[CodeSetOut]
+
+
+class ClusterQuery(BaseModel):
+    """Which collection's graph to cut, and where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: str = Field(default="default", max_length=128)
+    threshold: float | None = Field(default=None, ge=0.0, le=2.0,
+                                    description="cosine distance at which the MST is cut")
+    min_size: int = Field(default=2, ge=1, le=1000)
+    model: str | None = Field(default=None, max_length=128)
+
+
+class ClusterOut(BaseModel):
+    """One group of images."""
+
+    size: int
+    ids: list[str]
+
+
+class ClusterList(BaseModel):
+    """Groups of the MST cut at `threshold`, largest first."""
+
+    collection: str
+    model: str
+    threshold: float
+    clusters: list[ClusterOut]
+
+
+class RelatedQuery(BaseModel):
+    """How far to walk the graph."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hops: int = Field(default=2, ge=1, le=4)
+    limit: int = Field(default=20, ge=1, le=200)
+    model: str | None = Field(default=None, max_length=128)
+
+
+class RelatedOut(BaseModel):
+    """An image reached over the graph."""
+
+    id: str
+    hops: int
+    distance: float = Field(description="length of the shortest path found (cosine distances)")
+    collection: str
+    metadata: dict[str, object]
+
+
+class RelatedList(BaseModel):
+    """Images near one image on the graph, fewest hops first, then shortest path."""
+
+    items: list[RelatedOut]
+
+
+class GraphRebuild(BaseModel):
+    """A collection whose graph is recomputed in a task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: str = Field(default="default", max_length=128)
+    model: str | None = Field(default=None, max_length=128)
+
+
+class GraphRebuildOut(BaseModel):
+    """The rebuild was queued."""
+
+    collection: str
+    model: str
+    status: Literal["queued"]

@@ -29,6 +29,7 @@ class CodeParams:
     def to_bytes(self) -> bytes:
         """The arrays as one `.npz` blob (stored in `code_sets.params`)."""
         buf = io.BytesIO()
+        # float64 arrays: a query must be encoded bit-for-bit as the collection was.
         np.savez(buf, **self.arrays)
         return buf.getvalue()
 
@@ -139,11 +140,12 @@ def encode(params: CodeParams, vectors: np.ndarray) -> np.ndarray:
     if params.method == "itq":
         return (x @ a["projection"]) >= 0
     proj = x @ a["pc"] - a["mn"]
-    u = np.ones((len(x), params.bits))
-    for j, omega in enumerate(a["omegas"]):
-        active = np.nonzero(omega)[0]
-        u[:, j] = np.prod(np.sin(proj[:, active] * omega[active] + np.pi / 2), axis=1)
-    return u > 0
+    # Each chosen mode varies along one principal direction only (the eigenfunctions are
+    # separable), so bit j is the sign of one sinusoid: vectorised, not a loop over bits.
+    omegas = a["omegas"]
+    axis = np.abs(omegas).argmax(axis=1)
+    freq = omegas[np.arange(len(omegas)), axis]
+    return np.sin(proj[:, axis] * freq + np.pi / 2) > 0
 
 
 def to_bitstring(bits: np.ndarray) -> str:

@@ -16,7 +16,7 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import BIT, UUID
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from service.db import Base
 
@@ -41,7 +41,8 @@ class CodeSet(Base):
     bits: Mapped[int] = mapped_column(Integer, nullable=False)
     seed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     # The fitted arrays as an .npz blob (CodeParams.to_bytes); null until fitted.
-    params: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Deferred: megabytes for long codes, and searches read it from a process cache instead.
+    params: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     error: Mapped[str | None] = mapped_column(Text)
     fitted_rows: Mapped[int | None] = mapped_column(Integer)

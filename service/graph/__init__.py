@@ -1,0 +1,1 @@
+"""The k-nearest-neighbour graph of each collection, its MST clusters and related images."""
