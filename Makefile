@@ -8,7 +8,7 @@ MODEL ?= efficientnet-lite0
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run test lint reference-deps bench-deps bench-search bench-embed services-stop clean
+.PHONY: install run test lint browser-deps reference-deps bench-deps bench-search bench-embed services-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,14 @@ bench-embed: bench-deps
 run: install
 	$(VENV)/bin/lookalike run
 
-test: install reference-deps
+# Issue 8: the web tests drive Debian's Chromium (Playwright never downloads a browser here);
+# without root and without /usr/bin/chromium they skip and say why.
+browser-deps:
+	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "no /usr/bin/chromium and not root: the web tests will be skipped"; fi; }
+
+test: install reference-deps browser-deps
 	$(VENV)/bin/lookalike models install $(MODEL)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -42,6 +42,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from service.api import graph  # Issue 6: clusters, duplicates, related images.
 
     app.register_blueprint(graph.bp)
+    from service.api import facets  # Issue 8: facets and collections for the web page.
+    from service.web import views as web  # Issue 8: the HTML page at /.
+
+    app.register_blueprint(facets.bp)
+    app.register_blueprint(web.bp)
     from service.api import evaluations
 
     app.register_blueprint(evaluations.bp)

@@ -1,0 +1,1 @@
+"""The web page: server-rendered templates with plain JavaScript calling the JSON API."""

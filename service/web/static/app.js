@@ -1,0 +1,634 @@
+// Lookalike's page: plain JavaScript over the JSON API (/api/v1), no build step.
+"use strict";
+
+(function () {
+  const API = "/api/v1";
+  // Filter keys that name real columns must be spelled "metadata.<key>" (docs/search.md).
+  const COLUMNS = new Set(["collection", "status", "created_at", "id"]);
+  const POLL_MS = 500;
+
+  const $ = (selector, root = document) => root.querySelector(selector);
+
+  class ApiFailure extends Error {
+    constructor(code, message, status) {
+      super(message);
+      this.code = code;
+      this.status = status;
+    }
+  }
+
+  async function api(path, options = {}) {
+    let response;
+    try {
+      response = await fetch(API + path, options);
+    } catch (_) {
+      throw new ApiFailure("network", "", 0);
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (_) {
+      body = null; // A proxy's HTML error page, say: reported by status below.
+    }
+    if (!response.ok) {
+      const error = body && body.error ? body.error : { code: "http_error", message: "" };
+      throw new ApiFailure(error.code, error.message || "", response.status);
+    }
+    return body;
+  }
+
+  // What an error means, in plain words; the server's own message adds the detail.
+  function plainWords(error) {
+    const detail = error.message ? ` (${error.message})` : "";
+    switch (error.code) {
+      case "not_an_image":
+      case "corrupt_image":
+      case "invalid_image":
+        return "That file is not an image Lookalike can read. Use a JPEG, PNG, WebP, GIF, BMP or TIFF photo" + detail + ".";
+      case "empty_file":
+        return "That file is empty. Choose a photo with something in it.";
+      case "image_too_large":
+      case "payload_too_large":
+        return "That file is too large to upload" + detail + ".";
+      case "invalid_filter":
+        return "The filter was not accepted: " + error.message + ". Fix it or clear the filters.";
+      case "bad_filter_json":
+        return "The filter is not valid JSON: " + error.message + ".";
+      case "invalid_metadata":
+        return "The metadata was not accepted: " + error.message + ".";
+      case "unknown_model":
+        return "No images have been processed with that model yet. Pick another model" + detail + ".";
+      case "not_ready":
+        return "This image is still being processed. Try again in a few seconds.";
+      case "not_found":
+        return "That image no longer exists.";
+      case "network":
+        return "Could not reach the server. Check the connection and try again.";
+      default:
+        if (error.status >= 500) {
+          return "Something went wrong on the server (status " + error.status + "). Try again in a moment.";
+        }
+        return error.message || "That did not work (status " + error.status + ").";
+    }
+  }
+
+  function showMessage(text, kind = "error") {
+    const box = $("#message");
+    if (!box) return;
+    box.textContent = text;
+    box.className = "message " + kind;
+    box.hidden = false;
+  }
+
+  function clearMessage() {
+    const box = $("#message");
+    if (box) {
+      box.hidden = true;
+      box.textContent = "";
+    }
+  }
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "text") node.textContent = value;
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child);
+    }
+    return node;
+  }
+
+  function formatValue(value) {
+    return typeof value === "string" ? value : JSON.stringify(value);
+  }
+
+  // A short name for an image: its label (or title, name), else its file name.
+  function nameOf(item) {
+    const meta = item.metadata || {};
+    for (const key of ["label", "title", "name", "category"]) {
+      if (typeof meta[key] === "string" && meta[key]) return meta[key];
+    }
+    return item.filename || "Image";
+  }
+
+  function metaLine(meta) {
+    return Object.entries(meta || {})
+      .filter(([, v]) => v === null || typeof v !== "object")
+      .slice(0, 3)
+      .map(([k, v]) => `${k}: ${formatValue(v)}`)
+      .join(" · ");
+  }
+
+  // One result or browse card; everything goes through textContent, never innerHTML.
+  function card(item, { rank = null, collection = "" } = {}) {
+    const name = nameOf(item);
+    const href = `/images/${encodeURIComponent(item.id)}` +
+      (collection ? `?collection=${encodeURIComponent(collection)}` : "");
+    const alt = rank === null
+      ? `${name}, ${item.status || "stored"}`
+      : `Result ${rank}: ${name}, score ${item.score.toFixed(3)}`;
+    const img = el("img", {
+      src: `${API}/images/${encodeURIComponent(item.id)}/thumbnail`, alt, loading: "lazy",
+      width: 256, height: 256,
+    });
+    const body = el("div", { class: "card-body" });
+    if (rank !== null) {
+      body.append(el("p", { class: "score" },
+        el("span", { class: "rank", text: `#${rank}` }), ` score ${item.score.toFixed(3)}`));
+    } else {
+      body.append(el("p", {}, el("span", { class: `badge badge-${item.status}`, text: item.status })));
+    }
+    body.append(el("p", { class: "name", text: name }));
+    const line = metaLine(item.metadata);
+    if (line) body.append(el("p", { class: "meta muted", text: line }));
+    if (item.collection && !collection) {
+      body.append(el("p", { class: "meta muted", text: `in ${item.collection}` }));
+    }
+    return el("li", { class: "card", "data-id": item.id },
+      el("a", { href, class: "card-link" }, img, body));
+  }
+
+  function renderResults(list, hits, { append = false, collection = "", offset = 0 } = {}) {
+    if (!append) list.replaceChildren();
+    hits.forEach((hit, i) => list.append(card(hit, { rank: offset + i + 1, collection })));
+  }
+
+  // ---------------------------------------------------------------- search page
+  function searchPage() {
+    const form = $("#search-form");
+    const collection = form.dataset.collection;
+    const fileInput = $("#query-file");
+    const dropzone = $("#dropzone");
+    const list = $("#results");
+    const status = $("#results-status");
+    const more = $("#more-results");
+    const filterBox = $("#filter-json");
+    const params = new URLSearchParams(location.search);
+    const state = {
+      file: null, likeId: params.get("like"), cursor: null, shown: 0, busy: false, again: false,
+    };
+
+    function hasQuery() {
+      return Boolean(state.file || state.likeId);
+    }
+
+    function setFile(file) {
+      clearMessage();
+      if (!file) return;
+      if (file.type && !file.type.startsWith("image/")) {
+        showMessage(`“${file.name}” is not an image (${file.type}). Choose a photo instead.`);
+        return;
+      }
+      state.file = file;
+      state.likeId = null;
+      const preview = $("#query-preview");
+      if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+      preview.src = URL.createObjectURL(file);
+      preview.alt = `Your photo: ${file.name || "pasted image"}`;
+      $("#query-caption").textContent = file.name || "Pasted image";
+      $("#query").hidden = false;
+      run();
+    }
+
+    function readFilter() {
+      const text = filterBox.value.trim();
+      if (!text) return null;
+      try {
+        return JSON.parse(text);
+      } catch (exc) {
+        throw new ApiFailure("bad_filter_json", exc.message, 400);
+      }
+    }
+
+    async function run(append = false) {
+      if (!hasQuery()) {
+        status.textContent = "Choose, drop or paste a photo first.";
+        return;
+      }
+      if (state.busy) {
+        // A change made while a search runs (a facet ticked, k edited) must not be lost.
+        state.again = true;
+        return;
+      }
+      state.busy = true;
+      state.again = false;
+      form.setAttribute("aria-busy", "true");
+      status.textContent = "Searching…";
+      clearMessage();
+      try {
+        const query = {
+          k: Math.max(1, Math.min(1000, parseInt($("#k").value, 10) || 24)),
+          model: $("#model").value,
+          metric: $("#metric").value,
+        };
+        if (collection) query.collection = collection;
+        const filter = readFilter();
+        if (filter) query.filter = filter;
+        if (append && state.cursor) query.cursor = state.cursor;
+        let options;
+        if (state.file) {
+          const data = new FormData();
+          data.append("file", state.file, state.file.name || "pasted.png");
+          data.append("query", JSON.stringify(query));
+          options = { method: "POST", body: data };
+        } else {
+          query.image_id = state.likeId;
+          options = {
+            method: "POST", headers: { "Content-Type": "application/json" },
+            body: JSON.stringify(query),
+          };
+        }
+        const body = await api("/search", options);
+        const offset = append ? state.shown : 0;
+        renderResults(list, body.results, { append, collection, offset });
+        state.shown = offset + body.results.length;
+        state.cursor = body.next_cursor || null;
+        more.hidden = !state.cursor;
+        status.textContent = state.shown
+          ? `${state.shown} result${state.shown === 1 ? "" : "s"}, best first ` +
+            `(${body.model}, ${body.metric}, ${Math.round(body.took_ms)} ms).`
+          : "No images match. Try removing a filter or another collection.";
+        list.dataset.state = "done";
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        showMessage(plainWords(error));
+        status.textContent = "The search did not run; see the message above.";
+        list.dataset.state = "error";
+      } finally {
+        state.busy = false;
+        form.removeAttribute("aria-busy");
+        if (state.again) run();
+      }
+    }
+
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      run();
+    });
+    more.addEventListener("click", () => run(true));
+    fileInput.addEventListener("change", () => setFile(fileInput.files[0]));
+    ["k", "model", "metric"].forEach((id) => $("#" + id).addEventListener("change", () => {
+      if (hasQuery()) run();
+    }));
+
+    // Drag and drop onto the zone; a drop elsewhere must not navigate away to the file.
+    dropzone.addEventListener("dragover", (event) => {
+      event.preventDefault();
+      dropzone.classList.add("over");
+    });
+    dropzone.addEventListener("dragleave", () => dropzone.classList.remove("over"));
+    dropzone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      dropzone.classList.remove("over");
+      const file = event.dataTransfer && event.dataTransfer.files[0];
+      if (file) setFile(file);
+      else showMessage("Nothing to search with: drop an image file.");
+    });
+    document.addEventListener("dragover", (event) => event.preventDefault());
+    document.addEventListener("drop", (event) => event.preventDefault());
+
+    document.addEventListener("paste", (event) => {
+      const items = event.clipboardData ? Array.from(event.clipboardData.items) : [];
+      const image = items.find((item) => item.kind === "file" && item.type.startsWith("image/"));
+      if (image) {
+        event.preventDefault();
+        setFile(image.getAsFile());
+      } else if (!event.target.closest("input, textarea")) {
+        showMessage("The clipboard holds no image. Copy a picture, then paste it here.");
+      }
+    });
+
+    // ---- facets -> filter
+    const facetList = $("#facet-list");
+    const facetStatus = $("#facets-status");
+
+    function filterKey(key) {
+      return COLUMNS.has(key) ? `metadata.${key}` : key;
+    }
+
+    function facetsToFilter() {
+      const filter = {};
+      for (const group of facetList.querySelectorAll("[data-facet]")) {
+        const key = filterKey(group.dataset.facet);
+        if (group.dataset.kind === "values") {
+          const chosen = Array.from(group.querySelectorAll("input:checked"))
+            .map((box) => JSON.parse(box.dataset.value));
+          if (chosen.length === 1) filter[key] = chosen[0];
+          else if (chosen.length > 1) filter[key] = { $in: chosen };
+        } else {
+          const isDate = group.dataset.type === "date";
+          const read = (input) => {
+            if (!input.value) return null;
+            return isDate ? input.value : Number(input.value);
+          };
+          const lo = read(group.querySelector("[data-bound=min]"));
+          const hi = read(group.querySelector("[data-bound=max]"));
+          const condition = {};
+          if (lo !== null) condition.$gte = lo;
+          if (hi !== null) condition.$lte = hi;
+          if (Object.keys(condition).length) filter[key] = condition;
+        }
+      }
+      filterBox.value = Object.keys(filter).length ? JSON.stringify(filter) : "";
+      if (hasQuery()) run();
+    }
+
+    function facetGroup(facet, index) {
+      const legend = el("legend", {},
+        facet.key, el("span", { class: "muted", text: ` (${facet.count})` }));
+      const group = el("fieldset", {
+        class: "facet", "data-facet": facet.key, "data-kind": facet.kind, "data-type": facet.type,
+      }, legend);
+      if (facet.kind === "values") {
+        facet.values.forEach((v, j) => {
+          const id = `facet-${index}-${j}`;
+          const box = el("input", { type: "checkbox", id, "data-value": JSON.stringify(v.value) });
+          group.append(el("div", { class: "check" }, box,
+            el("label", { for: id }, formatValue(v.value),
+              el("span", { class: "count", text: ` ${v.count}` }))));
+        });
+      } else {
+        const type = facet.type === "date" ? "date" : "number";
+        const bound = (which, value) => {
+          const id = `facet-${index}-${which}`;
+          const shown = type === "date" ? String(value).slice(0, 10) : value;
+          const input = el("input", {
+            id, type, "data-bound": which, placeholder: String(shown), step: type === "number" ? "any" : null,
+          });
+          return el("div", { class: "field" },
+            el("label", { for: id, text: which === "min" ? "From" : "To" }), input);
+        };
+        group.append(el("div", { class: "range" }, bound("min", facet.min), bound("max", facet.max)));
+        group.append(el("p", { class: "muted small",
+          text: `${formatValue(facet.min)} to ${formatValue(facet.max)}` }));
+      }
+      return group;
+    }
+
+    async function loadFacets() {
+      try {
+        const query = collection ? `?collection=${encodeURIComponent(collection)}` : "";
+        const body = await api("/facets" + query);
+        const usable = body.facets.filter((f) => f.kind !== "none");
+        facetList.replaceChildren(...usable.map(facetGroup));
+        facetStatus.textContent = usable.length
+          ? (body.sampled ? `Counted over the newest ${body.scanned} of ${body.total} images.` : "")
+          : "These images have no metadata to filter on.";
+        facetStatus.hidden = !facetStatus.textContent;
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        facetStatus.textContent = "Filters could not be loaded: " + plainWords(error);
+      }
+    }
+
+    facetList.addEventListener("change", facetsToFilter);
+    filterBox.addEventListener("change", () => {
+      if (hasQuery()) run();
+    });
+    $("#clear-filters").addEventListener("click", () => {
+      facetList.querySelectorAll("input").forEach((input) => {
+        if (input.type === "checkbox") input.checked = false;
+        else input.value = "";
+      });
+      facetsToFilter();
+    });
+
+    loadFacets();
+    if (state.likeId) {
+      const preview = $("#query-preview");
+      preview.src = `${API}/images/${encodeURIComponent(state.likeId)}/thumbnail`;
+      preview.alt = "The stored image you searched with";
+      $("#query-caption").textContent = "A stored image (it is left out of its own results)";
+      $("#query").hidden = false;
+      run();
+    }
+  }
+
+  // ---------------------------------------------------------------- browse page
+  function browsePage() {
+    const root = $("#browse");
+    const collection = root.dataset.collection;
+    const params = new URLSearchParams(location.search);
+    const limit = Math.max(1, Math.min(200, parseInt(params.get("limit"), 10) || 24));
+    const grid = $("#browse-grid");
+    const status = $("#browse-status");
+    const prev = $("#prev-page");
+    const next = $("#next-page");
+    const cursors = [null]; // cursors[i] opens page i + 1
+    let page = 0;
+    let nextCursor = null;
+
+    async function load() {
+      const query = new URLSearchParams({ limit: String(limit) });
+      if (collection) query.set("collection", collection);
+      if (cursors[page]) query.set("cursor", cursors[page]);
+      status.textContent = "Loading…";
+      try {
+        const body = await api("/images?" + query.toString());
+        grid.replaceChildren(...body.items.map((item) => card(item, { collection })));
+        nextCursor = body.next_cursor || null;
+        status.textContent = body.items.length
+          ? `Showing ${page * limit + 1}–${page * limit + body.items.length}, newest first.`
+          : "No images here yet. Upload some from the Upload page.";
+        $("#page-number").textContent = `Page ${page + 1}`;
+        prev.disabled = page === 0;
+        next.disabled = !nextCursor;
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        showMessage(plainWords(error));
+        status.textContent = "The images could not be loaded.";
+      }
+    }
+
+    next.addEventListener("click", () => {
+      if (!nextCursor) return;
+      page += 1;
+      cursors[page] = nextCursor;
+      load();
+    });
+    prev.addEventListener("click", () => {
+      if (page === 0) return;
+      page -= 1;
+      load();
+    });
+    load();
+  }
+
+  // ---------------------------------------------------------------- upload page
+  async function waitUntilProcessed(id, onStatus) {
+    const deadline = Date.now() + 5 * 60 * 1000;
+    while (Date.now() < deadline) {
+      const image = await api(`/images/${encodeURIComponent(id)}`);
+      if (image.status !== "pending") return image;
+      onStatus(image);
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+    return null;
+  }
+
+  function uploadPage() {
+    const form = $("#upload-form");
+    const list = $("#upload-list");
+
+    async function uploadOne(file, collection, metadata) {
+      const status = el("span", { class: "upload-status", text: "Uploading…" });
+      const links = el("span", { class: "upload-links" });
+      const row = el("li", { "data-state": "uploading" },
+        el("strong", { text: file.name }), " — ", status, " ", links);
+      list.prepend(row);
+      const finish = (state, text) => {
+        row.dataset.state = state;
+        status.textContent = text;
+      };
+      try {
+        if (file.type && !file.type.startsWith("image/")) {
+          throw new ApiFailure("not_an_image", `${file.name} is ${file.type}`, 400);
+        }
+        const data = new FormData();
+        data.append("file", file, file.name);
+        data.append("collection", collection);
+        if (metadata) data.append("metadata", metadata);
+        const body = await api("/images", { method: "POST", body: data });
+        const where = `collection=${encodeURIComponent(body.collection)}`;
+        links.append(el("a", { href: `/images/${body.id}?${where}`, text: "View" }), " · ",
+          el("a", { href: `/?like=${body.id}&${where}`, text: "Find similar" }));
+        row.dataset.id = body.id;
+        if (body.duplicate) {
+          finish("ready", "Already in this collection.");
+          return;
+        }
+        finish("processing", "Stored; computing its fingerprint…");
+        const done = await waitUntilProcessed(body.id, () => {});
+        if (!done) finish("processing", "Still processing; check back later.");
+        else if (done.status === "ready") finish("ready", "Ready to search.");
+        else finish("failed", "Could not be processed: " + (done.error || "unknown reason"));
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        finish("failed", plainWords(error));
+        showMessage(`${file.name}: ${plainWords(error)}`);
+      }
+    }
+
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearMessage();
+      const files = Array.from($("#upload-file").files);
+      if (!files.length) {
+        showMessage("Choose at least one image to upload.");
+        $("#upload-file").focus();
+        return;
+      }
+      const collection = $("#upload-collection").value.trim() || "default";
+      const metadata = $("#upload-metadata").value.trim();
+      if (metadata) {
+        let parsed;
+        try {
+          parsed = JSON.parse(metadata);
+        } catch (exc) {
+          showMessage(`The metadata is not valid JSON (${exc.message}). Write an object like {"label": "Shirt"}.`);
+          $("#upload-metadata").focus();
+          return;
+        }
+        if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+          showMessage('The metadata must be a JSON object, like {"label": "Shirt"}.');
+          $("#upload-metadata").focus();
+          return;
+        }
+      }
+      // One at a time: each upload is a full request, and the server is shared.
+      for (const file of files) await uploadOne(file, collection, metadata);
+    });
+
+    // HOOK(issue 8 / jobs API): the archive form appears only when the jobs blueprint is
+    // registered; this reads the job's progress generically until its shape is settled.
+    const archive = $("#archive-form");
+    if (archive) {
+      archive.addEventListener("submit", async (event) => {
+        event.preventDefault();
+        clearMessage();
+        const file = $("#archive-file").files[0];
+        if (!file) {
+          showMessage("Choose an archive to upload.");
+          return;
+        }
+        const data = new FormData();
+        data.append("file", file, file.name);
+        data.append("collection", $("#archive-collection").value.trim() || "default");
+        const row = el("li", { "data-state": "uploading" }, el("strong", { text: file.name }),
+          " — ", el("span", { class: "upload-status", text: "Uploading…" }));
+        $("#job-list").prepend(row);
+        try {
+          const job = await api("/jobs", { method: "POST", body: data });
+          await followJob(job.id, row);
+        } catch (error) {
+          if (!(error instanceof ApiFailure)) throw error;
+          row.dataset.state = "failed";
+          $(".upload-status", row).textContent = plainWords(error);
+        }
+      });
+    }
+  }
+
+  async function followJob(id, row) {
+    const status = $(".upload-status", row);
+    const bar = el("progress", { max: 1, value: 0, "aria-label": "Progress" });
+    row.append(" ", bar);
+    for (;;) {
+      const job = await api(`/jobs/${encodeURIComponent(id)}`);
+      const total = job.total || 0;
+      const done = (job.done ?? job.processed ?? 0) + (job.failed ?? 0);
+      bar.max = Math.max(1, total);
+      bar.value = done;
+      const parts = [`${job.status}: ${done} of ${total || "?"}`];
+      if (job.rate) parts.push(`${Number(job.rate).toFixed(1)} images/s`);
+      if (job.eta_s) parts.push(`about ${Math.ceil(job.eta_s)} s left`);
+      if (job.failed) parts.push(`${job.failed} failed`);
+      status.textContent = parts.join(", ");
+      row.dataset.state = job.status;
+      if (["done", "completed", "failed", "cancelled"].includes(job.status)) return job;
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+  }
+
+  // ---------------------------------------------------------------- image page
+  function imagePage() {
+    const root = $("#detail");
+    const id = root.dataset.imageId;
+    const collection = root.dataset.collection;
+    const list = $("#results");
+    const status = $("#results-status");
+    $("#like-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearMessage();
+      status.textContent = "Searching…";
+      try {
+        const body = await api("/search", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({
+            image_id: id, collection,
+            k: Math.max(1, Math.min(1000, parseInt($("#like-k").value, 10) || 12)),
+            model: $("#like-model").value,
+          }),
+        });
+        renderResults(list, body.results, { collection });
+        status.textContent = body.results.length
+          ? `${body.results.length} similar images in “${collection}”, best first.`
+          : "No other images in this collection yet.";
+        list.dataset.state = "done";
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        showMessage(plainWords(error));
+        status.textContent = "The search did not run; see the message above.";
+      }
+    });
+  }
+
+  const pages = { search: searchPage, browse: browsePage, upload: uploadPage };
+  document.addEventListener("DOMContentLoaded", () => {
+    if ($("#detail")) imagePage();
+    else if (pages[document.body.dataset.page]) pages[document.body.dataset.page]();
+  });
+})();
