@@ -1,0 +1,1 @@
+"""Hand-crafted image features: the pre-deep-learning baselines (colour histogram, pHash)."""
