@@ -39,6 +39,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from service.api import codes  # Issue 6: hashing (and graph) endpoints.
 
     app.register_blueprint(codes.bp)
+    from service.api import jobs  # Issue 5: bulk ingestion jobs.
+
+    app.register_blueprint(jobs.bp)
     from service.api import graph  # Issue 6: clusters, duplicates, related images.
 
     app.register_blueprint(graph.bp)

@@ -27,6 +27,22 @@ DEFAULTS: dict[str, Any] = {
     "SEARCH_EXACT_MAX_ROWS": 3000,
     "EMBED_BATCH_SIZE": 16,
     "ORT_INTRA_OP_THREADS": 0,
+    # Issue 5, bulk ingestion (docs/ingestion.md). Server directories jobs may read; empty
+    # refuses every server path.
+    "INGEST_ROOTS": [],
+    "JOB_BATCH_SIZE": 32,
+    # Batch messages in flight per job; each finished batch enqueues the next.
+    "JOB_PARALLELISM": 8,
+    # Items running (or a job without progress) this long are re-enqueued by the sweeper.
+    "JOB_ITEM_TIMEOUT": 600,
+    "JOB_SWEEP_INTERVAL": 30,
+    # Claims of one item before it fails (a file that kills the worker must not loop forever).
+    "JOB_MAX_ATTEMPTS": 3,
+    "MAX_ARCHIVE_BYTES": 4 * 1024**3,
+    # Zip-bomb guards: entries, total uncompressed bytes, uncompressed/compressed ratio.
+    "ARCHIVE_MAX_ENTRIES": 1_000_000,
+    "ARCHIVE_MAX_TOTAL_BYTES": 20 * 1024**3,
+    "ARCHIVE_MAX_RATIO": 100,
 }
 
 # Plain names that deployments conventionally set without a prefix.

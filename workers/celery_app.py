@@ -7,3 +7,11 @@ from service.app import create_app
 flask_app = create_app()
 celery_app = flask_app.extensions["celery"]
 celery_app.conf.update(include=["workers.tasks"])
+
+# Issue 5: the sweeper recovers job items whose worker died or whose message Redis lost.
+_sweep_every = float(flask_app.config["JOB_SWEEP_INTERVAL"])
+celery_app.conf.beat_schedule = {
+    "sweep-jobs": {"task": "lookalike.sweep_jobs", "schedule": _sweep_every,
+                   # A sweep that waited longer than the interval is replaced by the next one.
+                   "options": {"expires": _sweep_every}},
+}

@@ -88,3 +88,53 @@ def run_evaluation(self: object, run_id: str) -> str:
 
     with session_scope() as session:
         return execute_run(uuid.UUID(run_id), session=session)
+
+
+# --- Issue 5: bulk ingestion jobs -----------------------------------------------------------
+
+
+@shared_task(name="lookalike.ingest_batch", bind=True, acks_late=True,
+             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
+             retry_backoff_max=60, retry_jitter=True, max_retries=12)
+def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
+    """Process one batch of a job's items; a retry (same token) resumes the same claim."""
+    from service.embedding.session import get_embedder
+    from service.jobs import pipeline
+    from service.jobs.service import enqueue_batches
+
+    config = current_app.config
+    embedder = get_embedder(config["MODEL_DIR"], config["DEFAULT_MODEL"],
+                            threads=int(config["ORT_INTRA_OP_THREADS"]))
+    with session_scope() as session:
+        result = pipeline.process_batch(
+            uuid.UUID(job_id), uuid.UUID(token), session=session,
+            store=current_app.extensions["content_store"], embedder=embedder,
+            settings=pipeline.batch_settings(config))
+    if result.more:
+        try:  # Each finished batch sends the next; a lost one is re-sent by the sweeper.
+            enqueue_batches(job_id, 1)
+        except Exception:
+            log.exception("could not enqueue the next batch of job %s", job_id)
+    return {"claimed": result.claimed, "done": result.done, "duplicates": result.duplicates,
+            "failed": result.failed, "finished": result.finished}
+
+
+@shared_task(name="lookalike.sweep_jobs", acks_late=True, reject_on_worker_lost=True)
+def sweep_jobs() -> dict[str, int]:
+    """Re-enqueue stuck items and stalled jobs from PostgreSQL; close finished jobs."""
+    from service.jobs.service import enqueue_batches, sweep
+
+    config = current_app.config
+    with session_scope() as session:
+        report = sweep(session=session, timeout_s=float(config["JOB_ITEM_TIMEOUT"]),
+                       max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
+                       batch_size=int(config["JOB_BATCH_SIZE"]),
+                       parallelism=int(config["JOB_PARALLELISM"]),
+                       storage_dir=config["STORAGE_DIR"])
+    for job_id, count in report.enqueue.items():
+        enqueue_batches(job_id, count)
+    if report.reset or report.gave_up or report.enqueue or report.finished:
+        log.info("sweep: reset %d, gave up %d, re-enqueued %s, finished %d", report.reset,
+                 report.gave_up, {str(k): v for k, v in report.enqueue.items()}, report.finished)
+    return {"reset": report.reset, "gave_up": report.gave_up,
+            "enqueued": sum(report.enqueue.values()), "finished": report.finished}

@@ -96,12 +96,8 @@ def store_image(
     # Size before draft decoding, so the reported size is the original's.
     width, height = PILImage.open(io.BytesIO(data)).size
     created_file = store.put(digest, data)
-    row = {
-        "id": uuid.uuid4(), "collection": collection, "sha256": digest,
-        "filename": clean_filename(filename), "mime": MIME.get(fmt, "application/octet-stream"),
-        "format": fmt, "width": width, "height": height, "bytes": len(data),
-        "meta": metadata, "status": "pending",
-    }
+    row = image_row(collection=collection, digest=digest, filename=filename, fmt=fmt,
+                    width=width, height=height, size=len(data), metadata=metadata)
     try:
         inserted = session.execute(
             insert(Image).values(**row)
@@ -123,6 +119,59 @@ def store_image(
             raise ApiError("conflict", "the image was deleted while it was uploaded", status=409)
         return StoredImage(existing, duplicate=True)
     return StoredImage(session.get(Image, inserted), duplicate=False)
+
+
+def image_row(*, collection: str, digest: str, filename: str | None, fmt: str, width: int,
+              height: int, size: int, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The values of a new, pending `images` row."""
+    return {
+        "id": uuid.uuid4(), "collection": collection, "sha256": digest,
+        "filename": clean_filename(filename), "mime": MIME.get(fmt, "application/octet-stream"),
+        "format": fmt, "width": width, "height": height, "bytes": size,
+        "meta": metadata, "status": "pending",
+    }
+
+
+@dataclass
+class NewImage:
+    """A decoded, validated file for `store_images`."""
+
+    data: bytes
+    digest: str
+    filename: str | None
+    format: str
+    width: int
+    height: int
+    metadata: dict[str, Any]
+
+
+def store_images(new: list[NewImage], *, session: Session, store: ContentStore,
+                 collection: str) -> dict[str, tuple[uuid.UUID, bool]]:
+    """Batch `store_image` for validated files: one multi-row insert, no commit.
+
+    Returns {sha256: (image id, duplicate)}; files already in the collection (or inserted by
+    a concurrent transaction) come back as duplicates of the existing row.
+    """
+    if not new:
+        return {}
+    rows = {}
+    for item in new:
+        store.put(item.digest, item.data)
+        rows.setdefault(item.digest, image_row(
+            collection=collection, digest=item.digest, filename=item.filename, fmt=item.format,
+            width=item.width, height=item.height, size=len(item.data), metadata=item.metadata))
+    # Sorted by digest so concurrent batches take the unique-index locks in the same order.
+    ordered = [rows[d] for d in sorted(rows)]
+    inserted = dict(session.execute(
+        insert(Image).values(ordered).on_conflict_do_nothing(
+            constraint="uq_images_collection_sha256").returning(Image.sha256, Image.id)).all())
+    out = {digest: (image_id, False) for digest, image_id in inserted.items()}
+    missing = [d for d in rows if d not in inserted]
+    if missing:
+        out.update({digest: (image_id, True) for digest, image_id in session.execute(
+            select(Image.sha256, Image.id).where(Image.collection == collection,
+                                                 Image.sha256.in_(missing)))})
+    return out
 
 
 def _remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> None:

@@ -1,0 +1,213 @@
+"""Jobs: bulk ingestion of archives, server directories and manifests, with progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from pydantic import ValidationError
+from spectree import Response as Resp
+
+from service.api.images import decode_cursor, encode_cursor
+from service.api.job_schemas import (
+    JobCreate,
+    JobCreated,
+    JobItemList,
+    JobItemsQuery,
+    JobList,
+    JobListQuery,
+    JobOut,
+)
+from service.api.openapi import spec
+from service.api.schemas import ErrorResponse
+from service.db import session_scope
+from service.errors import ApiError
+from service.jobs import service as jobs
+from service.jobs.archives import ArchiveLimits
+from service.jobs.models import IngestItem
+
+bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
+log = logging.getLogger(__name__)
+TAGS = ["jobs"]
+
+
+@bp.before_request
+def _archive_size_limit() -> None:
+    """Archives may be far larger than single uploads; refuse oversized ones before reading."""
+    if request.method != "POST" or request.endpoint != "jobs.create_job":
+        return
+    limit = int(current_app.config["MAX_ARCHIVE_BYTES"])
+    request.max_content_length = limit
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError("payload_too_large", f"the archive is larger than {limit} bytes",
+                       status=413)
+
+
+def job_json(p: jobs.Progress) -> dict[str, Any]:
+    """The public shape of a job with its counts."""
+    job, counts = p.job, p.counts
+    return {
+        "id": str(job.id), "status": job.status, "collection": job.collection, "kind": job.kind,
+        "source": job.source, "total": job.total, "done": counts["done"],
+        "failed": counts["failed"], "duplicates": counts["duplicate"],
+        "cancelled": counts["cancelled"], "pending": counts["pending"],
+        "running": counts["running"],
+        "rate": None if p.rate is None else round(p.rate, 2),
+        "eta_s": None if p.eta_s is None else round(p.eta_s, 1),
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "errors": [{"item": e.id, "name": e.name, "error": e.error} for e in p.errors],
+    }
+
+
+def item_json(item: IngestItem) -> dict[str, Any]:
+    """The public shape of a job item."""
+    return {"id": item.id, "name": item.name, "status": item.status, "error": item.error,
+            "image_id": str(item.image_id) if item.image_id else None,
+            "attempts": item.attempts, "metadata": item.meta,
+            "updated_at": item.updated_at.isoformat()}
+
+
+def _limits() -> ArchiveLimits:
+    config = current_app.config
+    return ArchiveLimits(max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
+                         max_total_bytes=int(config["ARCHIVE_MAX_TOTAL_BYTES"]),
+                         max_ratio=float(config["ARCHIVE_MAX_RATIO"]),
+                         max_entry_bytes=int(config["MAX_UPLOAD_BYTES"]))
+
+
+def _metadata_part() -> tuple[bytes, str | None] | None:
+    """The optional `metadata` part: an uploaded file or a text field."""
+    upload = request.files.get("metadata")
+    if upload is not None:
+        return upload.read(), upload.filename
+    raw = request.form.get("metadata")
+    return (raw.encode(), None) if raw else None
+
+
+def _json_body() -> JobCreate:
+    if request.mimetype == "multipart/form-data":
+        raw = request.form.get("source")
+        try:
+            source = json.loads(raw) if raw else None
+        except ValueError as exc:
+            raise ApiError("invalid_request", f"source is not valid JSON: {exc}") from exc
+        payload: Any = {"collection": request.form.get("collection") or None, "source": source}
+    else:
+        payload = request.get_json(silent=True)
+        if not isinstance(payload, dict):
+            raise ApiError("invalid_request", "send a multipart archive (field 'file') or a "
+                           "JSON object with 'source' or 'items'")
+    try:
+        return JobCreate.model_validate(payload)
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                            for e in exc.errors())
+        raise ApiError("invalid_request", details) from exc
+
+
+@bp.post("")
+@spec.validate(resp=Resp(HTTP_202=JobCreated, HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
+               tags=TAGS)
+def create_job() -> tuple[dict[str, Any], int]:
+    """Start a bulk ingestion job from an archive, a server directory or a manifest (202).
+
+    Multipart: `file` (.zip/.tar/.tar.gz), optional `metadata` (metadata.csv or .jsonl with a
+    `file` column) and `collection`. JSON: `{"source": {"path": ...}}` or
+    `{"items": [{"path": ..., "metadata": {...}}]}` plus `collection`; server paths must lie
+    under INGEST_ROOTS.
+    """
+    config = current_app.config
+    max_meta = int(config["MAX_METADATA_BYTES"])
+    roots = list(config.get("INGEST_ROOTS") or [])
+    upload = request.files.get("file") if request.mimetype == "multipart/form-data" else None
+    with session_scope() as session:
+        if upload is not None:
+            job = jobs.create_archive_job(
+                upload.stream, session=session, storage_dir=config["STORAGE_DIR"],
+                collection=request.form.get("collection") or "default",
+                filename=upload.filename, metadata=_metadata_part(), limits=_limits(),
+                max_metadata_bytes=max_meta)
+        else:
+            body = _json_body()
+            collection = body.collection or "default"
+            if body.source is not None and body.items is None:
+                job = jobs.create_path_job(
+                    body.source.path, session=session, roots=roots, collection=collection,
+                    metadata=_metadata_part() if request.mimetype == "multipart/form-data"
+                    else None, max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
+                    max_metadata_bytes=max_meta)
+            elif body.items is not None and body.source is None:
+                job = jobs.create_manifest_job(
+                    [(i.path, i.metadata) for i in body.items], session=session, roots=roots,
+                    collection=collection, max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
+                    max_metadata_bytes=max_meta)
+            else:
+                raise ApiError("invalid_request", "give an archive as multipart field 'file', "
+                               "or exactly one of 'source' and 'items'")
+        session.commit()
+        pending = jobs.item_counts([job.id], session=session)[job.id]["pending"]
+        out = {"id": str(job.id), "status": job.status, "total": job.total}
+    if pending:
+        try:
+            jobs.enqueue_batches(out["id"], jobs.batches_for(
+                pending, batch_size=int(config["JOB_BATCH_SIZE"]),
+                parallelism=int(config["JOB_PARALLELISM"])))
+        except Exception:  # The items are durable; the sweeper enqueues the stalled job.
+            log.exception("could not enqueue job %s", out["id"])
+    return out, 202
+
+
+@bp.get("")
+@spec.validate(query=JobListQuery, resp=Resp(HTTP_200=JobList, HTTP_400=ErrorResponse),
+               tags=TAGS)
+def list_jobs() -> dict[str, Any]:
+    """Jobs newest first, with a cursor for the next page."""
+    q: JobListQuery = request.context.query  # type: ignore[attr-defined]
+    cursor = decode_cursor(q.cursor) if q.cursor else None
+    with session_scope() as session:
+        rows = jobs.list_jobs(session=session, status=q.status, collection=q.collection,
+                              limit=q.limit + 1, cursor=cursor)
+        page = rows[: q.limit]
+        next_cursor = (encode_cursor(page[-1].job.created_at, page[-1].job.id)
+                       if len(rows) > q.limit else None)
+        return {"items": [job_json(p) for p in page], "next_cursor": next_cursor}
+
+
+@bp.get("/<job_id>")
+@spec.validate(resp=Resp(HTTP_200=JobOut, HTTP_404=ErrorResponse), tags=TAGS)
+def get_job(job_id: str) -> dict[str, Any]:
+    """A job's status, counts, rate, ETA and first errors."""
+    with session_scope() as session:
+        return job_json(jobs.job_progress(job_id, session=session))
+
+
+@bp.get("/<job_id>/items")
+@spec.validate(query=JobItemsQuery, resp=Resp(HTTP_200=JobItemList, HTTP_400=ErrorResponse,
+                                              HTTP_404=ErrorResponse), tags=TAGS)
+def list_items(job_id: str) -> dict[str, Any]:
+    """Every item of a job in submission order, optionally only those with one status."""
+    q: JobItemsQuery = request.context.query  # type: ignore[attr-defined]
+    try:
+        after = int(q.cursor) if q.cursor else None
+    except ValueError as exc:
+        raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
+    with session_scope() as session:
+        rows = jobs.list_items(job_id, session=session, status=q.status, limit=q.limit + 1,
+                               after=after)
+        page = rows[: q.limit]
+        next_cursor = str(page[-1].id) if len(rows) > q.limit else None
+        return {"items": [item_json(i) for i in page], "next_cursor": next_cursor}
+
+
+@bp.post("/<job_id>/cancel")
+@spec.validate(resp=Resp(HTTP_200=JobOut, HTTP_404=ErrorResponse), tags=TAGS)
+def cancel_job(job_id: str) -> dict[str, Any]:
+    """Cancel a job: no further items are processed; finished ones stay."""
+    with session_scope() as session:
+        job = jobs.cancel_job(job_id, session=session,
+                              storage_dir=current_app.config["STORAGE_DIR"])
+        return job_json(jobs.job_progress(job.id, session=session))

@@ -1,0 +1,1 @@
+"""Bulk ingestion jobs: expansion into items, batched processing, progress and the sweeper."""
