@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,9 @@ def live_server(settings: dict[str, Any],
             if proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still loading the app
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn not up: {log_path.read_text()[-3000:]}")
@@ -136,6 +137,7 @@ def shoot(page: Any, name: str, *, phone: bool = False) -> None:
     """A full-page screenshot under test-artifacts/web/ (at phone width when asked)."""
     if phone:
         page.set_viewport_size(PHONE)
+    page.evaluate("window.scrollTo(0, 0)")  # the sticky controls follow the scroll position
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     if phone:
         page.set_viewport_size(DESKTOP)
@@ -242,7 +244,7 @@ def test_errors_are_plain_words(page: Any, seeded: dict[str, list[str]],
     page.locator("#filter-details summary").click()
     page.locator("#filter-json").fill('{"price": {"$gt": [1]}}')
     page.get_by_role("button", name="Search", exact=True).click()
-    page.wait_for_selector("#results[data-state=error]")
+    page.wait_for_selector("#results[data-state=error]", state="attached")
     text = message.inner_text()
     assert "The filter was not accepted" in text and "filter.price.$gt" in text
     shoot(page, "06-error-bad-filter")
@@ -269,3 +271,32 @@ def test_browse_pages_and_switch_collection(page: Any, seeded: dict[str, list[st
     page.keyboard.press("Enter")
     page.wait_for_function("() => !location.search.includes('web-e2e')")
     assert page.get_by_role("heading", name="Browse all collections").is_visible()
+
+
+def test_archive_ingestion_shows_progress_until_done(page: Any, live_server: str,
+                                                    clothing: Path, tmp_path: Path) -> None:
+    paths = requests.get(f"{live_server}/openapi.json", timeout=10).json()["paths"]
+    if "/api/v1/jobs" not in paths:
+        pytest.skip("the jobs API (POST /api/v1/jobs) is not registered in this app")
+    hats = labelled(clothing, "Hat", 4)
+    archive = tmp_path / "hats.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in hats:
+            zf.write(path, f"hats/{path.name}")
+    metadata = tmp_path / "metadata.csv"
+    metadata.write_text("file,label\n" + "".join(f"hats/{p.name},Hat\n" for p in hats))
+
+    page.goto("/upload?collection=web-e2e-archive")
+    page.locator("#archive-file").set_input_files(str(archive))
+    page.locator("#archive-metadata").set_input_files(str(metadata))
+    page.get_by_role("button", name="Start ingestion").click()
+    job = page.locator("#job-list li.job").first
+    job.wait_for()
+    page.locator('#job-list li[data-state="done"]').wait_for(timeout=60_000)
+    assert "4 of 4" in job.inner_text()
+    assert job.locator("progress").evaluate("bar => bar.value === bar.max")
+    shoot(page, "08-archive-job-done")
+    shoot(page, "08-archive-job-done-phone", phone=True)
+    listed = requests.get(f"{live_server}/api/v1/images?collection=web-e2e-archive",
+                          timeout=10).json()["items"]
+    assert len(listed) == 4 and {i["metadata"].get("label") for i in listed} == {"Hat"}

@@ -190,6 +190,8 @@
       preview.alt = `Your photo: ${file.name || "pasted image"}`;
       $("#query-caption").textContent = file.name || "Pasted image";
       $("#query").hidden = false;
+      // On a phone the results sit below the controls: bring them into view.
+      if (window.matchMedia("(max-width: 799px)").matches) $("#query").scrollIntoView();
       run();
     }
 
@@ -255,6 +257,9 @@
       } catch (error) {
         if (!(error instanceof ApiFailure)) throw error;
         showMessage(plainWords(error));
+        // Old results under a failed search would read as its answer.
+        list.replaceChildren();
+        more.hidden = true;
         status.textContent = "The search did not run; see the message above.";
         list.dataset.state = "error";
       } finally {
@@ -542,55 +547,132 @@
       for (const file of files) await uploadOne(file, collection, metadata);
     });
 
-    // HOOK(issue 8 / jobs API): the archive form appears only when the jobs blueprint is
-    // registered; this reads the job's progress generically until its shape is settled.
     const archive = $("#archive-form");
-    if (archive) {
-      archive.addEventListener("submit", async (event) => {
-        event.preventDefault();
-        clearMessage();
-        const file = $("#archive-file").files[0];
-        if (!file) {
-          showMessage("Choose an archive to upload.");
-          return;
-        }
-        const data = new FormData();
-        data.append("file", file, file.name);
-        data.append("collection", $("#archive-collection").value.trim() || "default");
-        const row = el("li", { "data-state": "uploading" }, el("strong", { text: file.name }),
-          " — ", el("span", { class: "upload-status", text: "Uploading…" }));
-        $("#job-list").prepend(row);
-        try {
-          const job = await api("/jobs", { method: "POST", body: data });
-          await followJob(job.id, row);
-        } catch (error) {
-          if (!(error instanceof ApiFailure)) throw error;
-          row.dataset.state = "failed";
-          $(".upload-status", row).textContent = plainWords(error);
-        }
-      });
-    }
+    if (archive) jobsView(archive);
   }
 
-  async function followJob(id, row) {
-    const status = $(".upload-status", row);
-    const bar = el("progress", { max: 1, value: 0, "aria-label": "Progress" });
-    row.append(" ", bar);
-    for (;;) {
-      const job = await api(`/jobs/${encodeURIComponent(id)}`);
-      const total = job.total || 0;
-      const done = (job.done ?? job.processed ?? 0) + (job.failed ?? 0);
-      bar.max = Math.max(1, total);
-      bar.value = done;
-      const parts = [`${job.status}: ${done} of ${total || "?"}`];
-      if (job.rate) parts.push(`${Number(job.rate).toFixed(1)} images/s`);
-      if (job.eta_s) parts.push(`about ${Math.ceil(job.eta_s)} s left`);
+  // ---------------------------------------------------------------- jobs (archive ingestion)
+  const FINISHED = new Set(["done", "failed", "cancelled"]);
+
+  function jobsView(form) {
+    const list = $("#job-list");
+    const status = $("#jobs-status");
+    const collection = $("#archive").dataset.collection;
+    const rows = new Map(); // job id -> its list item, redrawn in place while it runs
+
+    function jobRow(job) {
+      let row = rows.get(job.id);
+      if (!row) {
+        row = el("li", { class: "job", "data-id": job.id });
+        rows.set(job.id, row);
+        list.prepend(row);
+      }
+      const settled = job.done + job.failed + job.duplicates + job.cancelled;
+      const label = `${job.source || "archive"} into “${job.collection}”`;
+      const parts = [`${settled} of ${job.total}`];
+      if (job.duplicates) parts.push(`${job.duplicates} already stored`);
       if (job.failed) parts.push(`${job.failed} failed`);
-      status.textContent = parts.join(", ");
+      if (!FINISHED.has(job.status) && job.rate) parts.push(`${job.rate.toFixed(1)} images/s`);
+      if (!FINISHED.has(job.status) && job.eta_s !== null && job.eta_s !== undefined) {
+        parts.push(`about ${Math.ceil(job.eta_s)} s left`);
+      }
+      const bar = el("progress", {
+        max: Math.max(1, job.total), value: settled, "aria-label": `Progress of ${label}`,
+      });
+      const head = el("p", {}, el("strong", { text: label }), " ",
+        el("span", { class: `badge badge-${job.status}`, text: job.status }));
+      const children = [head, bar, el("p", { class: "job-counts", text: parts.join(" · ") })];
+      if (job.errors && job.errors.length) {
+        children.push(el("ul", { class: "job-errors" },
+          ...job.errors.map((e) => el("li", { text: `${e.name}: ${e.error || "failed"}` }))));
+      }
+      const actions = el("p", { class: "job-actions" });
+      if (!FINISHED.has(job.status)) {
+        const cancel = el("button", { type: "button", class: "secondary", text: "Cancel" });
+        cancel.addEventListener("click", async () => {
+          cancel.disabled = true;
+          try {
+            jobRow(await api(`/jobs/${encodeURIComponent(job.id)}/cancel`, { method: "POST" }));
+          } catch (error) {
+            if (!(error instanceof ApiFailure)) throw error;
+            showMessage(plainWords(error));
+          }
+        });
+        actions.append(cancel);
+      } else {
+        actions.append(el("a", {
+          href: `/browse?collection=${encodeURIComponent(job.collection)}`,
+          text: `Browse “${job.collection}”`,
+        }));
+      }
+      children.push(actions);
       row.dataset.state = job.status;
-      if (["done", "completed", "failed", "cancelled"].includes(job.status)) return job;
-      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+      row.replaceChildren(...children);
+      return row;
     }
+
+    async function follow(id) {
+      for (;;) {
+        const job = await api(`/jobs/${encodeURIComponent(id)}`);
+        jobRow(job);
+        if (FINISHED.has(job.status)) return job;
+        await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+      }
+    }
+
+    function followQuietly(id) {
+      follow(id).catch((error) => {
+        if (!(error instanceof ApiFailure)) throw error;
+        showMessage("Lost track of a job: " + plainWords(error));
+      });
+    }
+
+    async function loadJobs() {
+      try {
+        const query = new URLSearchParams({ limit: "10" });
+        if (collection) query.set("collection", collection);
+        const body = await api("/jobs?" + query.toString());
+        body.items.slice().reverse().forEach(jobRow);
+        status.textContent = body.items.length ? "" : "No jobs yet.";
+        status.hidden = body.items.length > 0;
+        body.items.filter((job) => !FINISHED.has(job.status)).forEach((job) => followQuietly(job.id));
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        status.textContent = "Jobs could not be loaded: " + plainWords(error);
+      }
+    }
+
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearMessage();
+      const file = $("#archive-file").files[0];
+      if (!file) {
+        showMessage("Choose an archive (.zip, .tar or .tar.gz) to upload.");
+        $("#archive-file").focus();
+        return;
+      }
+      const data = new FormData();
+      data.append("file", file, file.name);
+      const metadata = $("#archive-metadata").files[0];
+      if (metadata) data.append("metadata", metadata, metadata.name);
+      data.append("collection", $("#archive-collection").value.trim() || "default");
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      status.hidden = false;
+      status.textContent = `Uploading ${file.name}…`;
+      try {
+        const created = await api("/jobs", { method: "POST", body: data });
+        status.hidden = true;
+        followQuietly(created.id);
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        status.textContent = "";
+        showMessage(`${file.name}: ${plainWords(error)}`);
+      } finally {
+        button.disabled = false;
+      }
+    });
+    loadJobs();
   }
 
   // ---------------------------------------------------------------- image page
