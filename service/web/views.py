@@ -29,7 +29,8 @@ def _page_context(active: str) -> dict[str, Any]:
         collections = facet_service.collection_counts(session=session)
     chosen = request.args.get("collection") or ""
     return {"active": active, "collections": collections, "collection": chosen,
-            "jobs_enabled": "jobs" in current_app.blueprints}
+            "jobs_enabled": "jobs" in current_app.blueprints,
+            "graph_enabled": "graph" in current_app.blueprints}
 
 
 def _model_names() -> list[str]:
@@ -89,6 +90,7 @@ def _error_page(status: int, message: str) -> tuple[str, int]:
     try:
         context = _page_context("")
     except Exception:  # The database may be what failed: still show the message.
-        context = {"active": "", "collections": [], "collection": "", "jobs_enabled": False}
+        context = {"active": "", "collections": [], "collection": "", "jobs_enabled": False,
+                   "graph_enabled": False}
     return render_template("error.html", status=status, title=titles.get(status, "Error"),
                            message=message, **context), status

@@ -202,6 +202,12 @@ def test_upload_search_filter_and_more_like_this(page: Any, seeded: dict[str, li
     assert clicked not in similar and len(similar) >= 5
     # Its nearest neighbours are the other shoes.
     assert set(card_names(page)[:3]) == {"Shoes"}
+    # The graph sections answer in words whether or not there is anything to show.
+    page.wait_for_selector("#related[data-state=done]", state="attached")
+    assert page.locator("#related-status").inner_text() != "Loading related images…"
+    page.get_by_role("button", name="Find duplicates").click()
+    page.wait_for_selector("#duplicates[data-state=done]", state="attached")
+    assert "duplicate" in page.locator("#duplicates-status").inner_text()
     shoot(page, "04-detail-more-like-this")
     shoot(page, "04-detail-more-like-this-phone", phone=True)
 

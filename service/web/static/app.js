@@ -127,9 +127,11 @@
     const name = nameOf(item);
     const href = `/images/${encodeURIComponent(item.id)}` +
       (collection ? `?collection=${encodeURIComponent(collection)}` : "");
-    const alt = rank === null
-      ? `${name}, ${item.status || "stored"}`
-      : `Result ${rank}: ${name}, score ${item.score.toFixed(3)}`;
+    const hops = item.hops !== undefined
+      ? `${item.hops} hop${item.hops === 1 ? "" : "s"}, distance ${item.distance.toFixed(3)}` : "";
+    let alt = `${name}, ${item.status || "stored"}`;
+    if (rank !== null) alt = `Result ${rank}: ${name}, score ${item.score.toFixed(3)}`;
+    else if (hops) alt = `${name}, ${hops}`;
     const img = el("img", {
       src: `${API}/images/${encodeURIComponent(item.id)}/thumbnail`, alt, loading: "lazy",
       width: 256, height: 256,
@@ -138,7 +140,9 @@
     if (rank !== null) {
       body.append(el("p", { class: "score" },
         el("span", { class: "rank", text: `#${rank}` }), ` score ${item.score.toFixed(3)}`));
-    } else {
+    } else if (hops) {
+      body.append(el("p", { class: "score", text: hops }));
+    } else if (item.status) {
       body.append(el("p", {}, el("span", { class: `badge badge-${item.status}`, text: item.status })));
     }
     body.append(el("p", { class: "name", text: name }));
@@ -680,6 +684,8 @@
     const root = $("#detail");
     const id = root.dataset.imageId;
     const collection = root.dataset.collection;
+    if ($("#related")) relatedImages(id, collection);
+    if ($("#find-duplicates")) duplicateFinder(id, collection);
     const list = $("#results");
     const status = $("#results-status");
     $("#like-form").addEventListener("submit", async (event) => {
@@ -704,6 +710,50 @@
         if (!(error instanceof ApiFailure)) throw error;
         showMessage(plainWords(error));
         status.textContent = "The search did not run; see the message above.";
+      }
+    });
+  }
+
+  // Graph neighbours and near-duplicates (issue 6's endpoints), shown on the image page.
+  async function relatedImages(id, collection) {
+    const list = $("#related");
+    const status = $("#related-status");
+    try {
+      const body = await api(`/images/${encodeURIComponent(id)}/related?limit=12`);
+      list.replaceChildren(...body.items.map((item) => card(item, { collection })));
+      status.textContent = body.items.length
+        ? "Reached over the nearest-neighbour graph, fewest hops first."
+        : "No related images on the graph yet.";
+    } catch (error) {
+      if (!(error instanceof ApiFailure)) throw error;
+      status.textContent = "Related images are not available: " + plainWords(error);
+    }
+    list.dataset.state = "done";
+  }
+
+  function duplicateFinder(id, collection) {
+    const button = $("#find-duplicates");
+    const list = $("#duplicates");
+    const status = $("#duplicates-status");
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      status.textContent = "Looking for near-duplicates…";
+      try {
+        const body = await api(`/duplicates?collection=${encodeURIComponent(collection)}`);
+        const group = body.clusters.find((c) => c.ids.includes(id));
+        const others = group ? group.ids.filter((other) => other !== id) : [];
+        const items = await Promise.all(
+          others.slice(0, 24).map((other) => api(`/images/${encodeURIComponent(other)}`)));
+        list.replaceChildren(...items.map((item) => card(item, { collection })));
+        status.textContent = others.length
+          ? `${others.length} near-duplicate${others.length === 1 ? "" : "s"} of this image.`
+          : "No near-duplicates of this image in this collection.";
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        status.textContent = "Duplicates could not be found: " + plainWords(error);
+      } finally {
+        button.disabled = false;
+        list.dataset.state = "done";
       }
     });
   }
