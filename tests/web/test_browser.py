@@ -262,6 +262,10 @@ def test_errors_are_plain_words(page: Any, seeded: dict[str, list[str]],
 
 def test_browse_pages_and_switch_collection(page: Any, seeded: dict[str, list[str]]) -> None:
     page.goto(f"/browse?collection={COLLECTION}&limit=4")
+    # The first Tab lands on the skip link, which shows itself when focused.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    assert page.locator(".skip").bounding_box()["x"] >= 0
     page.wait_for_selector("#browse-grid .card")
     first = page.eval_on_selector_all("#browse-grid .card", "cs => cs.map(c => c.dataset.id)")
     assert len(first) == 4
