@@ -93,7 +93,9 @@ class SearchQuery(BaseModel):
     # Issue 6 (hashing): "hash" searches a code set's binary codes (service/hashing).
     index: Literal["hnsw", "hash"] = "hnsw"
     code: str | None = Field(default=None, max_length=128, description="code set for 'hash'")
-    rerank: bool = Field(default=True, description="re-rank hash candidates exactly")
+    rerank: bool | Literal["aqe", "diffusion"] = Field(
+        default=True, description="hash: re-rank candidates exactly (false: Hamming order); "
+                                  "'aqe' or 'diffusion': re-rank any search")
 
 
 class SearchForm(BaseModel):

@@ -325,7 +325,7 @@ class SearchRequest:
     # Issue 6 (hashing): index "hash" ranks by a code set's Hamming candidates.
     index: str = "hnsw"
     code: str | None = None
-    rerank: bool = True
+    rerank: bool | str = True
 
 
 @dataclass
@@ -395,19 +395,30 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
                                            max_pixels=max_pixels)
     if not np.any(vector) and req.metric == "cosine":
         raise ApiError("invalid_vector", "a zero vector has no cosine neighbours")
-    if req.index == "hash":  # Issue 6: Hamming candidates, exact re-rank (service/hashing).
-        from service.hashing.search import hash_search
+    if req.rerank in ("aqe", "diffusion") and cursor is not None:
+        raise ApiError("invalid_cursor", f"{req.rerank} re-ranking has no pages")
 
-        if cursor is not None:
-            raise ApiError("invalid_cursor", "hash search has no pages: ask for a larger k")
-        result = hash_search(vector, session=session, model=model, code=req.code, k=req.k,
-                             metric=req.metric, rerank=req.rerank, collection=req.collection,
-                             filter_doc=req.filter_doc, exclude_id=exclude,
-                             min_score=req.min_score, explain=req.explain)
-        return SearchOutcome(result=result, model=model.name, metric=req.metric)
-    result = search_vectors(vector, session=session, model=model, k=req.k, metric=req.metric,
-                            collection=req.collection, filter_doc=req.filter_doc,
-                            exclude_id=exclude, min_score=req.min_score, cursor=cursor,
-                            explain=req.explain, query_fingerprint=fp,
-                            exact_max_rows=exact_max_rows)
+    def run(v: np.ndarray, k: int) -> SearchResult:
+        if req.index == "hash":  # Issue 6: Hamming candidates, exact re-rank (service/hashing).
+            from service.hashing.search import hash_search
+
+            if cursor is not None:
+                raise ApiError("invalid_cursor", "hash search has no pages: ask for a larger k")
+            return hash_search(v, session=session, model=model, code=req.code, k=k,
+                               metric=req.metric, rerank=req.rerank is not False,
+                               collection=req.collection, filter_doc=req.filter_doc,
+                               exclude_id=exclude, min_score=req.min_score, explain=req.explain)
+        return search_vectors(v, session=session, model=model, k=k, metric=req.metric,
+                              collection=req.collection, filter_doc=req.filter_doc,
+                              exclude_id=exclude, min_score=req.min_score, cursor=cursor,
+                              explain=req.explain, query_fingerprint=fp,
+                              exact_max_rows=exact_max_rows)
+
+    result = run(vector, req.k)
+    if req.rerank in ("aqe", "diffusion"):  # Issue 6: re-ranking (service/graph/reranking.py).
+        from service.graph.reranking import rerank_hits
+
+        result = rerank_hits(str(req.rerank), vector, result, session=session, model=model,
+                             search=run, k=req.k, collection=req.collection,
+                             exclude_id=exclude)
     return SearchOutcome(result=result, model=model.name, metric=req.metric)
