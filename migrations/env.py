@@ -5,7 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-import service.embedding.models  # noqa: F401  (registers tables on Base.metadata)
+import service.embedding.defaults  # noqa: F401  (registers tables on Base.metadata)
+import service.embedding.models  # noqa: F401
+import service.embedding.reindex  # noqa: F401
 import service.evaluation.models  # noqa: F401
 import service.images.models  # noqa: F401
 from service.config import load_settings

@@ -146,6 +146,45 @@ def models_add(name: str, onnx_file: str, size: int, resize: int | None, mean: s
     click.echo(f"added {name} dim={info.dim} sha256={info.sha256[:12]}")
 
 
+@models.command("default")
+@click.argument("name")
+def models_default(name: str) -> None:
+    """Make NAME the default model of search and new uploads, for every process at once."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding import registry
+    from service.embedding.defaults import set_default_model
+    from service.embedding.service import ensure_model_row
+
+    app = create_app()
+    try:
+        info = registry.verify(Path(app.config["MODEL_DIR"]), name)
+    except registry.ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with app.app_context(), session_scope() as session:
+        ensure_model_row(info, session=session)
+        set_default_model(name, session=session)
+    click.echo(f"default model: {name}")
+
+
+@models.command("drop")
+@click.argument("name")
+def models_drop(name: str) -> None:
+    """Delete NAME's vectors and indexes from the database (its files stay installed)."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding.reindex import drop_model
+    from service.errors import ApiError
+
+    app = create_app()
+    with app.app_context(), session_scope() as session:
+        try:
+            drop_model(name, session=session)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from exc
+    click.echo(f"dropped {name}'s vectors")
+
+
 @models.command("verify")
 @click.argument("name")
 def models_verify(name: str) -> None:
@@ -165,6 +204,47 @@ def models_verify(name: str) -> None:
     if out.vectors.shape != (1, info.dim) or not np.isfinite(out.vectors).all():
         raise click.ClickException(f"{name}: smoke inference gave shape {out.vectors.shape}")
     click.echo(f"{name}: sha256 ok, inference ok, dim={info.dim}")
+
+
+@main.command("reindex")
+@click.option("--collection", required=True)
+@click.option("--model", "model_name", required=True, help="The new model to fill.")
+@click.option("--no-wait", is_flag=True, help="Return once the job is queued.")
+def reindex(collection: str, model_name: str, no_wait: bool) -> None:
+    """Fill MODEL's vectors for a collection in the background; search keeps its model."""
+    from tqdm import tqdm
+
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding.registry import ModelError
+    from service.embedding.reindex import progress, start_reindex
+    from service.errors import ApiError
+    from service.queue import enqueue
+
+    app = create_app()
+    with app.app_context():
+        with session_scope() as session:
+            try:
+                run = start_reindex(collection, model_name, session=session,
+                                    model_dir=app.config["MODEL_DIR"])
+            except (ApiError, ModelError) as exc:
+                raise click.ClickException(getattr(exc, "message", str(exc))) from exc
+            run_id, total = run.id, run.total
+        enqueue("lookalike.reindex", str(run_id))
+        click.echo(f"reindex {run_id}: {total} images of {collection!r} with {model_name}")
+        if no_wait:
+            return
+        with tqdm(total=total, unit="img") as bar:
+            while True:
+                with session_scope() as session:
+                    state = progress(run_id, session=session)
+                bar.update(state.done - bar.n)
+                if state.status != "running":
+                    break
+                time.sleep(1)
+    click.echo(f"{state.status}: {state.done} of {state.total} embedded, {state.failed} failed")
+    if state.failed:
+        sys.exit(1)
 
 
 # ---- evaluation -------------------------------------------------------------------------------

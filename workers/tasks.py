@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.db import session_scope
 from service.embedding import service as embedding
+from service.embedding.defaults import default_model
 from service.images import service as images
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def embed_image(self: object, image_id: str) -> str:
         try:
             status = embedding.embed_image(
                 image_uuid, session=session, store=current_app.extensions["content_store"],
-                model_dir=config["MODEL_DIR"], model_name=config["DEFAULT_MODEL"],
+                model_dir=config["MODEL_DIR"], model_name=default_model(session=session),
                 max_pixels=int(config["MAX_IMAGE_PIXELS"]),
             )
             if status == "ready":  # Issue 6: binary codes (and graph edges) of the new image.
@@ -88,6 +89,25 @@ def run_evaluation(self: object, run_id: str) -> str:
 
     with session_scope() as session:
         return execute_run(uuid.UUID(run_id), session=session)
+
+
+@shared_task(name="lookalike.reindex", bind=True, acks_late=True, reject_on_worker_lost=True,
+             autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
+def reindex(self: object, run_id: str) -> str:
+    """Embed a slice of a reindex run's missing images, then queue the next slice."""
+    from service.embedding.reindex import reindex_step
+    from service.queue import enqueue
+
+    config = current_app.config
+    with session_scope() as session:
+        more = reindex_step(uuid.UUID(run_id), session=session,
+                            store=current_app.extensions["content_store"],
+                            model_dir=config["MODEL_DIR"],
+                            max_pixels=int(config["MAX_IMAGE_PIXELS"]))
+    if more:
+        # Short tasks keep the queue fair to uploads and bound what a lost worker costs.
+        enqueue("lookalike.reindex", run_id)
+    return "more" if more else "done"
 
 
 # --- Issue 5: bulk ingestion jobs -----------------------------------------------------------

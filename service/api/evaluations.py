@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 from pydantic import BaseModel, Field
 from spectree import Response as Resp
 
 from service.api.openapi import spec
 from service.api.schemas import ErrorResponse
 from service.db import session_scope
+from service.embedding.defaults import default_model
 from service.errors import NotFound
 from service.evaluation import service as evaluation
 from service.evaluation.models import EvaluationRun
@@ -55,9 +56,9 @@ def create() -> tuple[dict[str, Any], int]:
     """Queue an evaluation of a labelled collection (mAP, P@k, R@k; search path vs exact)."""
     body: EvaluationRequest = request.context.json  # type: ignore[attr-defined]
     params = body.model_dump()
-    params["model"] = params["model"] or current_app.config["DEFAULT_MODEL"]
     params["ks"] = sorted({k for k in params["ks"] if 0 < k <= 10_000}) or [10]
     with session_scope() as session:
+        params["model"] = params["model"] or default_model(session=session)
         out = run_json(evaluation.create_run(params, session=session))
     enqueue(RUN_EVALUATION, out["id"])
     return out, 202

@@ -14,6 +14,7 @@ from spectree import Response as Resp
 from service.api.openapi import spec
 from service.api.schemas import ErrorResponse, SearchForm, SearchQuery, SearchResponse
 from service.db import session_scope
+from service.embedding.defaults import default_model
 from service.errors import ApiError
 from service.search.service import SearchRequest, run_search
 
@@ -55,7 +56,7 @@ def search() -> dict[str, Any]:
     config = current_app.config
     with session_scope() as session:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],
-                             default_model=config["DEFAULT_MODEL"],
+                             default_model=default_model(session=session),
                              max_pixels=int(config["MAX_IMAGE_PIXELS"]),
                              max_k=int(config["SEARCH_MAX_K"]),
                              exact_max_rows=int(config["SEARCH_EXACT_MAX_ROWS"]))
