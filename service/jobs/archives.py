@@ -241,6 +241,8 @@ def _extract_tar(archive: Path, writer: _Writer) -> Extracted:
             if member.isdir() or _ignored(member.name):
                 continue
             writer.count_entry()
+            # Skipping a member still inflates it in a stream, so every size counts to the caps.
+            writer.reserve(max(member.size, 0))
             name = display_name(member.name)
             problem = entry_problem(member.name)
             if problem is None and (member.issym() or member.islnk()):
@@ -259,6 +261,5 @@ def _extract_tar(archive: Path, writer: _Writer) -> Extracted:
             with stream:
                 if _take_metadata(out, member.name, stream, member.size):
                     continue
-                writer.reserve(member.size)
                 out.entries.append(Entry(name, path=writer.copy(stream, member.size)))
     return out
