@@ -54,7 +54,9 @@ def hash_search(
     """The k nearest images by Hamming candidates of a code set, re-ranked exactly unless not."""
     if not code:
         raise ApiError("invalid_query", "index 'hash' needs the name of a code set in 'code'")
-    pool = min(MAX_CANDIDATES, max(candidates or CANDIDATES, 10 * k if rerank else k))
+    # An explicit pool is taken as given (at least k); the default grows with k.
+    pool = min(MAX_CANDIDATES, max(k, candidates) if candidates
+               else max(CANDIDATES, 10 * k if rerank else k))
     # The scan settings ride on the code set's lookup: one round trip less per query (a
     # third of the time of a whole 128-bit search). Relaxed order keeps the graph walk going
     # under a filter until the pool is full; the pool is re-sorted below anyway.
