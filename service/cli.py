@@ -247,6 +247,23 @@ def reindex(collection: str, model_name: str, no_wait: bool) -> None:
         sys.exit(1)
 
 
+# ---- ingestion (issue 5) ----------------------------------------------------------------------
+@main.command("ingest")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="metadata.csv or .jsonl with a 'file' column.")
+@click.option("--collection", default="default", show_default=True)
+@click.option("--url", help="The API (default: $LOOKALIKE_URL or http://127.0.0.1:8000).")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return at once.")
+def ingest(path: Path, metadata: Path | None, collection: str, url: str | None,
+           no_wait: bool) -> None:
+    """Bulk-ingest an archive, or a directory (read by the server if it may, else uploaded)."""
+    from service.jobs.client import default_url, run_ingest
+
+    sys.exit(run_ingest(path, url=url or default_url(), collection=collection,
+                        metadata=metadata, wait=not no_wait))
+
+
 # ---- evaluation -------------------------------------------------------------------------------
 @main.command("eval")
 @click.option("--collection", required=True)
@@ -387,6 +404,10 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
                           "-w", str(api_workers), "--threads", "4", "--timeout", "120"], env=env),
         subprocess.Popen([str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app",
                           "worker", "-c", str(concurrency), "-Q", "lookalike",
+                          "--loglevel", "INFO"], env=env),
+        # Issue 5: beat sends the job sweeper (recovers work lost with a worker or Redis).
+        subprocess.Popen([str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app",
+                          "beat", "-s", str(VAR_DIR / "celerybeat-schedule"),
                           "--loglevel", "INFO"], env=env),
     ]
     click.echo(f"serving on http://{host}:{port}  (Ctrl-C stops everything)")
