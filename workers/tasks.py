@@ -143,6 +143,7 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
 def sweep_jobs() -> dict[str, int]:
     """Re-enqueue stuck items and stalled jobs from PostgreSQL; close finished jobs."""
     from service.jobs.service import enqueue_batches, sweep
+    from service.queue import EMBED_IMAGE, enqueue
 
     config = current_app.config
     with session_scope() as session:
@@ -153,6 +154,12 @@ def sweep_jobs() -> dict[str, int]:
                        storage_dir=config["STORAGE_DIR"])
     for job_id, count in report.enqueue.items():
         enqueue_batches(job_id, count)
+    # Single uploads whose embed message was lost (Redis down at upload, or restarted).
+    with session_scope() as session:
+        stale = images.claim_stale_pending(session=session,
+                                           older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
+    for image_id in stale:
+        enqueue(EMBED_IMAGE, str(image_id))
     if report.reset or report.gave_up or report.enqueue or report.finished:
         log.info("sweep: reset %d, gave up %d, re-enqueued %s, finished %d", report.reset,
                  report.gave_up, {str(k): v for k, v in report.enqueue.items()}, report.finished)

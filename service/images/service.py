@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -259,3 +259,21 @@ def mark_failed(image_id: uuid.UUID, reason: str, *, session: Session) -> None:
         image.status = "failed"
         image.error = reason[:2000]
         session.commit()
+
+
+def claim_stale_pending(*, session: Session, older_than_s: float, limit: int = 1000
+                        ) -> list[uuid.UUID]:
+    """Images still pending after `older_than_s` (their message was lost): touch and return them.
+
+    Touching `updated_at` in the same statement keeps the next sweep from sending them again
+    before the worker had its chance.
+    """
+    stale = (select(Image.id).where(
+        Image.status == "pending",
+        Image.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s))
+        .order_by(Image.updated_at).limit(limit).with_for_update(skip_locked=True))
+    ids = list(session.scalars(
+        update(Image).where(Image.id.in_(stale.scalar_subquery()))
+        .values(updated_at=func.now()).returning(Image.id)))
+    session.commit()
+    return ids

@@ -79,3 +79,30 @@ def test_task_for_deleted_image_is_a_no_op(app: Flask, client: FlaskClient,
         enqueue(EMBED_IMAGE, image_id)
     marker = _upload(client, photos[3], "t-gone")
     assert wait_for_status(client, marker)["status"] == "ready"
+
+
+def test_sweeper_requeues_uploads_whose_message_was_lost(app: Flask, client: FlaskClient,
+                                                         photos: list[Path]) -> None:
+    from sqlalchemy import update
+
+    from service.images.models import Image
+    from service.images.service import claim_stale_pending
+
+    data = photos[4].read_bytes() + b"lost-message"
+    # An upload stored while the broker was unreachable: the row exists, no message does.
+    with app.app_context(), session_scope() as session:
+        from service.images.service import store_image
+
+        stored = store_image(data, session=session, store=app.extensions["content_store"],
+                             collection="t-lost", metadata={}, filename="x.jpg",
+                             max_pixels=10**8)
+        image_id = stored.image.id
+        session.execute(update(Image).where(Image.id == image_id).values(
+            updated_at=Image.updated_at - __import__("datetime").timedelta(hours=1)))
+        session.commit()
+    with app.app_context():
+        enqueue("lookalike.sweep_jobs")  # what beat sends every JOB_SWEEP_INTERVAL
+    assert wait_for_status(client, str(image_id))["status"] == "ready"
+    with app.app_context(), session_scope() as session:
+        # Claimed once: the sweep touched it, so it is not sent again right away.
+        assert claim_stale_pending(session=session, older_than_s=600) == []
