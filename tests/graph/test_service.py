@@ -134,3 +134,28 @@ def test_hand_made_graph_clusters_and_related_over_the_api(app: Flask, client: F
     with app.app_context(), session_scope() as session:
         found = related(a, session=session, model=model, hops=1)
     assert [r.image.id for r in found] == [b, c]
+
+
+def test_uploads_are_linked_by_the_worker_and_unlinked_on_delete(
+        app: Flask, client: FlaskClient, worker, photos) -> None:
+    from tests.conftest import wait_for_status
+
+    collection = f"linked-{uuid.uuid4().hex[:6]}"
+    ids = []
+    for path in photos[:3]:
+        with path.open("rb") as fh:
+            resp = client.post("/api/v1/images", data={"file": (fh, path.name),
+                                                       "collection": collection})
+        assert resp.status_code in (200, 202), resp.get_json()
+        ids.append(resp.get_json()["id"])
+        assert wait_for_status(client, ids[-1])["status"] == "ready"
+    with app.app_context(), session_scope() as session:
+        # The third image links to both earlier ones, and they link back to it.
+        assert edge_count(uuid.UUID(ids[2]), session=session) == 4
+        assert edge_count(uuid.UUID(ids[0]), session=session) == 4
+    related = client.get(f"/api/v1/images/{ids[0]}/related?hops=1").get_json()["items"]
+    assert {r["id"] for r in related} == set(ids[1:])
+    assert client.delete(f"/api/v1/images/{ids[2]}").status_code == 204
+    with app.app_context(), session_scope() as session:
+        assert edge_count(uuid.UUID(ids[2]), session=session) == 0
+        assert edge_count(uuid.UUID(ids[0]), session=session) == 2
