@@ -81,22 +81,19 @@ def fit_spectral(vectors: np.ndarray, bits: int) -> CodeParams:
     # Along principal direction i, the k-th eigenfunction of the uniform box has eigenvalue
     # ~ (k*pi/span_i)^2; candidate modes per direction in proportion to its span.
     max_mode = np.ceil((bits + 1) * span / span.max()).astype(int)
-    rows = [np.zeros(npca)]
-    for i in range(npca):
-        for k in range(1, max_mode[i]):
-            mode = np.zeros(npca)
-            mode[i] = k
-            rows.append(mode)
-    modes = np.array(rows)
+    # Candidate modes as (direction, frequency index) pairs, not dense rows: at 1,024 bits a
+    # dense table would take gigabytes. The constant mode (k = 0) is never a candidate.
+    axes = np.concatenate([np.full(m - 1, i) for i, m in enumerate(max_mode)])
+    ks = np.concatenate([np.arange(1, m) for m in max_mode])
     omega0 = np.pi / span
-    eigen = ((modes * omega0) ** 2).sum(axis=1)
+    eigen = (ks * omega0[axes]) ** 2
     # Stable order: ties between equal eigenvalues resolve by position, not by chance.
-    order = np.argsort(eigen, kind="stable")
-    chosen = modes[order[1:bits + 1]]  # skip the constant mode
-    if len(chosen) < bits:
-        raise ValueError(f"spectral hashing found only {len(chosen)} modes for {bits} bits")
-    return CodeParams("spectral", bits, {"mean": mean, "pc": pc, "mn": mn,
-                                         "omegas": chosen * omega0})
+    order = np.argsort(eigen, kind="stable")[:bits]
+    if len(order) < bits:
+        raise ValueError(f"spectral hashing found only {len(order)} modes for {bits} bits")
+    chosen = np.zeros((bits, npca))
+    chosen[np.arange(bits), axes[order]] = ks[order] * omega0[axes[order]]
+    return CodeParams("spectral", bits, {"mean": mean, "pc": pc, "mn": mn, "omegas": chosen})
 
 
 def fit_itq(vectors: np.ndarray, bits: int, seed: int = 0, iterations: int = 50) -> CodeParams:
