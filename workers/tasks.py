@@ -123,13 +123,20 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
     from service.jobs.service import enqueue_batches
 
     config = current_app.config
-    embedder = get_embedder(config["MODEL_DIR"], config["DEFAULT_MODEL"],
+    with session_scope() as session:
+        model_name = default_model(session=session)
+    embedder = get_embedder(config["MODEL_DIR"], model_name,
                             threads=int(config["ORT_INTRA_OP_THREADS"]))
     with session_scope() as session:
         result = pipeline.process_batch(
             uuid.UUID(job_id), uuid.UUID(token), session=session,
             store=current_app.extensions["content_store"], embedder=embedder,
             settings=pipeline.batch_settings(config))
+        # As for single uploads: binary codes and kNN-graph edges of the new images.
+        for entry in result.outcome.values():
+            if entry["status"] == "done" and entry.get("image_id"):
+                index_new_image(uuid.UUID(str(entry["image_id"])), session=session)
+        session.commit()
     if result.more:
         try:  # Each finished batch sends the next; a lost one is re-sent by the sweeper.
             enqueue_batches(job_id, 1)
