@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -18,6 +19,7 @@ from service.app import create_app
 from service.config import PROJECT_ROOT
 from service.embedding import registry
 from service.migrate import upgrade
+from service.services.ports import free_port
 from service.services.stack import ServiceStack, ephemeral_stack
 
 CLOTHING = PROJECT_ROOT.parent / "shared" / "datasets" / "clothing"
@@ -143,3 +145,37 @@ def wait_for_status(client: FlaskClient, image_id: str, timeout: float = 90.0,
             return body
         time.sleep(0.2)
     raise AssertionError(f"image {image_id} still {body.get('status')} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def live_server(settings: dict[str, Any],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real service under gunicorn on a free port, pointed at the test services."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+             "--threads", "4", "--timeout", "120", "service.wsgi:app"],
+            cwd=PROJECT_ROOT, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or still loading the app
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn not up: {log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

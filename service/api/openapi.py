@@ -6,6 +6,7 @@ from typing import Any
 
 from spectree import SpecTree
 
+from service.api.schemas import ErrorResponse
 from service.errors import ApiError
 
 
@@ -30,6 +31,8 @@ spec = SpecTree(
     annotations=False,
     before=_raise_validation_error,
     validation_error_status=400,
+    # Validation failures leave as our error shape (see the hook), so document that shape.
+    validation_error_model=ErrorResponse,
 )
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -15,8 +13,6 @@ import pytest
 import requests
 
 from service.config import PROJECT_ROOT
-from service.services.ports import free_port
-from tests.conftest import worker_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "web"
@@ -62,40 +58,6 @@ def wait_ready(base: str, image_id: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{image_id} not embedded after {timeout}s")
-
-
-@pytest.fixture(scope="module")
-def live_server(settings: dict[str, Any],
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real service under gunicorn on a free port, pointed at the test services."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--threads", "4", "--timeout", "120", "service.wsgi:app"],
-            cwd=PROJECT_ROOT, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or still loading the app
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn not up: {log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
