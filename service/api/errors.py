@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service.errors import ApiError
@@ -16,6 +17,12 @@ log = logging.getLogger(__name__)
 def error_response(code: str, message: str, status: int) -> ResponseReturnValue:
     """The JSON error body with its status."""
     return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def _unavailable(code: str, message: str) -> ResponseReturnValue:
+    body, status = error_response(code, message, 503)  # type: ignore[misc]
+    body.headers["Retry-After"] = "5"
+    return body, status
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -37,6 +44,18 @@ def register_error_handlers(app: Flask) -> None:
             return exc.response  # already shaped (e.g. by a validation hook)
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(code, exc.description or exc.name, exc.code or 500)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def _database_down(exc: Exception) -> ResponseReturnValue:
+        log.warning("database unavailable: %s", exc)
+        return _unavailable("database_unavailable", "the database is unavailable; retry later")
+
+    @app.errorhandler(OSError)
+    def _storage_down(exc: OSError) -> ResponseReturnValue:
+        # Reached only by I/O errors nothing handled: the storage directory, not the client.
+        log.warning("storage unavailable: %s", exc)
+        return _unavailable("storage_unavailable", "file storage is unavailable; retry later")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:
