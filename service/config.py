@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_IMAGE_PIXELS": 64_000_000,
     "MAX_METADATA_BYTES": 64 * 1024,
     "SEARCH_MAX_K": 1000,
+    # Link each new image into the kNN graph as it is embedded (off: rebuild the graph later).
+    "GRAPH_LINK_ON_EMBED": True,
     # Filters estimated to match fewer rows than this are ranked exactly (docs/search.md).
     "SEARCH_EXACT_MAX_ROWS": 3000,
     "EMBED_BATCH_SIZE": 16,

@@ -7,6 +7,7 @@ import uuid
 
 from celery import shared_task
 from flask import current_app
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -47,13 +48,14 @@ def embed_image(self: object, image_id: str) -> str:
 # --- Issue 6: hashing and graph -------------------------------------------------------------
 
 
-def index_new_image(image_id: uuid.UUID, *, session: Session) -> None:
+def index_new_image(image_id: uuid.UUID, *, session: Session, link: bool = True) -> None:
     """Encode a freshly embedded image under its code sets and link it into the kNN graph."""
     from service.graph.service import link_image
     from service.hashing.service import encode_image
 
     encode_image(image_id, session=session)
-    link_image(image_id, session=session)
+    if link and current_app.config["GRAPH_LINK_ON_EMBED"]:
+        link_image(image_id, session=session)
 
 
 @shared_task(name="lookalike.fit_codes", bind=True, acks_late=True,
@@ -132,11 +134,23 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
             uuid.UUID(job_id), uuid.UUID(token), session=session,
             store=current_app.extensions["content_store"], embedder=embedder,
             settings=pipeline.batch_settings(config))
-        # As for single uploads: binary codes and kNN-graph edges of the new images.
+        # As for single uploads, binary codes of the new images. Graph edges are not linked one
+        # by one here: that halved ingestion throughput (docs/benchmarks.md); the collection's
+        # graph is rebuilt in one pass when the job is done.
         for entry in result.outcome.values():
             if entry["status"] == "done" and entry.get("image_id"):
-                index_new_image(uuid.UUID(str(entry["image_id"])), session=session)
+                index_new_image(uuid.UUID(str(entry["image_id"])), session=session, link=False)
         session.commit()
+        if result.finished == "done" and config["GRAPH_LINK_ON_EMBED"]:
+            from service.jobs.models import IngestJob
+
+            collection = session.scalar(select(IngestJob.collection).where(
+                IngestJob.id == uuid.UUID(job_id)))
+            model = embedding.find_model(model_name, session=session)
+            if collection is not None and model is not None:
+                from service.queue import enqueue
+
+                enqueue("lookalike.rebuild_graph", collection, model.id)
     if result.more:
         try:  # Each finished batch sends the next; a lost one is re-sent by the sweeper.
             enqueue_batches(job_id, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,15 @@ def test_archive_with_metadata_csv_is_ingested_with_typed_values(
     image = jobs_client.get(f"/api/v1/images/{first['image_id']}").get_json()
     assert image["status"] == "ready" and image["metadata"] == meta
     assert image["filename"] == files[0].name
-    # Bulk-ingested images join the kNN graph like single uploads.
-    related = jobs_client.get(f"/api/v1/images/{first['image_id']}/related")
-    assert related.status_code == 200, related.get_json()
-    assert len(related.get_json()["items"]) > 0
+    # Bulk-ingested images join the kNN graph: it is rebuilt once the job is done.
+    deadline = time.monotonic() + 30
+    while True:
+        related = jobs_client.get(f"/api/v1/images/{first['image_id']}/related")
+        assert related.status_code == 200, related.get_json()
+        if related.get_json()["items"]:
+            break
+        assert time.monotonic() < deadline, "the job's images never joined the graph"
+        time.sleep(0.3)
 
     found = jobs_client.post("/api/v1/search", data={
         "file": (io.BytesIO(files[3].read_bytes()), "q.jpg"),
