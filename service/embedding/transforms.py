@@ -8,10 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+from pillow_heif import register_heif_opener
 
 # Formats accepted as uploads; SVG and PDF are not images Pillow decodes safely, so refused.
-# (Multi-picture JPEGs open through the JPEG plugin and report "MPO".)
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# (Multi-picture JPEGs open through the JPEG plugin and report "MPO"; HEIC/HEIF photos from
+# phones open through pillow-heif.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF")
+
+register_heif_opener()
 
 
 class ImageDecodeError(ValueError):
@@ -50,7 +54,8 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(
             "not_an_image",
-            "the file is not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+            "the file is not an image in a supported format "
+            "(JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF)",
         ) from exc
     width, height = img.size
     if width < 1 or height < 1:

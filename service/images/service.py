@@ -24,7 +24,7 @@ from service.images.storage import ContentStore
 log = logging.getLogger(__name__)
 
 MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-        "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+        "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif"}
 THUMBNAIL_SIZE = 256
 MAX_COLLECTION_LENGTH = 128
 

@@ -205,3 +205,39 @@ def test_bad_metadata_and_queries_are_400(client: FlaskClient, photos: list[Path
         resp = client.post("/api/v1/search", json=body)
         assert 400 <= resp.status_code < 500, body
         assert set(resp.get_json()["error"]) == {"code", "message"}
+
+
+def test_heic_upload_is_embedded(client: FlaskClient) -> None:
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.new("RGB", (300, 200), (30, 160, 60)).save(out, "HEIF")
+    resp = upload(client, out.getvalue(), collection="t-heic", name="phone.heic")
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["format"] == "HEIF" and resp.get_json()["mime"] == "image/heif"
+    assert wait_for_status(client, resp.get_json()["id"])["status"] == "ready"
+    thumb = client.get(f"/api/v1/images/{resp.get_json()['id']}/thumbnail")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+
+
+def test_huge_upload_is_refused_before_it_is_read(live_server: str) -> None:
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(live_server)
+    declared = 300 * 1024 * 1024  # a 300 MB body is announced; only 64 KB is ever sent
+    head = (f"POST /api/v1/images HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {declared}\r\nConnection: close\r\n\r\n").encode()
+    started = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+        sock.sendall(head + b"--x\r\n" + b"\0" * 65536)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert time.monotonic() - started < 10

@@ -130,3 +130,21 @@ def test_normalise_and_draft_decoding_agree_with_full_decoding() -> None:
     assert fast.shape == (3, 224, 224) and fast.dtype == np.float32
     # Draft decoding reduces the DCT scale; on a smooth photo the inputs barely differ.
     assert float(np.abs(fast - full).mean()) < 0.02
+
+
+def test_heic_photos_are_supported() -> None:
+    data = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "HEIF")
+    img = to_rgb(open_image(data, max_pixels=10_000))
+    assert img.size == (64, 48)
+    r, g, b = np.asarray(img)[24, 32]
+    assert r > 150 and g < 80 and b < 80
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animated_images_use_their_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    out = io.BytesIO()
+    frames[0].save(out, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    img = to_rgb(open_image(out.getvalue(), max_pixels=10_000))
+    r, _, b = np.asarray(img)[10, 10]
+    assert r > 200 and b < 60
