@@ -25,6 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "SEARCH_MAX_K": 1000,
     # Link each new image into the kNN graph as it is embedded (off: rebuild the graph later).
     "GRAPH_LINK_ON_EMBED": True,
+    # After a job, collections up to this size get one exact graph rebuild (quadratic);
+    # larger ones link the job's images one by one.
+    "GRAPH_REBUILD_MAX_IMAGES": 50_000,
     # Filters estimated to match fewer rows than this are ranked exactly (docs/search.md).
     "SEARCH_EXACT_MAX_ROWS": 3000,
     "EMBED_BATCH_SIZE": 16,

@@ -142,15 +142,7 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
                 index_new_image(uuid.UUID(str(entry["image_id"])), session=session, link=False)
         session.commit()
         if result.finished == "done" and config["GRAPH_LINK_ON_EMBED"]:
-            from service.jobs.models import IngestJob
-
-            collection = session.scalar(select(IngestJob.collection).where(
-                IngestJob.id == uuid.UUID(job_id)))
-            model = embedding.find_model(model_name, session=session)
-            if collection is not None and model is not None:
-                from service.queue import enqueue
-
-                enqueue("lookalike.rebuild_graph", collection, model.id)
+            _graph_after_job(uuid.UUID(job_id), model_name, session=session)
     if result.more:
         try:  # Each finished batch sends the next; a lost one is re-sent by the sweeper.
             enqueue_batches(job_id, 1)
@@ -158,6 +150,45 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
             log.exception("could not enqueue the next batch of job %s", job_id)
     return {"claimed": result.claimed, "done": result.done, "duplicates": result.duplicates,
             "failed": result.failed, "finished": result.finished}
+
+
+def _graph_after_job(job_id: uuid.UUID, model_name: str, *, session: Session) -> None:
+    """Bring a finished job's images into the kNN graph in the cheaper of two ways."""
+    from sqlalchemy import func
+
+    from service.images.models import Image
+    from service.jobs.models import IngestJob
+    from service.queue import enqueue
+
+    collection = session.scalar(select(IngestJob.collection).where(IngestJob.id == job_id))
+    model = embedding.find_model(model_name, session=session)
+    if collection is None or model is None:
+        return
+    size = session.scalar(select(func.count()).select_from(Image).where(
+        Image.collection == collection)) or 0
+    # The exact rebuild is quadratic in the collection: past a size, link the new images one
+    # by one instead (linear in the job).
+    if size <= int(current_app.config["GRAPH_REBUILD_MAX_IMAGES"]):
+        enqueue("lookalike.rebuild_graph", collection, model.id)
+    else:
+        enqueue("lookalike.link_job_images", str(job_id))
+
+
+@shared_task(name="lookalike.link_job_images", bind=True, acks_late=True,
+             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
+             retry_backoff_max=120, max_retries=8)
+def link_job_images(self: object, job_id: str) -> int:
+    """Link every image a job created into the kNN graph (idempotent: edges are upserted)."""
+    from service.graph.service import link_image
+    from service.jobs.models import IngestItem
+
+    with session_scope() as session:
+        ids = list(session.scalars(select(IngestItem.image_id).where(
+            IngestItem.job_id == uuid.UUID(job_id), IngestItem.status == "done",
+            IngestItem.image_id.is_not(None))))
+        for image_id in ids:
+            link_image(image_id, session=session)
+        return len(ids)
 
 
 @shared_task(name="lookalike.sweep_jobs", acks_late=True, reject_on_worker_lost=True)

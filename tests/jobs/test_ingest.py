@@ -183,3 +183,27 @@ def test_manifest_of_server_files_with_metadata(
     assert refused.get_json()["error"]["code"] == "path_not_allowed"
 
 
+
+
+def test_job_images_are_linked_one_by_one_in_large_collections(
+        jobs_app: Flask, jobs_client: FlaskClient, clothing: Path) -> None:
+    from sqlalchemy import delete
+
+    from service.db import session_scope
+    from service.graph.models import GraphEdge
+    from workers.tasks import link_job_images
+
+    files = sorted((clothing / "images").glob("*.jpg"))[200:206]
+    resp = submit_archive(jobs_client, make_archive([(p.name, p.read_bytes()) for p in files]),
+                          collection="j-link")
+    job = wait_job(jobs_client, resp.get_json()["id"])
+    assert job["status"] == "done" and job["done"] == 6
+    items = all_items(jobs_client, job["id"])
+    ids = [item["image_id"] for item in items]
+    with jobs_app.app_context():
+        with session_scope() as session:  # as if the collection were too big to rebuild
+            session.execute(delete(GraphEdge).where(GraphEdge.source_id.in_(ids)))
+        # The task body, run here in-process on the real database.
+        assert link_job_images.run(job["id"]) == 6
+    related = jobs_client.get(f"/api/v1/images/{ids[0]}/related").get_json()["items"]
+    assert {r["id"] for r in related} <= set(ids) and related
