@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 
 class ApiError(Exception):
     """A client-visible error with an HTTP status and a stable code."""
@@ -20,6 +22,16 @@ class NotFound(ApiError):
     """The resource does not exist (or is not visible to the caller)."""
 
     status = 404
+
+
+def parse_uuid(value: str | uuid.UUID, *, what: str) -> uuid.UUID:
+    """A UUID from a path segment, or 404: a malformed id names nothing."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError as exc:
+        raise NotFound("not_found", f"no {what} {value!r}") from exc
 
 
 class Conflict(ApiError):

@@ -12,10 +12,9 @@ from service.api.openapi import spec
 from service.api.schemas import ErrorResponse
 from service.db import session_scope
 from service.embedding.defaults import default_model
-from service.errors import NotFound
+from service.errors import NotFound, parse_uuid
 from service.evaluation import service as evaluation
 from service.evaluation.models import EvaluationRun
-from service.images.service import parse_id
 from service.queue import enqueue
 
 bp = Blueprint("evaluations", __name__, url_prefix="/api/v1/evaluations")
@@ -69,7 +68,7 @@ def create() -> tuple[dict[str, Any], int]:
 def get(run_id: str) -> dict[str, Any]:
     """An evaluation's status and, when done, its result."""
     with session_scope() as session:
-        run = session.get(EvaluationRun, parse_id(run_id))
+        run = session.get(EvaluationRun, parse_uuid(run_id, what="evaluation"))
         if run is None:
             raise NotFound("not_found", f"no evaluation {run_id}")
         return run_json(run)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import uuid
-from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -14,6 +11,7 @@ from spectree import Response as Resp
 
 from service.api.context import content_store
 from service.api.openapi import spec
+from service.api.paging import decode_cursor, keyset_page
 from service.api.schemas import (
     ErrorResponse,
     ImageList,
@@ -59,22 +57,6 @@ def parse_metadata_field(raw: str | None) -> dict[str, Any]:
     return images.validate_metadata(value, max_bytes=int(current_app.config["MAX_METADATA_BYTES"]))
 
 
-def encode_cursor(created_at: datetime, image_id: uuid.UUID) -> str:
-    """An opaque keyset cursor."""
-    raw = f"{created_at.isoformat()}|{image_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """Back from the opaque cursor, or 400."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, image_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), uuid.UUID(image_id)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
-
-
 @bp.post("")
 @spec.validate(form=UploadForm, resp=Resp(HTTP_200=ImageOut, HTTP_202=ImageOut,
                                           HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
@@ -108,13 +90,10 @@ def upload_image() -> tuple[dict[str, Any], int]:
 def list_images() -> dict[str, Any]:
     """List images newest first, with a cursor for the next page."""
     q: ListQuery = request.context.query  # type: ignore[attr-defined]
-    cursor = decode_cursor(q.cursor) if q.cursor else None
     with session_scope() as session:
         rows = images.list_images(session=session, collection=q.collection, status=q.status,
-                                  limit=q.limit + 1, cursor=cursor)
-        page = rows[: q.limit]
-        next_cursor = (encode_cursor(page[-1].created_at, page[-1].id)
-                       if len(rows) > q.limit else None)
+                                  limit=q.limit + 1, cursor=decode_cursor(q.cursor))
+        page, next_cursor = keyset_page(rows, q.limit, lambda r: (r.created_at, r.id))
         return {"items": [image_json(r) for r in page], "next_cursor": next_cursor}
 
 

@@ -10,7 +10,6 @@ from flask import Blueprint, current_app, request
 from pydantic import ValidationError
 from spectree import Response as Resp
 
-from service.api.images import decode_cursor, encode_cursor
 from service.api.job_schemas import (
     JobCreate,
     JobCreated,
@@ -21,6 +20,7 @@ from service.api.job_schemas import (
     JobOut,
 )
 from service.api.openapi import spec
+from service.api.paging import decode_cursor, keyset_page
 from service.api.schemas import ErrorResponse
 from service.db import session_scope
 from service.errors import ApiError
@@ -167,13 +167,10 @@ def create_job() -> tuple[dict[str, Any], int]:
 def list_jobs() -> dict[str, Any]:
     """Jobs newest first, with a cursor for the next page."""
     q: JobListQuery = request.context.query  # type: ignore[attr-defined]
-    cursor = decode_cursor(q.cursor) if q.cursor else None
     with session_scope() as session:
         rows = jobs.list_jobs(session=session, status=q.status, collection=q.collection,
-                              limit=q.limit + 1, cursor=cursor)
-        page = rows[: q.limit]
-        next_cursor = (encode_cursor(page[-1].job.created_at, page[-1].job.id)
-                       if len(rows) > q.limit else None)
+                              limit=q.limit + 1, cursor=decode_cursor(q.cursor))
+        page, next_cursor = keyset_page(rows, q.limit, lambda p: (p.job.created_at, p.job.id))
         return {"items": [job_json(p) for p in page], "next_cursor": next_cursor}
 
 

@@ -23,9 +23,13 @@ from service.hashing.encoders import encode, to_bitstring
 from service.hashing.models import CodeSet, ImageCode
 from service.hashing.service import params_of
 from service.images.models import Image
-from service.search.filters import compile_filter
 from service.search.metrics import get_metric
-from service.search.service import SearchHit, SearchPlan, SearchResult
+from service.search.service import (
+    SearchHit,
+    SearchPlan,
+    SearchResult,
+    candidate_conditions,
+)
 
 # Candidates fetched by Hamming distance before the exact re-rank, at least this many (and
 # 10k for large k). Measured on the clothing set (docs/hashing.md): 100 candidates take
@@ -78,13 +82,8 @@ def hash_search(
     conditions: list[ColumnElement[bool]] = [
         # A literal integer, so that the planner matches the set's partial HNSW index.
         ImageCode.code_set_id == literal_column(str(int(code_set.id))),
-        Image.status == "ready"]
-    if collection is not None:
-        conditions.append(Image.collection == collection)
-    if filter_doc:
-        conditions.append(compile_filter(filter_doc))
-    if exclude_id is not None:
-        conditions.append(Image.id != exclude_id)
+        *candidate_conditions(collection=collection, filter_doc=filter_doc,
+                              exclude_id=exclude_id)]
 
     inner = (
         select(ImageCode.image_id.label("image_id"), hamming.label("hamming"))

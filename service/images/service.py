@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from service.embedding.transforms import ImageDecodeError, open_image, to_rgb
-from service.errors import ApiError, NotFound
+from service.errors import ApiError, NotFound, parse_uuid
 from service.images.models import STATUSES, Image
 from service.images.storage import ContentStore
 
@@ -184,19 +184,9 @@ def _remove_if_unreferenced(digest: str, *, session: Session, store: ContentStor
         store.delete(digest)
 
 
-def parse_id(image_id: str | uuid.UUID) -> uuid.UUID:
-    """A UUID from a path segment, or 404 (a malformed id names no image)."""
-    if isinstance(image_id, uuid.UUID):
-        return image_id
-    try:
-        return uuid.UUID(str(image_id))
-    except ValueError as exc:
-        raise NotFound("not_found", f"no image {image_id!r}") from exc
-
-
 def get_image(image_id: str | uuid.UUID, *, session: Session) -> Image:
     """The image, or 404."""
-    image = session.get(Image, parse_id(image_id))
+    image = session.get(Image, parse_uuid(image_id, what="image"))
     if image is None:
         raise NotFound("not_found", f"no image {image_id}")
     return image

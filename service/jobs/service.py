@@ -16,7 +16,7 @@ from typing import IO, Any
 from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from service.errors import ApiError, NotFound
+from service.errors import ApiError, NotFound, parse_uuid
 from service.images.service import validate_collection, validate_metadata
 from service.jobs.archives import ArchiveLimits, Entry, extract_archive
 from service.jobs.metadata import METADATA_NAMES, MetadataIndex, normalise_key, parse_metadata
@@ -231,19 +231,9 @@ def create_manifest_job(entries: list[tuple[str, dict[str, Any]]], *, session: S
 
 
 # ---- reading ----------------------------------------------------------------------------------
-def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
-    """A UUID from a path segment, or 404."""
-    if isinstance(job_id, uuid.UUID):
-        return job_id
-    try:
-        return uuid.UUID(str(job_id))
-    except ValueError as exc:
-        raise NotFound("not_found", f"no job {job_id!r}") from exc
-
-
 def get_job(job_id: str | uuid.UUID, *, session: Session) -> IngestJob:
     """The job, or 404."""
-    job = session.get(IngestJob, parse_job_id(job_id))
+    job = session.get(IngestJob, parse_uuid(job_id, what="job"))
     if job is None:
         raise NotFound("not_found", f"no job {job_id}")
     return job
@@ -350,7 +340,7 @@ def lock_job(job_id: uuid.UUID, *, session: Session) -> IngestJob | None:
 
 def cancel_job(job_id: str | uuid.UUID, *, session: Session, storage_dir: str | Path) -> IngestJob:
     """Stop a job: unfinished items become cancelled; finished ones stay. Idempotent."""
-    job = lock_job(parse_job_id(job_id), session=session)
+    job = lock_job(parse_uuid(job_id, what="job"), session=session)
     if job is None:
         raise NotFound("not_found", f"no job {job_id}")
     if job.status in ACTIVE_JOB_STATUSES:

@@ -160,6 +160,19 @@ def _scanned_rows(plan: dict[str, Any]) -> int:
     return total
 
 
+def candidate_conditions(*, collection: str | None, filter_doc: dict[str, Any] | None,
+                         exclude_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
+    """Which images may be results: ready, in the collection, passing the filter, not the query."""
+    conditions: list[ColumnElement[bool]] = [Image.status == "ready"]
+    if collection is not None:
+        conditions.append(Image.collection == collection)
+    if filter_doc:
+        conditions.append(compile_filter(filter_doc))
+    if exclude_id is not None:
+        conditions.append(Image.id != exclude_id)
+    return conditions
+
+
 def search_vectors(
     query: np.ndarray,
     *,
@@ -181,13 +194,8 @@ def search_vectors(
     ranking = get_metric(metric)
     dim = int(model.dim)
     q = bindparam("query", np.asarray(query, dtype=np.float32), type_=HALFVEC(dim))
-    conditions: list[ColumnElement[bool]] = [Image.status == "ready"]
-    if collection is not None:
-        conditions.append(Image.collection == collection)
-    if filter_doc:
-        conditions.append(compile_filter(filter_doc))
-    if exclude_id is not None:
-        conditions.append(Image.id != exclude_id)
+    conditions = candidate_conditions(collection=collection, filter_doc=filter_doc,
+                                      exclude_id=exclude_id)
 
     plan = SearchPlan(metric=ranking.name)
     filtered = bool(filter_doc) or collection is not None or exclude_id is not None
