@@ -4,14 +4,21 @@ For each worker count: throwaway PostgreSQL + Redis, a gunicorn API and one Cele
 N prefork processes started here; the photos go up as one tar with labels.csv as metadata.
 Reports end-to-end img/s (upload to every image ready), the model-only batch throughput
 measured just before on the same files (`Embedder.embed_bytes`, the service's decode+embed
-path), their ratio, peak RSS per worker process, and database bytes per image.
+path), their ratio, peak RSS per worker process, database bytes per image, and where the CPU
+went (milliseconds of CPU per image in the workers, PostgreSQL, the API and Redis).
 
-    python -m bench.ingest [--workers 1,2] [--limit 3308] [--batch 32]
+`--synthetic N` ingests N images instead: the shared photos re-encoded with small random crops
+(so every hash differs), read by the server from a directory under INGEST_ROOTS, and reports
+the throughput per tenth of the run, to show whether it stays flat as the collection grows.
+
+    python -m bench.ingest [--workers 1,2] [--limit 3308] [--batch 32] [--synthetic 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +55,52 @@ def build_inputs(limit: int) -> tuple[Path, Path, list[Path]]:
     labels.write_text(header + "".join(
         f"{r['file']},{r['label']},{r['sender_id']},{r['kids']}\n" for r in rows))
     return archive, labels, files
+
+
+def _variant(job: tuple[int, str, str]) -> None:
+    """One re-encoded, randomly cropped copy of a photo (deterministic per index)."""
+    import random
+
+    from PIL import Image as PILImage
+
+    index, source, target = job
+    rng = random.Random(index)
+    with PILImage.open(source) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        # 1-4% off each side: a different file and hash, the same picture.
+        box = (int(w * rng.uniform(0.01, 0.04)), int(h * rng.uniform(0.01, 0.04)),
+               w - int(w * rng.uniform(0.01, 0.04)), h - int(h * rng.uniform(0.01, 0.04)))
+        img.crop(box).save(target, "JPEG", quality=rng.randint(85, 95))
+
+
+def build_synthetic(count: int) -> tuple[Path, Path, list[Path]]:
+    """`count` cropped, re-encoded copies of the photos in a folder, with their labels.csv."""
+    from multiprocessing import Pool
+
+    rows = clothing_labels()
+    folder = BENCH_DIR / f"ingest-synthetic-{count}"
+    images = folder / "images"
+    done_marker = folder / ".complete"
+    names = [f"{i // 1000:03d}/{i:06d}.jpg" for i in range(count)]
+    sources = [rows[i % len(rows)] for i in range(count)]
+    if not done_marker.exists():
+        for sub in {n.split("/")[0] for n in names}:
+            (images / sub).mkdir(parents=True, exist_ok=True)
+        jobs = [(i, str(CLOTHING / src["file"]), str(images / name))
+                for i, (name, src) in enumerate(zip(names, sources, strict=True))
+                if not (images / name).exists()]
+        print(f"writing {len(jobs)} synthetic images to {images}", flush=True)
+        with Pool(os.cpu_count() or 1) as pool:
+            for n, _ in enumerate(pool.imap_unordered(_variant, jobs, chunksize=64)):
+                if n % 10_000 == 0:
+                    print(f"  {n}/{len(jobs)}", flush=True)
+        done_marker.touch()
+    labels = folder / "labels.csv"
+    labels.write_text("file,label,sender_id,kids\n" + "".join(
+        f"{n},{r['label']},{r['sender_id']},{r['kids']}\n"
+        for n, r in zip(names, sources, strict=True)))
+    return images, labels, [images / n for n in names]
 
 
 def model_only_rate(files: list[Path], batch_size: int) -> float:
@@ -87,6 +140,35 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds used so far by a process, its live descendants and its reaped children."""
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        times = root.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in root.children(recursive=True):
+            try:
+                ct = child.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                continue
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def service_pids(folder: Path) -> dict[str, int | None]:
+    """The postmaster's and Redis's pids of a bench stack, from their pid files."""
+    found: dict[str, int | None] = {"postgres": None, "redis": None}
+    for key, pattern in (("postgres", "postmaster.pid"), ("redis", "redis.pid")):
+        for path in folder.rglob(pattern):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                found[key] = int(path.read_text().split()[0])
+    return found
+
+
 def wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +178,7 @@ def wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def run_once(workers: int, archive: Path, labels: Path, total: int,
+def run_once(workers: int, source: Path, labels: Path, total: int,
              batch_size: int) -> dict[str, Any]:
     """One end-to-end ingestion with `workers` worker processes on fresh services."""
     import urllib.request
@@ -112,6 +194,7 @@ def run_once(workers: int, archive: Path, labels: Path, total: int,
         shutil.rmtree(storage, ignore_errors=True)
         env = dict(os.environ, **urls, LOOKALIKE_STORAGE_DIR=str(storage),
                    LOOKALIKE_JOB_BATCH_SIZE=str(batch_size),
+                   LOOKALIKE_INGEST_ROOTS=json.dumps([str(source.parent.resolve())]),
                    # Several processes on few cores: one ORT thread each, no oversubscription.
                    LOOKALIKE_ORT_INTRA_OP_THREADS="1" if workers > 1 else "0")
         port = free_port()
@@ -145,15 +228,28 @@ def run_once(workers: int, archive: Path, labels: Path, total: int,
             sampler = RssSampler(worker.pid)
             sampler.start()
             client = JobsClient(url)
+            pids = service_pids(BENCH_DIR / f"ingest-{workers}")
+            parts = {"worker": worker.pid, "postgres": pids["postgres"], "api": api.pid,
+                     "redis": pids["redis"]}
+            cpu_before = {k: tree_cpu(v) for k, v in parts.items()}
             started = time.perf_counter()
-            created = client.submit_archive(archive, collection=COLLECTION, metadata=labels)
+            if source.is_dir():
+                created = client.submit_path(source, collection=COLLECTION, metadata=labels)
+            else:
+                created = client.submit_archive(source, collection=COLLECTION, metadata=labels)
             submitted = time.perf_counter() - started
+            # (seconds, items finished, worker CPU s, PostgreSQL CPU s), every second or so.
+            trace: list[tuple[float, int, float, float]] = []
             while True:
                 state = client.job(created["id"])
+                trace.append((time.perf_counter() - started,
+                              state["done"] + state["failed"] + state["duplicates"],
+                              tree_cpu(worker.pid), tree_cpu(pids["postgres"])))
                 if state["status"] not in ("queued", "running"):
                     break
-                time.sleep(0.25)
+                time.sleep(1.0 if total > 10_000 else 0.25)
             elapsed = time.perf_counter() - started
+            cpu = {k: tree_cpu(v) - cpu_before[k] for k, v in parts.items()}
             sampler.stopping.set()
             sampler.join()
             with engine.connect() as conn:
@@ -174,6 +270,8 @@ def run_once(workers: int, archive: Path, labels: Path, total: int,
                 "peak_rss_mb": max((sampler.peaks[p] for p in pool), default=0) / 2**20,
                 "db_bytes_per_image": (db_after - db_before) / max(ready, 1),
                 "db_total_mb": db_after / 2**20, "searchable": len(probe["results"]) == 5,
+                "cpu_ms": {k: 1000 * v / max(total, 1) for k, v in cpu.items()},
+                "deciles": deciles(trace, total),
             }
         finally:
             for proc in (worker, api):
@@ -187,20 +285,44 @@ def run_once(workers: int, archive: Path, labels: Path, total: int,
             shutil.rmtree(storage, ignore_errors=True)
 
 
+def deciles(trace: list[tuple[float, int, float, float]],
+            total: int) -> list[dict[str, float]]:
+    """Throughput and CPU per image over each tenth of the images, from the progress trace."""
+    out = []
+    for tenth in range(10):
+        lo, hi = total * tenth // 10, total * (tenth + 1) // 10
+        start = next((p for p in trace if p[1] >= lo), None)
+        end = next((p for p in trace if p[1] >= hi), None)
+        if start is None or end is None or end[1] <= start[1] or end[0] <= start[0]:
+            continue
+        n = end[1] - start[1]
+        out.append({"from": lo, "to": hi, "rate": n / (end[0] - start[0]),
+                    "worker_cpu_ms": 1000 * (end[2] - start[2]) / n,
+                    "pg_cpu_ms": 1000 * (end[3] - start[3]) / n})
+    return out
+
+
 def main() -> None:
     """Run the benchmark and append the results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--limit", type=int, default=10**9)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--synthetic", type=int, default=0,
+                        help="ingest this many re-encoded crops from a server directory instead")
+    parser.add_argument("--model-sample", type=int, default=3308,
+                        help="files the model-only throughput is measured on")
     args = parser.parse_args()
-    archive, labels, files = build_inputs(args.limit)
+    if args.synthetic:
+        source, labels, files = build_synthetic(args.synthetic)
+    else:
+        source, labels, files = build_inputs(args.limit)
     load_before = os.getloadavg()
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
-        model = model_only_rate(files, args.batch)
+        model = model_only_rate(files[:args.model_sample], args.batch)
         print(f"model-only: {model:.1f} img/s", flush=True)
-        result = run_once(workers, archive, labels, len(files), args.batch)
+        result = run_once(workers, source, labels, len(files), args.batch)
         result["model_rate"] = model
         print(result, flush=True)
         rows.append(result)
@@ -214,6 +336,27 @@ def main() -> None:
             f"{r['rate'] / r['model_rate']:.2f} | {r['seconds']:.1f} ({r['submit_s']:.1f}) | "
             f"{r['peak_rss_mb']:.0f} | {r['db_bytes_per_image']:.0f} | {r['failed']} | "
             f"{r['ready']}{'' if r['searchable'] else ' (search failed!)'} |")
+    table += ["", "CPU per image (ms of CPU time, all processes of each component; robust to "
+              "other load, unlike the rates):", "",
+              "| workers | Celery workers | PostgreSQL | API | Redis |", "|---|---|---|---|---|"]
+    for r in rows:
+        c = r["cpu_ms"]
+        table.append(f"| {r['workers']} | {c['worker']:.1f} | {c['postgres']:.1f} | "
+                     f"{c['api']:.1f} | {c['redis']:.1f} |")
+    if args.synthetic:
+        table += ["", "Per tenth of the run (collection size when the tenth started and ended):",
+                  "", "| workers | images | img/s | worker CPU ms/img | PostgreSQL CPU ms/img |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            for d in r["deciles"]:
+                table.append(f"| {r['workers']} | {d['from']:,}-{d['to']:,} | {d['rate']:.1f} | "
+                             f"{d['worker_cpu_ms']:.1f} | {d['pg_cpu_ms']:.1f} |")
+            if len(r["deciles"]) >= 2:
+                first, last = r["deciles"][0], r["deciles"][-1]
+                table.append(f"| {r['workers']} | last/first tenth | "
+                             f"{last['rate'] / first['rate']:.2f} | "
+                             f"{last['worker_cpu_ms'] / first['worker_cpu_ms']:.2f} | "
+                             f"{last['pg_cpu_ms'] / first['pg_cpu_ms']:.2f} |")
     body = "\n".join(table) + (
         f"\n\nBatch {args.batch}; one gunicorn worker (4 threads) and one Celery worker with N "
         "prefork processes (one ORT thread each when N > 1); model-only = `embed_bytes` over "

@@ -134,13 +134,9 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
             uuid.UUID(job_id), uuid.UUID(token), session=session,
             store=current_app.extensions["content_store"], embedder=embedder,
             settings=pipeline.batch_settings(config))
-        # As for single uploads, binary codes of the new images. Graph edges are not linked one
-        # by one here: that halved ingestion throughput (docs/benchmarks.md); the collection's
-        # graph is rebuilt in one pass when the job is done.
-        for entry in result.outcome.values():
-            if entry["status"] == "done" and entry.get("image_id"):
-                index_new_image(uuid.UUID(str(entry["image_id"])), session=session, link=False)
-        session.commit()
+        # Binary codes of the new images were written with them (pipeline._encode_codes). Graph
+        # edges are not linked one by one here: that halved ingestion throughput
+        # (docs/benchmarks.md); the collection's graph is rebuilt in one pass after the job.
         if result.finished == "done" and config["GRAPH_LINK_ON_EMBED"]:
             _graph_after_job(uuid.UUID(job_id), model_name, session=session)
     if result.more:

@@ -31,8 +31,11 @@ class ContentStore:
         target = self.path(sha256)
         if target.exists():
             return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:  # The fan-out folders exist after the first few hundred files: skip mkdir.
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
