@@ -39,6 +39,8 @@ class ImageOut(BaseModel):
     filename: str | None = None
     created_at: datetime
     duplicate: bool | None = None
+    auto_tags: list[dict[str, Any]] = Field(
+        default_factory=list, description="the classifier's top-5 ImageNet classes {label, p}")
 
 
 class ImageList(BaseModel):
@@ -96,6 +98,12 @@ class SearchQuery(BaseModel):
     rerank: bool | Literal["aqe", "diffusion"] = Field(
         default=True, description="hash: re-rank candidates exactly (false: Hamming order); "
                                   "'aqe' or 'diffusion': re-rank any search")
+    # Issue 10: search by words, alone or fused with an image query (docs/search.md).
+    text: str | None = Field(default=None, max_length=1000,
+                             description="words: web-search syntax in fulltext mode")
+    text_mode: Literal["fulltext", "semantic", "clip"] = "fulltext"
+    text_weight: float = Field(default=0.5, ge=0.0, le=1.0,
+                               description="the text side's share in the RRF fusion")
 
 
 class SearchForm(BaseModel):

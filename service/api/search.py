@@ -52,7 +52,8 @@ def search() -> dict[str, Any]:
                         collection=query.collection, filter_doc=query.filter, model=query.model,
                         metric=query.metric, min_score=query.min_score, cursor=query.cursor,
                         explain=query.explain, index=query.index, code=query.code,
-                        rerank=query.rerank)
+                        rerank=query.rerank, text=query.text, text_mode=query.text_mode,
+                        text_weight=query.text_weight)
     config = current_app.config
     with session_scope() as session:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],

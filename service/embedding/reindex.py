@@ -106,8 +106,9 @@ def reindex_step(run_id: uuid.UUID, *, session: Session, store: ContentStore,
                 continue
             good.append(image_id)
         if good:
-            vectors = embedder.run(batch(arrays)).vectors
-            save_vectors(model, list(zip(good, vectors, strict=True)), session=session)
+            out = embedder.run(batch(arrays))
+            save_vectors(model, list(zip(good, out.vectors, strict=True)), session=session,
+                         logits=out.logits)
         session.commit()
     return True
 

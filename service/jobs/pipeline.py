@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
 from service.embedding.service import ensure_model_row, save_vectors
-from service.embedding.session import Embedder
+from service.embedding.session import Embedder, Embeddings
 from service.embedding.transforms import ALLOWED_FORMATS, ImageDecodeError, batch, preprocess
 from service.images.models import Image
 from service.images.service import NewImage, _remove_if_unreferenced, store_images
@@ -131,16 +131,16 @@ def _read_reason(exc: Exception) -> str:
 
 
 def embed_valid(embedder: Embedder, datas: list[bytes], *,
-                max_pixels: int) -> tuple[np.ndarray, dict[int, str]]:
-    """Vectors of the decodable files (in order) and the reasons the others failed.
+                max_pixels: int) -> tuple[Embeddings, dict[int, str]]:
+    """Vectors (and logits) of the decodable files, in order, and why the others failed.
 
     One `embed_bytes` call in the common case; a bad file makes it decode each file alone to
     find the culprits, then runs the model once over the rest.
     """
     if not datas:
-        return np.zeros((0, embedder.info.dim), np.float32), {}
+        return Embeddings(np.zeros((0, embedder.info.dim), np.float32), None), {}
     try:
-        return embedder.embed_bytes(datas, max_pixels=max_pixels).vectors, {}
+        return embedder.embed_bytes(datas, max_pixels=max_pixels), {}
     except Exception:  # noqa: BLE001 (any decoder failure: find which file it was below)
         pass
     arrays, errors = [], {}
@@ -152,8 +152,8 @@ def embed_valid(embedder: Embedder, datas: list[bytes], *,
         except Exception as exc:  # noqa: BLE001 (Pillow raises many types on hostile input)
             errors[i] = f"the image could not be decoded: {exc}"
     if not arrays:
-        return np.zeros((0, embedder.info.dim), np.float32), errors
-    return embedder.run(batch(arrays)).vectors, errors
+        return Embeddings(np.zeros((0, embedder.info.dim), np.float32), None), errors
+    return embedder.run(batch(arrays)), errors
 
 
 def _header(data: bytes) -> tuple[str, int, int]:
@@ -201,9 +201,12 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
     # the CPU work instead of adding to it. They must be durable before the rows commit.
     with ThreadPoolExecutor(max_workers=FILE_WRITERS) as pool:
         writes = {digest: pool.submit(store.put, digest, data) for _, data, digest in to_embed}
-        vectors, errors = embed_valid(embedder, [d for _, d, _ in to_embed],
-                                      max_pixels=settings.max_pixels)
+        embedded, errors = embed_valid(embedder, [d for _, d, _ in to_embed],
+                                       max_pixels=settings.max_pixels)
         created = {digest: future.result() for digest, future in writes.items()}
+    vectors = embedded.vectors
+    # Issue 10: class logits by digest, for the automatic tags of the new images.
+    logits: dict[str, np.ndarray] = {}
     for i in errors:
         digest = to_embed[i][2]
         if created.get(digest):
@@ -215,6 +218,8 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
             outcome[item.id] = {"status": "failed", "error": errors[i]}
             continue
         vector = vectors[row]
+        if embedded.logits is not None:
+            logits[digest] = embedded.logits[row]
         row += 1
         try:
             fmt, width, height = _header(data)
@@ -224,7 +229,7 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
         new.append((item, NewImage(data=data, digest=digest, filename=item.name, format=fmt,
                                    width=width, height=height, metadata=item.meta), vector))
     _commit_results(job_id, token, items, new, outcome, session=session, store=store,
-                    embedder=embedder, collection=collection)
+                    embedder=embedder, collection=collection, logits=logits)
     for entry in outcome.values():
         key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}[entry["status"]]
         setattr(result, key, getattr(result, key) + 1)
@@ -241,7 +246,8 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
 def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem],
                     new: list[tuple[ClaimedItem, NewImage, np.ndarray]],
                     outcome: dict[int, dict[str, Any]], *, session: Session, store: ContentStore,
-                    embedder: Embedder, collection: str) -> None:
+                    embedder: Embedder, collection: str,
+                    logits: dict[str, np.ndarray] | None = None) -> None:
     """Images, vectors and item states in one transaction, only for items this claim owns."""
     model = ensure_model_row(embedder.info, session=session)
     job = lock_job(job_id, session=session)
@@ -257,6 +263,7 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
     stored = store_images([image for _, image, _ in new], session=session, store=store,
                           collection=collection)
     fresh: list[tuple[uuid.UUID, np.ndarray]] = []
+    fresh_logits: list[np.ndarray] = []
     for item, image, vector in new:
         image_id, duplicate = stored[image.digest]
         if duplicate:
@@ -264,6 +271,8 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
         else:
             outcome[item.id] = {"status": "done", "image_id": image_id}
             fresh.append((image_id, vector))
+            if logits and image.digest in logits:
+                fresh_logits.append(logits[image.digest])
     for item_id, entry in list(outcome.items()):
         if "same_as" in entry:
             # A second copy of a file in the same batch shares the first copy's fate.
@@ -271,7 +280,9 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
             outcome[item_id] = ({"status": "duplicate", "image_id": first.get("image_id")}
                                 if first["status"] != "failed" else dict(first))
     # One multi-row statement for the vectors; it also marks the new images ready.
-    save_vectors(model, fresh, session=session)
+    save_vectors(model, fresh, session=session,
+                 logits=np.stack(fresh_logits) if fresh and len(fresh_logits) == len(fresh)
+                 else None)
     _encode_codes([image_id for image_id, _ in fresh], collection, session=session)
     for key in [k for k in outcome if k not in owned]:
         del outcome[key]

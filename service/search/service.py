@@ -334,6 +334,10 @@ class SearchRequest:
     index: str = "hnsw"
     code: str | None = None
     rerank: bool | str = True
+    # Issue 10: search by words (service/text), alone or fused with an image query.
+    text: str | None = None
+    text_mode: str = "fulltext"
+    text_weight: float = 0.5
 
 
 @dataclass
@@ -384,6 +388,11 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
                max_pixels: int, max_k: int,
                exact_max_rows: int = EXACT_MAX_ROWS) -> SearchOutcome:
     """Resolve the query vector (stored image, raw vector or uploaded file), then search."""
+    if req.text is not None:  # Issue 10: by words (service/text/service.py).
+        from service.text.service import run_text_search
+
+        return run_text_search(req, session=session, model_dir=model_dir,
+                               default_model=default_model, max_pixels=max_pixels, max_k=max_k)
     given = [x for x in (req.image_id, req.vector, req.file) if x is not None]
     if len(given) != 1:
         raise ApiError("invalid_query", "give exactly one of image_id, vector or file")

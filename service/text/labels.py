@@ -1,0 +1,72 @@
+"""ImageNet class names, class probabilities and the automatic tags stored per image."""
+
+from __future__ import annotations
+
+import uuid
+from functools import cache
+from importlib import resources
+
+import numpy as np
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from service.embedding.models import EmbeddingModel
+from service.images.models import Image
+from service.text.models import CLASSES, ImageClasses
+
+AUTO_TAGS = 5
+
+
+@cache
+def class_names() -> tuple[str, ...]:
+    """The first name of each ImageNet-1k class, in index order (0 = tench)."""
+    text = resources.files("service.embedding").joinpath("imagenet_classes.txt").read_text()
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    assert len(names) == CLASSES
+    return names
+
+
+@cache
+def class_synonyms() -> tuple[str, ...]:
+    """Every name of each ImageNet-1k class ("cowboy hat, ten-gallon hat"), in index order."""
+    text = resources.files("service.text").joinpath("imagenet_synonyms.txt").read_text()
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    assert len(names) == CLASSES
+    return names
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable for large logits), returned as float32."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_tags(probs: np.ndarray, k: int = AUTO_TAGS) -> list[dict[str, object]]:
+    """The k most probable classes as [{"label", "p"}], best first."""
+    names = class_names()
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": names[i], "p": round(float(probs[i]), 4)} for i in order]
+
+
+def save_labels(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]], *,
+                session: Session) -> None:
+    """Store the class probabilities and the top-5 automatic tags of embedded images; no commit.
+
+    Models without a 1,000-class ImageNet head (user models, heads) are skipped.
+    """
+    pairs = [(image_id, logits) for image_id, logits in pairs
+             if logits is not None and np.shape(logits) == (CLASSES,)]
+    if not pairs:
+        return
+    probs = softmax(np.stack([logits for _, logits in pairs]))
+    stmt = insert(ImageClasses).values([
+        {"image_id": image_id, "model_id": model.id, "probs": p}
+        for (image_id, _), p in zip(pairs, probs, strict=True)])
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["image_id", "model_id"], set_={"probs": stmt.excluded.probs}))
+    session.execute(update(Image), [
+        {"id": image_id, "auto_tags": top_tags(p)}
+        for (image_id, _), p in zip(pairs, probs, strict=True)])
