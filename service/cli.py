@@ -87,6 +87,9 @@ def models_install(name: str, force: bool) -> None:
     """Build NAME's ONNX file from its package's weights into MODEL_DIR."""
     from service.embedding import registry
 
+    if name == "all-minilm-l6-v2":  # Issue 10: the sentence model of the label bridge.
+        _install_sentence_model(force)
+        return
     model_dir = _model_dir()
     if not force:
         try:
@@ -102,6 +105,22 @@ def models_install(name: str, force: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"installed {name} v{info.version} dim={info.dim} sha256={info.sha256[:12]} "
                f"in {time.perf_counter() - started:.1f}s -> {model_dir / name}")
+
+
+def _install_sentence_model(force: bool) -> None:
+    """Convert the packaged MiniLM sentence model to ONNX (service/text/sentence.py)."""
+    from service.embedding.registry import ModelError
+    from service.text import sentence
+
+    if not force and sentence.is_installed(_model_dir()):
+        click.echo(f"{sentence.NAME} already installed")
+        return
+    started = time.perf_counter()
+    try:
+        target = sentence.install_sentence_model(_model_dir())
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"installed {sentence.NAME} in {time.perf_counter() - started:.1f}s -> {target}")
 
 
 @models.command("list")
