@@ -55,4 +55,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(evaluations.bp)
     errors.register_error_handlers(app)
     spec.register(app)
+    from service.api.auth import init_auth  # Issue 9: API keys, isolation, rate limits.
+
+    init_auth(app)
     return app

@@ -86,7 +86,11 @@ def _model_dir() -> Path:
 def models_install(name: str, force: bool) -> None:
     """Build NAME's ONNX file from its package's weights into MODEL_DIR."""
     from service.embedding import registry
+    from service.features.models import is_derived
 
+    if is_derived(name):  # Issue 6: hand-crafted and region models live in the database.
+        _enable_derived(name)
+        return
     if name == "all-minilm-l6-v2":  # Issue 10: the sentence model of the label bridge.
         _install_sentence_model(force)
         return
@@ -105,6 +109,25 @@ def models_install(name: str, force: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"installed {name} v{info.version} dim={info.dim} sha256={info.sha256[:12]} "
                f"in {time.perf_counter() - started:.1f}s -> {model_dir / name}")
+
+
+def _enable_derived(name: str) -> None:
+    """Register a hand-crafted or region model, so that new images get its vectors."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding.registry import ModelError
+    from service.embedding.service import ensure_model_row
+    from service.features.models import derived_info
+
+    app = create_app()
+    with app.app_context(), session_scope() as session:
+        try:
+            info = derived_info(name, model_dir=app.config["MODEL_DIR"])
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from exc
+        ensure_model_row(info, session=session)
+    click.echo(f"enabled {name} (dim={info.dim}): computed for every new image; run "
+               f"`lookalike reindex --collection NAME --model {name}` for existing ones")
 
 
 def _install_sentence_model(force: bool) -> None:
@@ -127,12 +150,15 @@ def _install_sentence_model(force: bool) -> None:
 def models_list() -> None:
     """Show installed and available models."""
     from service.embedding import registry
+    from service.features.models import HANDCRAFTED
 
     installed = {m.name: m for m in registry.installed(_model_dir())}
     for name in sorted(set(registry.CATALOG) | set(installed)):
         info = installed.get(name)
         state = f"installed v{info.version} dim={info.dim}" if info else "available"
         click.echo(f"{name:28s} {state}")
+    for spec in HANDCRAFTED.values():
+        click.echo(f"{spec.name:28s} built in, dim={spec.dim}: {spec.description}")
 
 
 def _triple(value: str) -> tuple[float, float, float]:
@@ -375,6 +401,86 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
                f"P@10 {out.raw_test_p10:.4f} -> {out.head_test_p10:.4f}")
 
 
+# ---- API keys (issue 9) -----------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """API keys: create (the token is printed once), revoke, list."""
+
+
+def _keys_session():  # noqa: ANN202  (imported lazily: the CLI must start fast)
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import NullPool
+
+    from service.db import make_engine
+
+    url = settings_from_env().get("DATABASE_URL")
+    if not url:
+        raise click.ClickException("DATABASE_URL is not set and no embedded services are "
+                                   "running: run `lookalike services start` first")
+    return Session(make_engine(url, poolclass=NullPool), expire_on_commit=False)
+
+
+@keys.command("create")
+@click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="read",
+              show_default=True, help="read: GET and search; write: + uploads, changes, "
+              "jobs; admin: everything, every collection.")
+@click.option("--collections", help="Comma-separated collections the key may see "
+              "(required unless --scope admin).")
+@click.option("--name", default="", help="A label for listings.")
+def keys_create(scope: str, collections: str | None, name: str) -> None:
+    """Create a key and print its token (shown this once; only a hash is stored)."""
+    from service.auth.service import create_key
+    from service.errors import ApiError
+
+    names = None if collections is None else [c for c in collections.split(",") if c.strip()]
+    if scope != "admin" and not names:
+        raise click.UsageError("--collections is required for read and write keys")
+    with _keys_session() as session:
+        try:
+            created = create_key(session=session, scope=scope, collections=names, name=name)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from exc
+        session.commit()
+    key = created.key
+    click.echo(f"created key {key.id} (prefix {key.prefix}, scope {key.scope}, collections "
+               f"{', '.join(key.collections) if key.collections else 'all'})", err=True)
+    click.echo("the token is shown once; store it now:", err=True)
+    click.echo(created.token)
+
+
+@keys.command("revoke")
+@click.argument("id_or_prefix")
+def keys_revoke(id_or_prefix: str) -> None:
+    """Revoke a key by id or prefix: its token stops working at once."""
+    from service.auth.service import revoke_key
+    from service.errors import ApiError
+
+    with _keys_session() as session:
+        try:
+            key = revoke_key(id_or_prefix, session=session)
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from exc
+        session.commit()
+    click.echo(f"revoked {key.id} (prefix {key.prefix})")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key: id, prefix, scope, collections, name, dates (never a secret)."""
+    from service.auth.service import list_keys
+
+    with _keys_session() as session:
+        rows = list_keys(session=session)
+    click.echo(f"{'id':36s}  {'prefix':12s}  {'scope':5s}  {'status':7s}  {'last used':19s}  "
+               "collections / name")
+    for key in rows:
+        used = key.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if key.last_used_at else "never"
+        status = "revoked" if key.revoked_at else "active"
+        where = ",".join(key.collections) if key.collections else "*"
+        click.echo(f"{key.id!s:36s}  {key.prefix:12s}  {key.scope:5s}  {status:7s}  "
+                   f"{used:19s}  {where}{'  ' + key.name if key.name else ''}")
+
+
 # ---- run --------------------------------------------------------------------------------------
 @main.command("run")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -401,6 +507,28 @@ def run(host: str, port: int, api_workers: int, concurrency: int) -> None:
             click.echo("embedded services stopped")
 
 
+def _check_auth(settings: dict[str, object], env: dict[str, str], host: str) -> None:
+    """Tell the API its bind host; refuse to serve a network without keys (issue 9)."""
+    from service.api.auth import auth_required, is_loopback
+    from service.auth.service import count_active_keys
+
+    env["LOOKALIKE_BIND_HOST"] = host
+    if not auth_required({**settings, "BIND_HOST": host}):
+        if not is_loopback(host):
+            raise click.ClickException(f"refusing to serve {host} without API keys: unset "
+                                       "LOOKALIKE_AUTH_REQUIRED or bind 127.0.0.1")
+        click.echo(f"WARNING: API keys are OFF because the API listens on {host} (loopback): "
+                   "anyone on this machine can read, change and delete every collection. "
+                   "Bind another --host (or set LOOKALIKE_AUTH_REQUIRED=true) to require "
+                   "keys.", err=True)
+        return
+    with _keys_session() as session:
+        active = count_active_keys(session=session)
+    if not active:
+        click.echo("WARNING: API keys are required and none exists yet: every API request "
+                   "will get 401. Create one: lookalike keys create --scope admin", err=True)
+
+
 def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
            concurrency: int) -> None:
     from service.embedding import registry
@@ -417,6 +545,7 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
         except registry.ModelError as exc:
             raise click.ClickException(str(exc)) from exc
     upgrade(settings["DATABASE_URL"])
+    _check_auth(settings, env, host)
     bin_dir = Path(sys.executable).parent
     procs = [
         subprocess.Popen([str(bin_dir / "gunicorn"), "service.wsgi:app", "-b", f"{host}:{port}",

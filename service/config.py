@@ -48,6 +48,14 @@ DEFAULTS: dict[str, Any] = {
     "ARCHIVE_MAX_ENTRIES": 1_000_000,
     "ARCHIVE_MAX_TOTAL_BYTES": 20 * 1024**3,
     "ARCHIVE_MAX_RATIO": 100,
+    # Issue 9 (docs/security.md). "auto": API keys are required unless the API listens on a
+    # loopback address; `lookalike run` passes its --host as BIND_HOST.
+    "AUTH_REQUIRED": "auto",
+    "BIND_HOST": None,
+    # Per API key (per client address when the API runs open), counted in Redis.
+    "RATE_LIMIT_ENABLED": True,
+    "RATE_LIMIT_DEFAULT": "600/minute",
+    "RATE_LIMIT_UPLOAD": "120/minute",
 }
 
 # Plain names that deployments conventionally set without a prefix.

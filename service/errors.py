@@ -9,6 +9,8 @@ class ApiError(Exception):
     """A client-visible error with an HTTP status and a stable code."""
 
     status = 400
+    # Extra response headers (e.g. WWW-Authenticate, Retry-After).
+    headers: dict[str, str] | None = None
 
     def __init__(self, code: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -32,6 +34,19 @@ def parse_uuid(value: str | uuid.UUID, *, what: str) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError as exc:
         raise NotFound("not_found", f"no {what} {value!r}") from exc
+
+
+class Unauthorized(ApiError):
+    """No credentials, or credentials that name no usable API key."""
+
+    status = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="lookalike"'}
+
+
+class Forbidden(ApiError):
+    """The API key is valid but its scope does not allow this request."""
+
+    status = 403
 
 
 class Conflict(ApiError):

@@ -61,6 +61,10 @@ def settings(stack: ServiceStack, model_dir: Path,
         "MODEL_DIR": str(model_dir),
         "DEFAULT_MODEL": DEFAULT_MODEL,
         "MAX_UPLOAD_BYTES": 5 * 1024 * 1024,
+        # Issue 9: the suite's app listens on loopback (keys optional, see tests/api/test_auth.py)
+        # and its rate limits are tested on their own app, so no other test trips them.
+        "BIND_HOST": "127.0.0.1",
+        "RATE_LIMIT_ENABLED": False,
     }
 
 
@@ -69,8 +73,9 @@ def worker_env(settings: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     env["DATABASE_URL"] = settings["DATABASE_URL"]
     env["REDIS_URL"] = settings["REDIS_URL"]
-    for key in ("STORAGE_DIR", "MODEL_DIR", "DEFAULT_MODEL", "MAX_UPLOAD_BYTES"):
+    for key in ("STORAGE_DIR", "MODEL_DIR", "DEFAULT_MODEL", "MAX_UPLOAD_BYTES", "BIND_HOST"):
         env[f"LOOKALIKE_{key}"] = str(settings[key])
+    env["LOOKALIKE_RATE_LIMIT_ENABLED"] = "false"
     return env
 
 

@@ -30,7 +30,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> ResponseReturnValue:
-        return error_response(exc.code, exc.message, exc.status)
+        body, status = error_response(exc.code, exc.message, exc.status)  # type: ignore[misc]
+        body.headers.update(exc.headers or {})
+        return body, status
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> ResponseReturnValue:

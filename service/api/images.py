@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 from spectree import Response as Resp
 
+from service.api.auth import require_collection
 from service.api.context import content_store
 from service.api.openapi import spec
 from service.api.paging import decode_cursor, keyset_page
@@ -68,7 +69,7 @@ def upload_image() -> tuple[dict[str, Any], int]:
     if upload is None:
         raise ApiError("missing_file", "multipart field 'file' is required")
     metadata = parse_metadata_field(request.form.get("metadata"))
-    collection = request.form.get("collection") or "default"
+    collection = require_collection(request.form.get("collection") or "default")
     data = upload.read()
     with session_scope() as session:
         stored = images.store_image(

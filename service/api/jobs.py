@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, request
 from pydantic import ValidationError
 from spectree import Response as Resp
 
+from service.api.auth import require_collection
 from service.api.job_schemas import (
     JobCreate,
     JobCreated,
@@ -128,12 +129,12 @@ def create_job() -> tuple[dict[str, Any], int]:
         if upload is not None:
             job = jobs.create_archive_job(
                 upload.stream, session=session, storage_dir=config["STORAGE_DIR"],
-                collection=request.form.get("collection") or "default",
+                collection=require_collection(request.form.get("collection") or "default"),
                 filename=upload.filename, metadata=_metadata_part(), limits=_limits(),
                 max_metadata_bytes=max_meta)
         else:
             body = _json_body()
-            collection = body.collection or "default"
+            collection = require_collection(body.collection or "default")
             if body.source is not None and body.items is None:
                 job = jobs.create_path_job(
                     body.source.path, session=session, roots=roots, collection=collection,

@@ -184,7 +184,9 @@ def store_images(new: list[NewImage], *, session: Session, store: ContentStore,
 
 def _remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> None:
     try:
-        still_used = session.scalar(select(Image.id).where(Image.sha256 == digest).limit(1))
+        # Every collection counts, whichever ones the caller may see.
+        still_used = session.scalar(select(Image.id).where(Image.sha256 == digest).limit(1),
+                                    execution_options={"all_collections": True})
     except Exception:  # The database may be what failed; keeping a file is the safe side.
         log.exception("could not check references of %s", digest)
         return

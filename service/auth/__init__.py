@@ -1,0 +1,1 @@
+"""API keys: creation, revocation, authentication and per-collection visibility."""
