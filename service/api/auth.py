@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from flask import Flask, current_app, g, has_app_context, request
+from flask import Flask, current_app, g, has_app_context, has_request_context, request
 from flask.typing import ResponseReturnValue
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
@@ -95,7 +95,11 @@ def allowed_collections() -> frozenset[str] | None:
     if not has_app_context():
         return None
     principal = g.get("principal")
-    return None if principal is None else principal.collections
+    if principal is None:
+        # A request refused before it was authenticated (e.g. the 401 page) sees nothing.
+        enforced = has_request_context() and current_app.config.get("AUTH_ENFORCED")
+        return frozenset() if enforced else None
+    return principal.collections
 
 
 def require_collection(name: str) -> str:

@@ -59,6 +59,17 @@ def register_error_handlers(app: Flask) -> None:
         log.warning("storage unavailable: %s", exc)
         return _unavailable("storage_unavailable", "file storage is unavailable; retry later")
 
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError) -> ResponseReturnValue:
+        # Only client JSON nests this deeply (10,000 levels of brackets, say): a 400, not a 500.
+        return error_response("invalid_request", "the request's JSON is nested too deeply", 400)
+
+    @app.errorhandler(UnicodeEncodeError)
+    def _not_unicode(exc: UnicodeEncodeError) -> ResponseReturnValue:
+        # JSON may carry lone surrogates ("\ud800") that no database text can hold.
+        return error_response("invalid_text", "text must be valid Unicode (no lone "
+                              "surrogates)", 400)
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         log.exception("unhandled error")

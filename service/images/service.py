@@ -27,6 +27,8 @@ MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "
         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif"}
 THUMBNAIL_SIZE = 256
 MAX_COLLECTION_LENGTH = 128
+# Issue 9: deeper metadata is refused (filters may only reach depth 8 anyway).
+MAX_METADATA_DEPTH = 32
 MAX_TAGS = 100
 MAX_TAG_CHARS = 100
 
@@ -48,12 +50,30 @@ def validate_collection(name: str) -> str:
     return name
 
 
+def _depth(value: Any) -> int:
+    """How deeply containers nest (iteratively: hostile input must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_METADATA_DEPTH:
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict)
+                                                      else item))
+    return deepest
+
+
 def validate_metadata(meta: Any, *, max_bytes: int) -> dict[str, Any]:
     """Metadata must be a JSON object that PostgreSQL can store as jsonb."""
     if not isinstance(meta, dict):
         raise ApiError("invalid_metadata", "metadata must be a JSON object")
+    if _depth(meta) > MAX_METADATA_DEPTH:
+        raise ApiError("invalid_metadata",
+                       f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
     try:
         text = json.dumps(meta, allow_nan=False)
+        # Lone surrogates ("\ud800") parse as JSON but no database text can hold them.
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ApiError("invalid_metadata", f"metadata is not valid JSON: {exc}") from exc
     if len(text.encode()) > max_bytes:

@@ -86,7 +86,7 @@ def _page_http_error(exc: HTTPException) -> tuple[str, int]:
 
 
 def _error_page(status: int, message: str) -> tuple[str, int]:
-    titles = {404: "Not found", 400: "That did not work"}
+    titles = {404: "Not found", 400: "That did not work", 401: "API key needed"}
     try:
         context = _page_context("")
     except Exception:  # The database may be what failed: still show the message.

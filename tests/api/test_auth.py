@@ -345,3 +345,11 @@ def test_uploads_have_their_own_lower_limit(limited: Flask, photos: list[Path]) 
     assert "Retry-After" in resp.headers
     # Reads by the same key still have room under the general limit.
     assert client.get("/api/v1/images", headers=_auth(token)).status_code == 200
+
+
+def test_pages_without_a_key_ask_for_one_and_show_nothing(secure: Flask, world: World) -> None:
+    resp = secure.test_client().get("/browse")
+    assert resp.status_code == 401 and resp.mimetype == "text/html"
+    page = resp.get_data(as_text=True)
+    assert 'id="key-form"' in page
+    assert A not in page and B not in page  # not even the collection names

@@ -17,12 +17,38 @@
     }
   }
 
-  async function api(path, options = {}) {
+  // Issue 9: where the API requires keys, the page keeps one in a cookie (so that page loads
+  // and <img> thumbnails carry it) and sends it as a bearer header on every API call (the
+  // server accepts the cookie alone only for reads).
+  const KEY_COOKIE = "lookalike_key";
+
+  function storedKey() {
+    const match = document.cookie.match(new RegExp("(?:^|; )" + KEY_COOKIE + "=([^;]*)"));
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function storeKey(key) {
+    const secure = location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = `${KEY_COOKIE}=${encodeURIComponent(key)}; Path=/; SameSite=Strict${secure}`;
+  }
+
+  async function api(path, options = {}, retried = false) {
     let response;
+    const key = storedKey();
+    const sent = key
+      ? { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } }
+      : options;
     try {
-      response = await fetch(API + path, options);
+      response = await fetch(API + path, sent);
     } catch (_) {
       throw new ApiFailure("network", "", 0);
+    }
+    if (response.status === 401 && !retried) {
+      const entered = window.prompt("This Lookalike needs an API key (lk_…):", "");
+      if (entered) {
+        storeKey(entered.trim());
+        return api(path, options, true);
+      }
     }
     let body = null;
     try {
@@ -35,6 +61,15 @@
       throw new ApiFailure(error.code, error.message || "", response.status);
     }
     return body;
+  }
+
+  const keyForm = $("#key-form");
+  if (keyForm) {
+    keyForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      storeKey(new FormData(keyForm).get("key").trim());
+      location.reload();
+    });
   }
 
   // What an error means, in plain words; the server's own message adds the detail.
