@@ -86,7 +86,11 @@ def _model_dir() -> Path:
 def models_install(name: str, force: bool) -> None:
     """Build NAME's ONNX file from its package's weights into MODEL_DIR."""
     from service.embedding import registry
+    from service.features.models import is_derived
 
+    if is_derived(name):  # Issue 6: hand-crafted and region models live in the database.
+        _enable_derived(name)
+        return
     if name == "all-minilm-l6-v2":  # Issue 10: the sentence model of the label bridge.
         _install_sentence_model(force)
         return
@@ -105,6 +109,25 @@ def models_install(name: str, force: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"installed {name} v{info.version} dim={info.dim} sha256={info.sha256[:12]} "
                f"in {time.perf_counter() - started:.1f}s -> {model_dir / name}")
+
+
+def _enable_derived(name: str) -> None:
+    """Register a hand-crafted or region model, so that new images get its vectors."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding.registry import ModelError
+    from service.embedding.service import ensure_model_row
+    from service.features.models import derived_info
+
+    app = create_app()
+    with app.app_context(), session_scope() as session:
+        try:
+            info = derived_info(name, model_dir=app.config["MODEL_DIR"])
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from exc
+        ensure_model_row(info, session=session)
+    click.echo(f"enabled {name} (dim={info.dim}): computed for every new image; run "
+               f"`lookalike reindex --collection NAME --model {name}` for existing ones")
 
 
 def _install_sentence_model(force: bool) -> None:

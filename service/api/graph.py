@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from service.api.graph_schemas import (
     ClusterList,
     ClusterQuery,
+    DuplicateList,
+    DuplicateQuery,
     GraphRebuild,
     GraphRebuildOut,
     RelatedList,
@@ -60,11 +62,27 @@ def clusters() -> dict[str, Any]:
 
 
 @bp.get("/duplicates")
-@spec.validate(query=ClusterQuery, resp=Resp(HTTP_200=ClusterList, HTTP_400=ErrorResponse,
-                                             HTTP_404=ErrorResponse), tags=TAGS)
+@spec.validate(query=DuplicateQuery, resp=Resp(HTTP_200=DuplicateList, HTTP_400=ErrorResponse,
+                                               HTTP_404=ErrorResponse), tags=TAGS)
 def duplicates() -> dict[str, Any]:
-    """Near-duplicate groups: the MST cut at the (small) duplicate distance."""
-    return _groups(request.context.query, graph.DUPLICATE_THRESHOLD)  # type: ignore[attr-defined]
+    """Near-duplicate groups by tier: same bytes, then pHash, then the CNN's graph."""
+    from service.graph.duplicates import PHASH_THRESHOLD, TIERS, duplicate_groups
+
+    query: DuplicateQuery = request.context.query  # type: ignore[attr-defined]
+    threshold = graph.DUPLICATE_THRESHOLD if query.threshold is None else query.threshold
+    bits = PHASH_THRESHOLD if query.phash_threshold is None else query.phash_threshold
+    tiers = tuple(t for t in TIERS if t in query.tiers.split(","))
+    with session_scope() as session:
+        model = _model(query.model, session=session)
+        groups, notes = duplicate_groups(query.collection, session=session, model=model,
+                                         cnn_threshold=threshold, phash_threshold=bits,
+                                         tiers=tiers, min_size=query.min_size)
+    return {"collection": query.collection, "model": model.name, "threshold": threshold,
+            "phash_threshold": bits, "tiers": list(tiers), "notes": notes,
+            "clusters": [{"size": len(g.ids), "ids": [str(i) for i in g.ids], "tier": g.tier,
+                          "links": [{"a": str(x.a), "b": str(x.b), "tier": x.tier,
+                                     "distance": x.distance} for x in g.links]}
+                         for g in groups]}
 
 
 @bp.get("/images/<image_id>/related")

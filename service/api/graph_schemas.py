@@ -65,6 +65,45 @@ class ClusterOut(BaseModel):
     ids: list[str]
 
 
+class DuplicateQuery(ClusterQuery):
+    """Which collection to scan for duplicates, by which tiers and thresholds."""
+
+    phash_threshold: int | None = Field(default=None, ge=0, le=32,
+                                        description="pHash Hamming distance in bits (of 64)")
+    tiers: str = Field(default="exact,phash,cnn",
+                       pattern=r"^(exact|phash|cnn)(,(exact|phash|cnn))*$",
+                       description="comma-separated tiers to use, of exact, phash and cnn")
+
+
+class DuplicateLinkOut(BaseModel):
+    """Two images joined by a tier."""
+
+    a: str
+    b: str
+    tier: Literal["exact", "phash", "cnn"]
+    distance: float = Field(description="0 for exact, bits for phash, cosine for cnn")
+
+
+class DuplicateOut(ClusterOut):
+    """One group of copies of a picture and how its members were matched."""
+
+    tier: Literal["exact", "phash", "cnn"] = Field(
+        description="the loosest tier among its links (exact < phash < cnn)")
+    links: list[DuplicateLinkOut]
+
+
+class DuplicateList(BaseModel):
+    """Duplicate groups, largest first."""
+
+    collection: str
+    model: str
+    threshold: float = Field(description="the cnn tier's cosine distance")
+    phash_threshold: int
+    tiers: list[str]
+    clusters: list[DuplicateOut]
+    notes: list[str]
+
+
 class ClusterList(BaseModel):
     """Groups of the MST cut at `threshold`, largest first."""
 

@@ -88,7 +88,10 @@ class SearchQuery(BaseModel):
     collection: str | None = Field(default=None, max_length=128)
     filter: dict[str, Any] | None = None
     model: str | None = Field(default=None, max_length=128)
-    metric: Literal["cosine", "l2", "inner_product", "l1", "chebyshev"] = "cosine"
+    metric: Literal["cosine", "l2", "inner_product", "l1", "chebyshev", "chi2",
+                    "hamming"] | None = Field(
+        default=None, description="default: the model's own (cosine; chi2 for hsv-hist, "
+                                  "hamming for phash)")
     min_score: float | None = Field(default=None, allow_inf_nan=False)
     cursor: str | None = Field(default=None, max_length=512)
     explain: bool = False
@@ -98,6 +101,9 @@ class SearchQuery(BaseModel):
     rerank: bool | Literal["aqe", "diffusion"] = Field(
         default=True, description="hash: re-rank candidates exactly (false: Hamming order); "
                                   "'aqe' or 'diffusion': re-rank any search")
+    query_crops: bool = Field(
+        default=False, description="also match crops of the query and images the query is a "
+                                   "crop of (needs the model's @centre70 companion)")
     # Issue 10: search by words, alone or fused with an image query (docs/search.md).
     text: str | None = Field(default=None, max_length=1000,
                              description="words: web-search syntax in fulltext mode")

@@ -54,6 +54,7 @@ def search() -> dict[str, Any]:
                         explain=query.explain, index=query.index, code=query.code,
                         rerank=query.rerank, text=query.text, text_mode=query.text_mode,
                         text_weight=query.text_weight)
+    req.query_crops = query.query_crops  # Issue 6: service/search/crops.py
     config = current_app.config
     with session_scope() as session:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],

@@ -59,8 +59,12 @@ def _missing(collection: str, model_id: int) -> select:
 def start_reindex(collection: str, model_name: str, *, session: Session,
                   model_dir: str | Path) -> ReindexRun:
     """Register the model (and its index) and record a run over the collection's images."""
-    embedder = get_embedder(model_dir, model_name)
-    ensure_model_row(embedder.info, session=session)
+    from service.features.models import derived_info, is_derived
+
+    # Issue 6: hand-crafted and region models are computed, not loaded from an ONNX file.
+    info = (derived_info(model_name, model_dir=model_dir) if is_derived(model_name)
+            else get_embedder(model_dir, model_name).info)
+    ensure_model_row(info, session=session)
     total = session.scalar(select(func.count()).select_from(Image).where(
         Image.collection == collection, Image.status == "ready")) or 0
     if not total:
@@ -82,6 +86,12 @@ def reindex_step(run_id: uuid.UUID, *, session: Session, store: ContentStore,
     run = session.get(ReindexRun, run_id)
     if run is None or run.status != "running":
         return False
+    from service.features.models import is_derived, reindex_derived
+
+    if is_derived(run.model):  # Issue 6: hand-crafted features and region vectors.
+        return reindex_derived(run_id, session=session, store=store, model_dir=model_dir,
+                               max_pixels=max_pixels, batch_size=batch_size,
+                               max_batches=max_batches)
     embedder = get_embedder(model_dir, run.model)
     model = ensure_model_row(embedder.info, session=session)
     failed_ids: set[uuid.UUID] = set()

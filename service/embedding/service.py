@@ -23,8 +23,13 @@ from service.images.storage import ContentStore
 log = logging.getLogger(__name__)
 
 _FIVE_DIGITS = "%.5g".__mod__
-# pgvector operator classes per metric for the per-model HNSW indexes.
-INDEX_OPS = {"cosine": "halfvec_cosine_ops"}
+# pgvector operator classes per metric for the per-model HNSW indexes. CNN models get the
+# cosine one; hand-crafted models (service/features/models.py) L1 or Hamming.
+INDEX_OPS = {"cosine": "halfvec_cosine_ops", "l1": "halfvec_l1_ops", "hamming": "bit_hamming_ops"}
+# The indexed expression per metric; {d} is the model's dimension. Hamming indexes the sign
+# bits of the stored 0/1 vector as bit(d), so a 64-bit pHash is searched as a bit(64).
+INDEX_EXPRESSIONS = {"cosine": "vector::halfvec({d})", "l1": "vector::halfvec({d})",
+                     "hamming": "binary_quantize(vector::halfvec({d}))::bit({d})"}
 
 
 class PermanentEmbedError(Exception):
@@ -56,15 +61,18 @@ def ensure_model_row(info: ModelInfo, *, session: Session) -> EmbeddingModel:
 
 
 def ensure_indexes(model: EmbeddingModel, *, session: Session) -> None:
-    """Create the model's partial HNSW indexes over `vector::halfvec(dim)` if missing."""
+    """Create the model's partial HNSW index (cosine, or L1/Hamming if hand-crafted)."""
     # Identifiers and the dimension are integers from our own table, never user text.
+    from service.features.models import index_metric
+
     model_id, dim = int(model.id), int(model.dim)
-    for metric, ops in INDEX_OPS.items():
-        session.execute(text(
-            f"CREATE INDEX IF NOT EXISTS {index_name(model_id, metric)} ON image_embeddings "
-            f"USING hnsw ((vector::halfvec({dim})) {ops}) WITH (m = 16, ef_construction = 64) "
-            f"WHERE model_id = {model_id}"
-        ))
+    metric = index_metric(model.name)
+    expression = INDEX_EXPRESSIONS[metric].format(d=dim)
+    session.execute(text(
+        f"CREATE INDEX IF NOT EXISTS {index_name(model_id, metric)} ON image_embeddings "
+        f"USING hnsw (({expression}) {INDEX_OPS[metric]}) WITH (m = 16, ef_construction = 64) "
+        f"WHERE model_id = {model_id}"
+    ))
 
 
 def find_model(name: str, *, session: Session) -> EmbeddingModel | None:
@@ -125,6 +133,11 @@ def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
         raise PermanentEmbedError(exc.message) from exc
     save_vectors(model, [(image.id, result.vectors[0])], session=session,
                  logits=result.logits)
+    # Issue 6: vectors of enabled hand-crafted and region models, in the same transaction,
+    # so that a ready image has them all.
+    from service.features.models import save_derived
+
+    save_derived([(image.id, data)], session=session, embedder=embedder, max_pixels=max_pixels)
     session.commit()
     return "ready"
 
@@ -132,6 +145,10 @@ def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
 def embed_query(data: bytes, *, model_dir: str | Path, model_name: str,
                 max_pixels: int) -> tuple[ModelInfo, np.ndarray]:
     """Embed an uploaded query image in this process."""
+    from service.features.models import derived_query_vector, is_derived
+
+    if is_derived(model_name):  # Issue 6: hand-crafted features and region vectors.
+        return derived_query_vector(model_name, data, model_dir=model_dir, max_pixels=max_pixels)
     embedder = get_embedder(model_dir, model_name)
     return embedder.info, embedder.embed_bytes([data], max_pixels=max_pixels).vectors[0]
 

@@ -55,3 +55,12 @@ def phash(img: Image.Image) -> np.ndarray:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamming distances between bool codes (broadcasts over rows)."""
     return np.count_nonzero(a != b, axis=-1)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Untrusted bytes -> an oriented RGB image, decoded in full like the calibration run."""
+    from service.embedding.transforms import open_image, to_rgb
+
+    # No JPEG draft decoding: thresholds (docs/hashing.md) were calibrated on full decodes,
+    # and pHash bits near the median flip under the draft's coarser DCT scaling.
+    return to_rgb(open_image(data, max_pixels=max_pixels))

@@ -55,10 +55,16 @@ def link_image(image_id: uuid.UUID, *, session: Session, model: EmbeddingModel |
     Without a model, the graph of the model that embedded the image last.
     """
     if model is None:
+        from service.features.models import HANDCRAFTED, REGION_SUFFIX
+
         model = session.scalar(
             select(EmbeddingModel)
             .join(ImageEmbedding, ImageEmbedding.model_id == EmbeddingModel.id)
-            .where(ImageEmbedding.image_id == image_id)
+            # Hand-crafted and region vectors are written beside the CNN's, in the same
+            # transaction: the graph is the CNN's.
+            .where(ImageEmbedding.image_id == image_id,
+                   EmbeddingModel.name.not_in(list(HANDCRAFTED)),
+                   EmbeddingModel.name.not_like(f"%{REGION_SUFFIX}"))
             .order_by(ImageEmbedding.created_at.desc(), EmbeddingModel.id.desc()).limit(1))
         if model is None:
             return 0

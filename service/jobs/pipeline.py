@@ -233,6 +233,8 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
     for entry in outcome.values():
         key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}[entry["status"]]
         setattr(result, key, getattr(result, key) + 1)
+    _save_derived(new, outcome, session=session, embedder=embedder,
+                  max_pixels=settings.max_pixels)
     result.outcome = outcome
     result.more = session.scalar(select(select(IngestItem.id).where(
         IngestItem.job_id == job_id, IngestItem.status == "pending").exists())) or False
@@ -313,6 +315,20 @@ def _encode_codes(image_ids: list[uuid.UUID], collection: str, *, session: Sessi
     if covered:
         for image_id in image_ids:
             encode_image(image_id, session=session)
+
+
+def _save_derived(new: list[tuple[ClaimedItem, NewImage, np.ndarray]],
+                  outcome: dict[int, dict[str, Any]], *, session: Session, embedder: Embedder,
+                  max_pixels: int) -> None:
+    """Vectors of enabled hand-crafted and region models (issue 6) of the batch's new images."""
+    from service.features.models import save_derived
+
+    # After the batch's commit, outside the job lock: another worker's batch need not wait
+    # for these. An image is ready a moment before they exist; a reindex fills any gap.
+    pairs = [(outcome[item.id]["image_id"], image.data) for item, image, _ in new
+             if outcome.get(item.id, {}).get("status") == "done"]
+    if pairs and save_derived(pairs, session=session, embedder=embedder, max_pixels=max_pixels):
+        session.commit()
 
 
 def batch_settings(config: Any) -> BatchSettings:

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -263,12 +263,14 @@ def _index_search(session: Session, model: EmbeddingModel, ranking: Metric, q: A
     from service.embedding.service import index_name
 
     dim = int(model.dim)
-    index_metric = ranking.name if ranking.index_ops else "cosine"
+    index_metric = ranking.name if ranking.index_ops else ranking.candidates
     if not _index_exists(session, index_name(model.id, index_metric)):
         plan.notes.append(f"no {index_metric} index for this model; using the cosine index")
         index_metric = "cosine"
     plan.method, plan.ef_search, plan.index_metric = "index", ef, index_metric
-    approx = get_metric(index_metric).distance(cast(ImageEmbedding.vector, HALFVEC(dim)), q)
+    walk = get_metric(index_metric)
+    approx = (walk.indexed(ImageEmbedding.vector, q, dim) if walk.indexed
+              else walk.distance(cast(ImageEmbedding.vector, HALFVEC(dim)), q))
     reranked = index_metric != ranking.name
     inner_where = list(conditions)
     if reranked:
@@ -326,10 +328,12 @@ class SearchRequest:
     collection: str | None = None
     filter_doc: dict[str, Any] | None = None
     model: str | None = None
-    metric: str = "cosine"
+    metric: str | None = None  # None: the model's default (service/features/models.py)
     min_score: float | None = None
     cursor: str | None = None
     explain: bool = False
+    # Issue 6: also match crops of the query and stored images' centre regions.
+    query_crops: bool = False
     # Issue 6 (hashing): index "hash" ranks by a code set's Hamming candidates.
     index: str = "hnsw"
     code: str | None = None
@@ -357,6 +361,12 @@ def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name:
     from service.images.service import get_image
 
     if req.file is not None:
+        from service.features.models import is_derived
+
+        if is_derived(name) and embedding.find_model(name, session=session) is None:
+            # A search must not enable a model that every later upload would then compute.
+            raise ApiError("unknown_model", f"model {name!r} is not enabled: run "
+                           f"`lookalike models install {name}` and a reindex")
         try:
             info, vector = embedding.embed_query(req.file, model_dir=model_dir, model_name=name,
                                                  max_pixels=max_pixels)
@@ -388,6 +398,10 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
                max_pixels: int, max_k: int,
                exact_max_rows: int = EXACT_MAX_ROWS) -> SearchOutcome:
     """Resolve the query vector (stored image, raw vector or uploaded file), then search."""
+    from service.features.models import resolve_metric
+
+    # Issue 6: a model's default metric (chi2 for hsv-hist, hamming for phash, else cosine).
+    req = replace(req, metric=resolve_metric(req.model or default_model, req.metric))
     if req.text is not None:  # Issue 10: by words (service/text/service.py).
         from service.text.service import run_text_search
 
@@ -398,22 +412,30 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
         raise ApiError("invalid_query", "give exactly one of image_id, vector or file")
     if not 1 <= req.k <= max_k:
         raise ApiError("invalid_query", f"k must be between 1 and {max_k}")
-    get_metric(req.metric)
+    metric = get_metric(str(req.metric)).name
     if req.filter_doc is not None:
         compile_filter(req.filter_doc)  # Validate before any expensive work.
     name = req.model or default_model
     source = (req.image_id or hashlib.sha256(
         req.file if req.file is not None else np.asarray(req.vector, np.float32).tobytes()
     ).hexdigest())
-    fp = fingerprint(name, req.metric, req.collection, req.filter_doc, req.min_score, req.k,
+    fp = fingerprint(name, metric, req.collection, req.filter_doc, req.min_score, req.k,
                      source)
     cursor = Cursor.decode(req.cursor, fp) if req.cursor else None
     model, vector, exclude = _query_vector(req, session=session, model_dir=model_dir, name=name,
                                            max_pixels=max_pixels)
-    if not np.any(vector) and req.metric == "cosine":
+    if not np.any(vector) and metric == "cosine":
         raise ApiError("invalid_vector", "a zero vector has no cosine neighbours")
     if req.rerank in ("aqe", "diffusion") and cursor is not None:
         raise ApiError("invalid_cursor", f"{req.rerank} re-ranking has no pages")
+
+    if req.query_crops:  # Issue 6: crops of the query, centre regions of stored images.
+        from service.search.crops import crop_search
+
+        result = crop_search(req, vector, session=session, model=model, exclude_id=exclude,
+                             model_dir=model_dir, max_pixels=max_pixels,
+                             has_cursor=cursor is not None)
+        return SearchOutcome(result=result, model=model.name, metric=metric)
 
     def run(v: np.ndarray, k: int) -> SearchResult:
         if req.index == "hash":  # Issue 6: Hamming candidates, exact re-rank (service/hashing).
@@ -422,10 +444,10 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
             if cursor is not None:
                 raise ApiError("invalid_cursor", "hash search has no pages: ask for a larger k")
             return hash_search(v, session=session, model=model, code=req.code, k=k,
-                               metric=req.metric, rerank=req.rerank is not False,
+                               metric=metric, rerank=req.rerank is not False,
                                collection=req.collection, filter_doc=req.filter_doc,
                                exclude_id=exclude, min_score=req.min_score, explain=req.explain)
-        return search_vectors(v, session=session, model=model, k=k, metric=req.metric,
+        return search_vectors(v, session=session, model=model, k=k, metric=metric,
                               collection=req.collection, filter_doc=req.filter_doc,
                               exclude_id=exclude, min_score=req.min_score, cursor=cursor,
                               explain=req.explain, query_fingerprint=fp,
@@ -438,4 +460,4 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
         result = rerank_hits(str(req.rerank), vector, result, session=session, model=model,
                              search=run, k=req.k, collection=req.collection,
                              exclude_id=exclude)
-    return SearchOutcome(result=result, model=model.name, metric=req.metric)
+    return SearchOutcome(result=result, model=model.name, metric=metric)

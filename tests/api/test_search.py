@@ -84,7 +84,8 @@ def test_explain_metric_and_min_score(client: FlaskClient, grid) -> None:
 
 
 @pytest.mark.parametrize("body,code", [
-    ({"metric": "hamming"}, "invalid_request"),
+    ({"metric": "manhattan"}, "invalid_request"),
+    ({"metric": "hamming"}, "invalid_metric"),  # only for binary models (phash)
     ({"vector": [1.0, 2.0]}, "invalid_vector"),
     ({"vector": [float("nan")] * 8}, "invalid_vector"),
     ({"filter": {"i": {"$near": 1}}}, "invalid_filter"),
