@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import stat
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from service.app import create_app
 from service.db import session_scope
 from service.images.models import Image
 from service.services.stack import ServiceStack
+from tests.conftest import wait_for_status
+from tests.jobs.conftest import job_settings, kill_group, start_beat, start_job_worker
 
 
 def test_database_down_gives_503_and_recovers(client: FlaskClient, stack: ServiceStack) -> None:
@@ -54,3 +57,34 @@ def test_storage_not_writable_gives_503_and_no_row(settings: dict[str, Any], pho
     with app.app_context(), session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Image)) == before
     assert stat.S_ISREG(blocked.stat().st_mode)
+
+
+def test_upload_with_redis_down_is_accepted_and_the_sweeper_embeds_it(
+        settings: dict[str, Any], stack: ServiceStack, photos: list[Path],
+        tmp_path: Path) -> None:
+    # Its own queue, a sweeper every second and pending rows stale after 2 s; rate limits on,
+    # so their Redis storage being down is exercised too.
+    config = job_settings(settings, "lookalike-redis-down", JOB_ITEM_TIMEOUT=2,
+                          JOB_SWEEP_INTERVAL=1, RATE_LIMIT_ENABLED=True)
+    client = create_app(config).test_client()
+    data = photos[6].read_bytes() + b"redis-down"
+    stack.redis.stop()
+    try:
+        started = time.monotonic()
+        resp = client.post("/api/v1/images", data={"file": (io.BytesIO(data), "x.jpg"),
+                                                   "collection": "t-redis-down"},
+                           content_type="multipart/form-data")
+        assert resp.status_code == 202, resp.get_json()
+        assert time.monotonic() - started < 30, "an upload must not hang on a dead broker"
+        image_id = resp.get_json()["id"]
+        assert client.get(f"/api/v1/images/{image_id}").get_json()["status"] == "pending"
+    finally:
+        stack.redis.start()
+    worker = start_job_worker(config, tmp_path / "worker.log")
+    beat = start_beat(config, tmp_path)
+    try:
+        # The message was never sent: only the sweeper's claim_stale_pending can enqueue it.
+        assert wait_for_status(client, image_id, timeout=120)["status"] == "ready"
+    finally:
+        kill_group(worker, signal.SIGTERM)
+        kill_group(beat, signal.SIGTERM)
