@@ -53,6 +53,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from service.api import evaluations
 
     app.register_blueprint(evaluations.bp)
+    from service.api import explain  # Issue 10: why a result matched.
+
+    app.register_blueprint(explain.bp)
     errors.register_error_handlers(app)
     spec.register(app)
     from service.api.auth import init_auth  # Issue 9: API keys, isolation, rate limits.
