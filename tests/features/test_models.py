@@ -19,6 +19,7 @@ from service.db import session_scope
 from service.embedding.models import ImageEmbedding
 from service.embedding.reindex import drop_model, reindex_step, start_reindex
 from service.embedding.service import ensure_model_row, find_model
+from service.features.handcrafted import hsv_histogram, phash
 from service.features.models import HSV_HIST, PHASH, handcrafted_info, region_model_name
 from service.graph.duplicates import phash_pairs
 from tests.conftest import DEFAULT_MODEL, wait_for_status
@@ -94,6 +95,14 @@ def test_hsv_histogram_search_ranks_colours(client: FlaskClient, handcrafted: No
                   collection=collection, k=3, explain=True)
     assert [by_id[r["id"]] for r in body["results"]] == ["mostly_red", "half_red", "blue"]
     assert [r["distance"] for r in body["results"]] == pytest.approx([0.5, 1.0, 2.0], abs=2e-3)
+    # Unfiltered (a raw histogram as the query), the L1 HNSW index serves the candidates.
+    with PILImage.open(io.BytesIO(colours([(RED, 1.0)]))) as img:
+        red = hsv_histogram(img.convert("RGB")).tolist()
+    for metric in ("l1", "chi2"):  # chi2 re-ranks the L1 index's candidates exactly
+        body = search(client, vector=red, model=HSV_HIST, metric=metric, k=2, explain=True)
+        assert body["explain"]["method"] == "index", body["explain"]
+        assert body["explain"]["index_metric"] == "l1" and not body["explain"]["notes"]
+        assert [r["id"] for r in body["results"]] == [ids["red"], ids["mostly_red"]]
     # An uploaded red photo finds the stored red one at distance 0.
     resp = client.post("/api/v1/search", data={
         "file": (io.BytesIO(colours([(RED, 1.0)])), "q.png"),
@@ -122,6 +131,14 @@ def test_phash_search_and_the_phash_duplicate_tier(client: FlaskClient, handcraf
     assert body["metric"] == "hamming"
     assert body["results"][0]["id"] == copy and body["results"][0]["distance"] <= 4
     assert all(r["distance"] > 16 for r in body["results"][1:])
+    # Unfiltered (the raw bits as the query), the phash model's HNSW index over bit(64).
+    with PILImage.open(photos[0]) as img:
+        bits = phash(img.convert("RGB")).astype(float).tolist()
+    body = search(client, vector=bits, model=PHASH, k=2, explain=True)
+    assert body["explain"]["method"] == "index", body["explain"]
+    assert body["explain"]["index_metric"] == "hamming" and not body["explain"]["notes"]
+    assert [r["id"] for r in body["results"]] == [original, copy]
+    assert body["results"][0]["distance"] == 0
 
     resp = client.get(f"/api/v1/duplicates?collection={collection}")
     assert resp.status_code == 200, resp.get_json()
