@@ -48,7 +48,7 @@ def _hamming(vec: Any, query: Any) -> ColumnElement[float]:
 def _hamming_indexed(vec: Any, query: Any, dim: int) -> ColumnElement[float]:
     """The Hamming distance written as the model's bit(dim) HNSW index expression."""
     return cast(func.binary_quantize(cast(vec, HALFVEC(dim))), BIT(dim)).op(
-        "<~>", return_type=Float)(cast(func.binary_quantize(query), BIT(dim)))
+        "<~>", return_type=Float)(cast(func.binary_quantize(cast(query, HALFVEC(dim))), BIT(dim)))
 
 
 @dataclass(frozen=True)

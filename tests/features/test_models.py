@@ -13,15 +13,19 @@ import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from pgvector.sqlalchemy import HALFVEC
 from PIL import Image as PILImage
+from sqlalchemy import bindparam, cast, literal_column, select, text
 
 from service.db import session_scope
 from service.embedding.models import ImageEmbedding
 from service.embedding.reindex import drop_model, reindex_step, start_reindex
-from service.embedding.service import ensure_model_row, find_model
+from service.embedding.service import ensure_model_row, find_model, index_name
 from service.features.handcrafted import hsv_histogram, phash
 from service.features.models import HSV_HIST, PHASH, handcrafted_info, region_model_name
 from service.graph.duplicates import phash_pairs
+from service.search.metrics import get_metric
+from service.search.service import _Explain
 from tests.conftest import DEFAULT_MODEL, wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -117,7 +121,25 @@ def test_hsv_histogram_search_ranks_colours(client: FlaskClient, handcrafted: No
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "invalid_metric"
 
 
-def test_phash_search_and_the_phash_duplicate_tier(client: FlaskClient, handcrafted: None,
+def index_scans(app: Flask, name: str, metric: str, query: list[float]) -> bool:
+    """Whether PostgreSQL orders a model's rows by `metric` with its HNSW index."""
+    with app.app_context(), session_scope() as session:
+        model = find_model(name, session=session)
+        assert model is not None
+        walk = get_metric(metric)
+        q = bindparam("q", np.asarray(query, np.float32), type_=HALFVEC(model.dim))
+        order = (walk.indexed(ImageEmbedding.vector, q, model.dim) if walk.indexed
+                 else walk.distance(cast(ImageEmbedding.vector, HALFVEC(model.dim)), q))
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = session.execute(_Explain(
+            select(ImageEmbedding.image_id).where(
+                ImageEmbedding.model_id == literal_column(str(model.id)))
+            .order_by(order).limit(5))).scalar_one()
+        return index_name(model.id, metric) in json.dumps(plan)
+
+
+def test_phash_search_and_the_phash_duplicate_tier(app: Flask, client: FlaskClient,
+                                                   handcrafted: None,
                                                    photos: list[Path]) -> None:
     collection = f"phash-{uuid.uuid4().hex[:6]}"
     with PILImage.open(photos[0]) as img:
@@ -139,6 +161,7 @@ def test_phash_search_and_the_phash_duplicate_tier(client: FlaskClient, handcraf
     assert body["explain"]["index_metric"] == "hamming" and not body["explain"]["notes"]
     assert [r["id"] for r in body["results"]] == [original, copy]
     assert body["results"][0]["distance"] == 0
+    assert index_scans(app, PHASH, "hamming", bits) and index_scans(app, HSV_HIST, "l1", bits * 4)
 
     resp = client.get(f"/api/v1/duplicates?collection={collection}")
     assert resp.status_code == 200, resp.get_json()
