@@ -298,7 +298,8 @@ def reindex(collection: str, model_name: str, no_wait: bool) -> None:
 @click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="metadata.csv or .jsonl with a 'file' column.")
 @click.option("--collection", default="default", show_default=True)
-@click.option("--url", help="The API (default: $LOOKALIKE_URL or http://127.0.0.1:8000).")
+@click.option("--url", help="The API (default: $LOOKALIKE_URL or http://127.0.0.1:8000). "
+              "An API key is read from $LOOKALIKE_API_KEY.")
 @click.option("--no-wait", is_flag=True, help="Print the job id and return at once.")
 def ingest(path: Path, metadata: Path | None, collection: str, url: str | None,
            no_wait: bool) -> None:
@@ -407,13 +408,13 @@ def keys() -> None:
     """API keys: create (the token is printed once), revoke, list."""
 
 
-def _keys_session():  # noqa: ANN202  (imported lazily: the CLI must start fast)
+def _keys_session(url: str | None = None):  # noqa: ANN202  (lazy imports: the CLI starts fast)
     from sqlalchemy.orm import Session
     from sqlalchemy.pool import NullPool
 
     from service.db import make_engine
 
-    url = settings_from_env().get("DATABASE_URL")
+    url = url or settings_from_env().get("DATABASE_URL")
     if not url:
         raise click.ClickException("DATABASE_URL is not set and no embedded services are "
                                    "running: run `lookalike services start` first")
@@ -522,7 +523,7 @@ def _check_auth(settings: dict[str, object], env: dict[str, str], host: str) -> 
                    "Bind another --host (or set LOOKALIKE_AUTH_REQUIRED=true) to require "
                    "keys.", err=True)
         return
-    with _keys_session() as session:
+    with _keys_session(str(settings["DATABASE_URL"])) as session:
         active = count_active_keys(session=session)
     if not active:
         click.echo("WARNING: API keys are required and none exists yet: every API request "

@@ -34,8 +34,11 @@ class ApiFailure(click.ClickException):
 class JobsClient:
     """A small client of the jobs API over http.client, streaming uploads from disk."""
 
-    def __init__(self, base_url: str, timeout: float = 600.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 600.0,
+                 api_key: str | None = None) -> None:
         parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
+        # Issue 9: from the environment, not an option, so the token stays out of `ps`.
+        self.api_key = api_key or os.environ.get("LOOKALIKE_API_KEY") or None
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.https else 80)
@@ -53,7 +56,8 @@ class JobsClient:
             conn.putrequest(method, self.prefix + path)
             length = sum(c.stat().st_size if isinstance(c, Path) else len(c)
                          for c in chunks or [])
-            for key, value in {**(headers or {}), "Content-Length": str(length),
+            auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            for key, value in {**(headers or {}), **auth, "Content-Length": str(length),
                                "Accept": "application/json"}.items():
                 conn.putheader(key, value)
             conn.endheaders()
