@@ -189,12 +189,9 @@ def init_rate_limits(app: Flask) -> Limiter:
     return limiter
 
 
-def init_auth(app: Flask) -> None:
-    """Decide whether keys are required, then install authentication, isolation and limits."""
-    enforced = auth_required(app.config)
-    host = app.config.get("BIND_HOST")
-    app.config["AUTH_ENFORCED"] = enforced
-    if enforced:
+def announce_auth(app: Flask) -> None:
+    """Say at start-up whether keys are required (and whether any exists): for the server only."""
+    if app.config["AUTH_ENFORCED"]:
         with app.app_context(), session_scope() as session:
             try:
                 active = keys.count_active_keys(session=session)
@@ -203,14 +200,21 @@ def init_auth(app: Flask) -> None:
         if active == 0:
             log.warning("API keys are required but none exists: every request will get 401; "
                         "create one with `lookalike keys create`")
-    elif host and not is_loopback(host):
-        raise RuntimeError(f"refusing to serve {host} without API keys: AUTH_REQUIRED is off "
-                           "but the address is not loopback (docs/security.md)")
     else:
         log.warning("API authentication is OFF: anyone who can reach %s can read, change and "
                     "delete every collection. Only run like this on loopback; set "
                     "LOOKALIKE_AUTH_REQUIRED=true (or bind another host) to require keys",
-                    host or "this server")
+                    app.config.get("BIND_HOST") or "this server")
+
+
+def init_auth(app: Flask) -> None:
+    """Decide whether keys are required, then install authentication, isolation and limits."""
+    enforced = auth_required(app.config)
+    host = app.config.get("BIND_HOST")
+    if not enforced and host and not is_loopback(host):
+        raise RuntimeError(f"refusing to serve {host} without API keys: AUTH_REQUIRED is off "
+                           "but the address is not loopback (docs/security.md)")
+    app.config["AUTH_ENFORCED"] = enforced
     install_visibility(app.extensions["db_sessionmaker"], allowed_collections)
     app.before_request(_authenticate)
     init_rate_limits(app)

@@ -353,3 +353,15 @@ def test_pages_without_a_key_ask_for_one_and_show_nothing(secure: Flask, world: 
     page = resp.get_data(as_text=True)
     assert 'id="key-form"' in page
     assert A not in page and B not in page  # not even the collection names
+
+
+def test_the_server_says_at_start_up_that_loopback_runs_open(
+        app: Flask, secure: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    from service.api.auth import announce_auth
+
+    _token(app, "read", [A])
+    with caplog.at_level("WARNING"):
+        announce_auth(app)
+        announce_auth(secure)  # keys exist: nothing to say
+    assert [r.getMessage() for r in caplog.records if "authentication is OFF" in r.getMessage()]
+    assert not [r for r in caplog.records if "none exists" in r.getMessage()]
