@@ -379,8 +379,15 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
 @click.option("--shots", type=int, help="Train on only this many images per class.")
 @click.option("--unsupervised", is_flag=True, help="PCA whitening instead of a labelled head.")
 @click.option("--name", help="Name of the new model (default <from>+head-N).")
+@click.option("--head", "head_kind", type=click.Choice(["cosine", "linear"]), default="cosine",
+              show_default=True, help="Cosine-classifier MLP, or the linear softmax head.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Add mirrored and re-cropped views of the training photos.")
+@click.option("--hidden", default=512, show_default=True, help="Hidden units of --head cosine.")
+@click.option("--epochs", type=int, help="Epochs of --head cosine (default by training size).")
 def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
-             shots: int | None, unsupervised: bool, name: str | None) -> None:
+             shots: int | None, unsupervised: bool, name: str | None, head_kind: str,
+             augment: bool, hidden: int, epochs: int | None) -> None:
     """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
     from service.app import create_app
     from service.db import session_scope
@@ -393,7 +400,9 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
             out = run_finetune(session=session, collection=collection, label_key=label_key,
                                base=base, model_dir=Path(app.config["MODEL_DIR"]),
                                split_key=split_key, shots=shots, unsupervised=unsupervised,
-                               dim=dim, name=name)
+                               dim=dim, name=name, head_kind=head_kind, hidden=hidden,
+                               epochs=epochs, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]),
+                               store=app.extensions["content_store"] if augment else None)
         except ApiError as exc:
             raise click.ClickException(exc.message) from exc
     click.echo(f"installed {out.model}: trained on {out.train_images}, tested on "

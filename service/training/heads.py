@@ -13,10 +13,22 @@ from scipy.optimize import minimize
 
 from service.evaluation.metrics import exact_cosine_scores
 
+NORM_EPS = 1e-6  # added to L2 norms so that an all-zero row stays finite
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + NORM_EPS)
+
 
 @dataclass
 class Head:
-    """x -> softmax((max(x, 0)^power - mean) / scale @ weight + bias); no softmax for PCA."""
+    """x -> softmax((max(x, 0)^power - mean) / scale @ weight + bias); no softmax for PCA.
+
+    With `hidden_weight`, a ReLU layer comes before `weight`; with `cosine`, the input of
+    `weight` is L2-normalised (the scale and temperature are folded into `weight`); with
+    `mix`, the output is [unit(hidden), mix · unit(softmax)], the penultimate features with
+    the class probabilities appended.
+    """
 
     kind: str
     mean: np.ndarray
@@ -26,14 +38,28 @@ class Head:
     softmax: bool
     power: float = 0.5
     record: dict = field(default_factory=dict)
+    hidden_weight: np.ndarray | None = None
+    hidden_bias: np.ndarray | None = None
+    cosine: bool = False
+    mix: float | None = None
+
+    @property
+    def dim(self) -> int:
+        """Size of the embedding the head outputs."""
+        classes = int(self.weight.shape[1])
+        return classes + int(self.weight.shape[0]) if self.mix is not None else classes
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Apply the head in numpy (the ONNX graph computes the same)."""
-        z = (np.maximum(x, 0) ** self.power - self.mean) / self.scale
-        out = z @ self.weight + self.bias
+        h = (np.maximum(x, 0) ** self.power - self.mean) / self.scale
+        if self.hidden_weight is not None and self.hidden_bias is not None:
+            h = np.maximum(h @ self.hidden_weight + self.hidden_bias, 0)
+        out = (_unit(h) if self.cosine else h) @ self.weight + self.bias
         if self.softmax:
             out = np.exp(out - out.max(axis=1, keepdims=True))
             out /= out.sum(axis=1, keepdims=True)
+        if self.mix is not None:
+            out = np.concatenate([_unit(h), self.mix * _unit(out)], axis=1)
         return out.astype(np.float32)
 
 
@@ -99,6 +125,114 @@ def _classifier_head(theta: np.ndarray, mean: np.ndarray, scale: np.ndarray, d: 
     return Head(kind="classifier", mean=mean, scale=scale,
                 weight=theta[: d * c].reshape(d, c).astype(np.float32),
                 bias=theta[d * c:].astype(np.float32), softmax=True)
+
+
+def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
+                    val_x: np.ndarray | None = None, val_labels: list[str] | None = None,
+                    hidden: int = 512, scale: float = 16.0, smoothing: float = 0.1,
+                    dropout: float = 0.5, weight_decay: float = 1e-4, lr: float = 1e-3,
+                    epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
+                    seed: int = 0) -> Head:
+    """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
+
+    Loss: label-smoothed cross-entropy on `scale` · cos(hidden, class weight); dropout on the
+    hidden layer; an L2 penalty on the weights; cosine learning-rate decay. With a validation split
+    the epoch with the best validation mAP is kept, and `mix` is then picked on it too. The
+    embedding is the hidden layer with the class probabilities appended (`mix`), or only the
+    probabilities when `mix` is None: the probabilities alone lose the within-class ordering
+    that the hidden layer keeps.
+    """
+    z, mean, std = _standardise(x)
+    rng = np.random.default_rng(seed)
+    n, d = z.shape
+    c = len(classes)
+    width = hidden or d
+    params = {"w2": rng.normal(0, np.sqrt(1 / width), (width, c)).astype(np.float32)}
+    if hidden:
+        params["w1"] = rng.normal(0, np.sqrt(2 / d), (d, hidden)).astype(np.float32)
+        params["b1"] = np.zeros(hidden, np.float32)
+    moment = {k: np.zeros_like(v) for k, v in params.items()}
+    second = {k: np.zeros_like(v) for k, v in params.items()}
+    target = np.full((n, c), smoothing / c, np.float32)
+    target[np.arange(n), y] += 1 - smoothing
+    z = z.astype(np.float32)
+
+    def head_of(p: dict[str, np.ndarray], mix_value: float | None) -> Head:
+        w2 = p["w2"] / (np.linalg.norm(p["w2"], axis=0, keepdims=True) + NORM_EPS)
+        return Head(kind="cosine-mlp" if hidden else "cosine", mean=mean, scale=std,
+                    weight=(scale * w2).astype(np.float32), bias=np.zeros(c, np.float32),
+                    softmax=True, hidden_weight=p.get("w1"), hidden_bias=p.get("b1"),
+                    cosine=True, mix=mix_value)
+
+    def val_map(head: Head) -> float:
+        assert val_x is not None and val_labels is not None
+        return exact_cosine_scores(head.transform(val_x), val_labels, ks=(10,)).mean_ap
+
+    best: tuple[float, dict[str, np.ndarray], int] = (-1.0, params, 0)
+    history = []
+    steps = 0
+    for epoch in range(epochs):
+        rate = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            grads = _cosine_grads(params, z[idx], target[idx], scale, dropout, rng)
+            steps += 1
+            for k, g in grads.items():
+                if k.startswith("w"):
+                    g = g + weight_decay * params[k]  # L2 penalty on the weights
+                moment[k] = 0.9 * moment[k] + 0.1 * g
+                second[k] = 0.999 * second[k] + 0.001 * g * g
+                update = (moment[k] / (1 - 0.9 ** steps)) / (
+                    np.sqrt(second[k] / (1 - 0.999 ** steps)) + 1e-8)
+                params[k] = (params[k] - rate * update).astype(np.float32)
+        if val_x is not None:
+            score = val_map(head_of(params, mix))
+            history.append({"epoch": epoch + 1, "val_map": score})
+            if score > best[0]:
+                best = (score, {k: v.copy() for k, v in params.items()}, epoch + 1)
+    if val_x is None:
+        best = (0.0, params, epochs)
+    chosen = mix
+    if val_x is not None and mix is not None:
+        # The weight of the probabilities against the hidden layer, picked on validation.
+        chosen = max((0.5 * mix, mix, 2 * mix), key=lambda m: val_map(head_of(best[1], m)))
+    head = head_of(best[1], chosen)
+    head.record = {"loss": "label-smoothed normalised-softmax cross-entropy", "hidden": hidden,
+                   "scale": scale, "smoothing": smoothing, "dropout": dropout,
+                   "weight_decay": weight_decay, "lr": lr, "epochs": best[2], "mix": chosen,
+                   "history": history, "classes": classes, "seed": seed}
+    return head
+
+
+def _cosine_grads(p: dict[str, np.ndarray], z: np.ndarray, target: np.ndarray, scale: float,
+                  dropout: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Gradients of the mean cross-entropy of the cosine classifier on one batch."""
+    grads: dict[str, np.ndarray] = {}
+    h, pre, keep = z, None, None
+    if "w1" in p:
+        pre = z @ p["w1"] + p["b1"]
+        h = np.maximum(pre, 0)
+        if dropout:
+            keep = (rng.random(h.shape) >= dropout) / (1 - dropout)
+            h = h * keep
+    h_norm = np.linalg.norm(h, axis=1, keepdims=True) + NORM_EPS
+    w_norm = np.linalg.norm(p["w2"], axis=0, keepdims=True) + NORM_EPS
+    u, v = h / h_norm, p["w2"] / w_norm
+    logits = scale * (u @ v)
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    g = scale * (prob - target) / len(z)
+    gu, gv = g @ v.T, u.T @ g
+    grads["w2"] = (gv - v * (gv * v).sum(axis=0, keepdims=True)) / w_norm
+    if pre is not None:
+        gh = (gu - u * (gu * u).sum(axis=1, keepdims=True)) / h_norm
+        if keep is not None:
+            gh = gh * keep
+        gpre = gh * (pre > 0)
+        grads["w1"] = z.T @ gpre
+        grads["b1"] = gpre.sum(axis=0)
+    return grads
 
 
 def fit_pca_whitening(x: np.ndarray, *, dim: int = 256, shrinkage: float = 1.0,

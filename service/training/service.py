@@ -15,12 +15,17 @@ from sqlalchemy.orm import Session
 
 from service.embedding import registry
 from service.embedding.service import find_model
+from service.embedding.session import get_embedder
 from service.errors import ApiError
 from service.evaluation.metrics import exact_cosine_scores
 from service.evaluation.service import load_labelled
 from service.images.models import Image
-from service.training.heads import Head, fit_classifier, fit_pca_whitening
+from service.images.storage import ContentStore
+from service.training.augment import VIEWS, embed_views
+from service.training.heads import Head, fit_classifier, fit_cosine_head, fit_pca_whitening
 from service.training.onnx_head import append_head
+
+HEADS = ("cosine", "linear")
 
 
 @dataclass
@@ -62,11 +67,26 @@ def next_head_name(model_dir: Path, base: str) -> str:
     return f"{base}+head-{max(taken, default=0) + 1}"
 
 
+def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore, model_dir: Path,
+                   base: str, max_pixels: int) -> np.ndarray:
+    """Backbone features of the augmentation views of each image, shape (images, views, dim)."""
+    shas = dict(session.execute(select(Image.id, Image.sha256).where(Image.id.in_(ids))).all())
+    embedder = get_embedder(model_dir, base)
+    return embed_views((store.get(shas[i]) for i in ids), lambda b: embedder.run(b).vectors,
+                       embedder.info.preprocessing, max_pixels=max_pixels)
+
+
 def finetune(*, session: Session, collection: str, label_key: str, base: str,
              model_dir: Path, split_key: str | None = None, shots: int | None = None,
              unsupervised: bool = False, dim: int = 256, seed: int = 0,
-             name: str | None = None) -> TrainingOutcome:
-    """Fit a head on the train split's stored vectors, score it on the test split, install it."""
+             name: str | None = None, head_kind: str = "cosine",
+             store: ContentStore | None = None, max_pixels: int = 64_000_000,
+             hidden: int = 512, epochs: int | None = None) -> TrainingOutcome:
+    """Fit a head on the train split's stored vectors, score it on the test split, install it.
+
+    With a content `store`, the training images' augmentation views (mirrored, wider and
+    tighter crops) are embedded by the backbone and added as extra training rows.
+    """
     model_row = find_model(base, session=session)
     if model_row is None:
         raise ApiError("unknown_model", f"no images have been embedded with model {base!r}")
@@ -91,18 +111,34 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     if unsupervised:
         head = fit_pca_whitening(data.vectors[train_idx], dim=dim)
     else:
-        y = np.array([classes.index(label) for label in data.labels[train_idx]])
+        if head_kind not in HEADS:
+            raise ApiError("bad_head", f"unknown head {head_kind!r}; choose from {HEADS}")
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index.get(label, -1) for label in data.labels])  # -1: test-only class
         # Early stopping needs held-out images; with few shots there are too few to spare.
         # Validation images come from other people (split values) than the fitted ones.
         val = np.array([_side(values[i] + "/val", 5) for i in train_idx]) if not shots else None
         if val is not None and val.any() and (~val).sum() > len(classes):
             fit, held = train_idx[~val], train_idx[val]
-            head = fit_classifier(data.vectors[fit], y[~val], classes, seed=seed,
-                                  val_x=data.vectors[held],
-                                  val_labels=data.labels[held].tolist())
         else:
-            head = fit_classifier(data.vectors[train_idx], y, classes, seed=seed,
-                                  max_iter=100)
+            fit, held = train_idx, train_idx[:0]
+        x, fit_y = data.vectors[fit], y[fit]
+        if store is not None:
+            extra = augmented_rows(session=session, ids=[data.ids[i] for i in fit], store=store,
+                                   model_dir=model_dir, base=base, max_pixels=max_pixels)
+            x = np.concatenate([x, extra.reshape(-1, extra.shape[2])])
+            fit_y = np.concatenate([fit_y, np.repeat(y[fit], extra.shape[1])])
+        validation: dict[str, Any] = {} if not len(held) else {
+            "val_x": data.vectors[held], "val_labels": data.labels[held].tolist()}
+        if head_kind == "cosine":
+            head = fit_cosine_head(x, fit_y, classes, seed=seed, hidden=hidden,
+                                   **cosine_schedule(len(fit), epochs), **validation)
+        else:
+            head = fit_classifier(x, fit_y, classes, seed=seed,
+                                  max_iter=300 if validation else 100, **validation)
+        head.record.update(augment=list(VIEWS) if store is not None else [],
+                           fit_images=int(len(fit)), fit_rows=int(len(x)),
+                           val_images=int(len(held)))
     tuned = exact_cosine_scores(head.transform(data.vectors[test_idx]), test_labels, ks=(10,))
 
     base_info = registry.verify(model_dir, base)
@@ -116,7 +152,7 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
         "test_p10": tuned.precision[10],
     }
     info = registry.ModelInfo(**{**asdict(base_info), "name": name or next_head_name(
-        model_dir, base), "version": "1", "dim": int(head.weight.shape[1]), "sha256": "",
+        model_dir, base), "version": "1", "dim": head.dim, "sha256": "",
         "source": f"{base} + {head.kind} head fitted on {collection!r}",
         "extra": {"training": record}})
     registry.write_model(model_dir, model, info)
@@ -124,3 +160,9 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
                            test_images=int(len(test_idx)), raw_test_map=raw.mean_ap,
                            raw_test_p10=raw.precision[10], head_test_map=tuned.mean_ap,
                            head_test_p10=tuned.precision[10], record=record)
+
+
+def cosine_schedule(images: int, epochs: int | None) -> dict[str, int]:
+    """Epochs and batch size for the cosine head: small training sets get more, smaller steps."""
+    batch_size = 256 if images >= 1000 else 64
+    return {"epochs": epochs or (10 if images >= 1000 else 40), "batch_size": batch_size}

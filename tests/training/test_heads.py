@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from PIL import Image as PILImage
 
+from service.embedding.transforms import Preprocessing
 from service.evaluation.metrics import exact_cosine_scores
-from service.training.heads import fit_classifier, fit_pca_whitening
+from service.training.augment import VIEWS, embed_views, views
+from service.training.heads import fit_classifier, fit_cosine_head, fit_pca_whitening
 from service.training.onnx_head import append_head
 
 
@@ -33,6 +37,34 @@ def test_classifier_head_improves_map_on_a_separable_toy_set() -> None:
     tuned = exact_cosine_scores(head.transform(test_x), labels, ks=(10,)).mean_ap
     assert tuned > raw + 0.2, (raw, tuned)
     assert head.record["iterations"] > 0
+
+
+def test_cosine_head_improves_map_on_a_separable_toy_set() -> None:
+    x, y = toy(40, 0)
+    test_x, test_y = toy(30, 1)
+    labels = [str(v) for v in test_y]
+    raw = exact_cosine_scores(test_x, labels, ks=(10,)).mean_ap
+    head = fit_cosine_head(x, y, ["0", "1", "2"], val_x=test_x[::2], val_labels=labels[::2],
+                           hidden=32, epochs=30, batch_size=32, lr=0.03)
+    tuned = exact_cosine_scores(head.transform(test_x), labels, ks=(10,)).mean_ap
+    assert tuned > raw + 0.1, (raw, tuned)
+    assert head.dim == 32 + 3 and head.record["epochs"] > 0
+    assert head.record["mix"] in (0.5, 1.0, 2.0)  # picked on the validation split
+
+
+def test_augmentation_views_are_model_inputs_and_embed_per_image() -> None:
+    prep = Preprocessing(size=8, resize=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(20, 30, 3)).save(
+        buffer, "PNG")
+    data = buffer.getvalue()
+    arrays = views(data, prep, max_pixels=10**6)
+    assert len(arrays) == len(VIEWS) and all(a.shape == (3, 8, 8) for a in arrays)
+    np.testing.assert_allclose(arrays[VIEWS.index("wide-flip")],
+                               arrays[VIEWS.index("wide")][:, :, ::-1])
+    feats = embed_views([data] * 3, lambda b: b.reshape(len(b), -1)[:, :5], prep,
+                        max_pixels=10**6, batch_size=4)
+    assert feats.shape == (3, len(VIEWS), 5)  # batches may straddle images
 
 
 def backbone(dim: int = 40) -> onnx.ModelProto:
@@ -58,10 +90,13 @@ def test_onnx_head_computes_what_numpy_does(tmp_path: Path) -> None:
     features = ort.InferenceSession(base.SerializeToString()).run(None, {"image": images})[0]
     x, y = toy(20, 4)
     for head in (fit_classifier(x, y, ["a", "b", "c"], max_iter=50),
-                 fit_pca_whitening(x, dim=8, shrinkage=0.5)):
+                 fit_pca_whitening(x, dim=8, shrinkage=0.5),
+                 fit_cosine_head(x, y, ["a", "b", "c"], hidden=16, epochs=3, batch_size=16),
+                 fit_cosine_head(x, y, ["a", "b", "c"], hidden=0, epochs=3, mix=None)):
         model = append_head(base, head)
         session = ort.InferenceSession(model.SerializeToString())
         outputs = dict(zip([o.name for o in session.get_outputs()],
                            session.run(None, {"image": images}), strict=True))
         np.testing.assert_allclose(outputs["embedding"], head.transform(features), atol=1e-4)
+        assert outputs["embedding"].shape == (6, head.dim)
         assert outputs["logits"].shape == (6, 48)  # the backbone's other outputs stay

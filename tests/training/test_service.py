@@ -16,6 +16,7 @@ from service.db import session_scope
 from service.embedding import registry
 from service.embedding.session import Embedder
 from service.errors import ApiError
+from service.training.augment import VIEWS
 from service.training.service import finetune
 from tests.conftest import wait_for_status
 
@@ -57,7 +58,7 @@ def test_finetune_installs_a_working_model(app: Flask, labelled, models: Path, c
     with app.app_context(), session_scope() as session:
         out = finetune(session=session, collection=COLLECTION, label_key="label",
                        base="efficientnet-lite0", model_dir=models, split_key=None,
-                       unsupervised=unsupervised, dim=16)
+                       unsupervised=unsupervised, dim=16, head_kind="linear")
     assert out.model == "efficientnet-lite0+head-1"
     info = registry.verify(models, out.model)
     assert info.extra["training"]["train_images"] == out.train_images
@@ -69,6 +70,23 @@ def test_finetune_installs_a_working_model(app: Flask, labelled, models: Path, c
     if not unsupervised:
         assert result.vectors.sum() == pytest.approx(1.0, abs=1e-4)  # class probabilities
         assert out.head_test_map >= out.raw_test_map - 0.05
+
+
+def test_augmented_cosine_head_trains_on_extra_views(app: Flask, labelled, models: Path,
+                                                     clothing: Path) -> None:
+    with app.app_context(), session_scope() as session:
+        out = finetune(session=session, collection=COLLECTION, label_key="label",
+                       base="efficientnet-lite0", model_dir=models, split_key="sender_id",
+                       head_kind="cosine", hidden=32, epochs=3,
+                       store=app.extensions["content_store"])
+    record = registry.verify(models, out.model).extra["training"]
+    assert record["head"] == "cosine-mlp" and record["augment"] == list(VIEWS)
+    assert record["fit_rows"] == record["fit_images"] * (1 + len(VIEWS))
+    info = registry.verify(models, out.model)
+    assert info.dim == 32 + 4  # hidden layer, then the 4 class probabilities
+    embedder = Embedder(info, models / out.model / "model.onnx")
+    result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
+    assert result.vectors.shape == (1, info.dim) and np.isfinite(result.vectors).all()
 
 
 def test_bad_labels_and_splits(app: Flask, labelled, models: Path) -> None:
