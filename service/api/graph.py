@@ -76,7 +76,8 @@ def duplicates() -> dict[str, Any]:
         model = _model(query.model, session=session)
         groups, notes = duplicate_groups(query.collection, session=session, model=model,
                                          cnn_threshold=threshold, phash_threshold=bits,
-                                         tiers=tiers, min_size=query.min_size)
+                                         tiers=tiers, min_size=query.min_size,
+                                         crops=query.crops)
     return {"collection": query.collection, "model": model.name, "threshold": threshold,
             "phash_threshold": bits, "tiers": list(tiers), "notes": notes,
             "clusters": [{"size": len(g.ids), "ids": [str(i) for i in g.ids], "tier": g.tier,

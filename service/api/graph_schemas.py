@@ -73,6 +73,8 @@ class DuplicateQuery(ClusterQuery):
     tiers: str = Field(default="exact,phash,cnn",
                        pattern=r"^(exact|phash|cnn)(,(exact|phash|cnn))*$",
                        description="comma-separated tiers to use, of exact, phash and cnn")
+    crops: bool = Field(default=False, description="cnn tier over whole images and centre "
+                                                   "regions (needs the model's @centre70)")
 
 
 class DuplicateLinkOut(BaseModel):

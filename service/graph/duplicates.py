@@ -9,7 +9,9 @@ groups. So a group reports the loosest tier it needed:
   finds nothing by construction; it is kept so that the order of evidence is explicit.
 - `phash`: 64-bit perceptual hashes (the `phash` model) at most `phash_threshold` bits apart,
   every pair compared exactly (XOR + popcount over the collection, blocked in numpy).
-- `cnn`: the CNN's kNN graph cut at a cosine distance (service.graph.service.clusters).
+- `cnn`: the CNN's kNN graph cut at a cosine distance (service.graph.service.clusters). With
+  `crops`, instead every pair compared by the best of whole-whole, whole-region and
+  region-whole cosine (the model's `@centre70` vectors), so that crops join their originals.
 
 Thresholds are calibrated by bench/neardup.py (docs/hashing.md).
 """
@@ -30,11 +32,13 @@ from service.images.models import Image
 
 TIERS = ("exact", "phash", "cnn")
 # pHash Hamming distance (bits of 64) up to which two images are the same picture: the
-# largest whose pHash-only groups keep pairwise precision >= 0.98 in bench/neardup.py, so that
-# the tier adds almost no false pairs in front of the CNN's 0.95 (docs/hashing.md).
-PHASH_THRESHOLD = 6
+# largest at which pHash pairs followed by the CNN's cut keep pairwise precision >= 0.95 in
+# bench/neardup.py (0.957 at 4 bits, 0.935 at 6; pHash alone: 0.992 at 4). docs/hashing.md.
+PHASH_THRESHOLD = 4
 # XORs per numpy block of the all-pairs pHash comparison (8 bytes each: 64 MB).
 PHASH_BLOCK_ELEMENTS = 8_000_000
+# Similarities per numpy block of the all-pairs crops comparison (three float32 matrices).
+CROPS_BLOCK_ELEMENTS = 4_000_000
 
 
 @dataclass
@@ -82,9 +86,58 @@ def phash_pairs(ids: list[uuid.UUID], vectors: np.ndarray, threshold: int
     return out
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def region_pairs(ids: list[uuid.UUID], whole: np.ndarray, regions: np.ndarray,
+                 threshold: float) -> list[tuple[uuid.UUID, uuid.UUID, float]]:
+    """Pairs whose best whole/centre-region cosine distance is at most `threshold`."""
+    u, z = _unit(whole), _unit(regions)
+    step = max(1, CROPS_BLOCK_ELEMENTS // max(1, len(ids)))
+    out: list[tuple[uuid.UUID, uuid.UUID, float]] = []
+    for start in range(0, len(ids), step):
+        rows = slice(start, start + step)
+        # The measure is symmetric: (i, j) and (j, i) take the max over the same three.
+        distances = 1.0 - np.maximum(np.maximum(u[rows] @ u.T, u[rows] @ z.T), z[rows] @ u.T)
+        r, c = np.nonzero(distances <= threshold)
+        for i, j in zip(r.tolist(), c.tolist(), strict=True):
+            if start + i < j:
+                out.append((ids[start + i], ids[j], max(0.0, float(distances[i, j]))))
+    return out
+
+
+def _crop_links(collection: str, *, session: Session, model: EmbeddingModel,
+                threshold: float) -> list[tuple[uuid.UUID, uuid.UUID, float]]:
+    """The cnn tier's pairs over whole images and centre regions (all pairs, exact)."""
+    from sqlalchemy.orm import aliased
+
+    from service.embedding.service import find_model
+    from service.errors import ApiError
+    from service.features.models import region_model_name
+
+    region = find_model(region_model_name(model.name), session=session)
+    if region is None:
+        raise ApiError("unknown_model", f"crops needs {region_model_name(model.name)}: run "
+                       f"`lookalike models install {region_model_name(model.name)}` and "
+                       "reindex the collection with it")
+    zoom = aliased(ImageEmbedding)
+    rows = session.execute(
+        select(ImageEmbedding.image_id, ImageEmbedding.vector, zoom.vector)
+        .join(zoom, (zoom.image_id == ImageEmbedding.image_id) & (zoom.model_id == region.id))
+        .join(Image, Image.id == ImageEmbedding.image_id)
+        .where(ImageEmbedding.model_id == model.id, Image.collection == collection,
+               Image.status == "ready").order_by(ImageEmbedding.image_id)).all()
+    if len(rows) < 2:
+        return []
+    whole = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
+    regions = np.stack([np.asarray(r[2], dtype=np.float32) for r in rows])
+    return region_pairs([r[0] for r in rows], whole, regions, threshold)
+
+
 def duplicate_groups(collection: str, *, session: Session, model: EmbeddingModel,
                      cnn_threshold: float, phash_threshold: int = PHASH_THRESHOLD,
-                     tiers: tuple[str, ...] = TIERS, min_size: int = 2
+                     tiers: tuple[str, ...] = TIERS, min_size: int = 2, crops: bool = False
                      ) -> tuple[list[DuplicateGroup], list[str]]:
     """The collection's duplicate groups by tier, largest first; and notes on skipped tiers."""
     from service.embedding.service import find_model
@@ -118,7 +171,10 @@ def duplicate_groups(collection: str, *, session: Session, model: EmbeddingModel
             vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v in rows])
             links += [(1, d, a, b) for a, b, d in
                       phash_pairs([r[0] for r in rows], vectors, phash_threshold)]
-    if "cnn" in tiers:
+    if "cnn" in tiers and crops:
+        links += [(2, d, a, b) for a, b, d in _crop_links(
+            collection, session=session, model=model, threshold=cnn_threshold)]
+    elif "cnn" in tiers:
         _, edges = collection_edges(collection, session=session, model=model)
         links += [(2, d, a, b) for a, b, d in edges if d <= cnn_threshold]
     # Kruskal over (tier, distance): each link that joins two groups is kept, so a group's

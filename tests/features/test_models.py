@@ -23,7 +23,7 @@ from service.embedding.reindex import drop_model, reindex_step, start_reindex
 from service.embedding.service import ensure_model_row, find_model, index_name
 from service.features.handcrafted import hsv_histogram, phash
 from service.features.models import HSV_HIST, PHASH, handcrafted_info, region_model_name
-from service.graph.duplicates import phash_pairs
+from service.graph.duplicates import phash_pairs, region_pairs
 from service.search.metrics import get_metric
 from service.search.service import _Explain
 from tests.conftest import DEFAULT_MODEL, wait_for_status
@@ -226,3 +226,19 @@ def test_query_crops_find_the_original_of_a_crop(app: Flask, client: FlaskClient
     # The other way round: the original's centre region matches the stored crop.
     back = search(client, image_id=original, collection=collection, k=1, query_crops=True)
     assert back["results"][0]["id"] == cropped
+    # Duplicate detection with crops: the cnn tier compares whole images and centre regions.
+    resp = client.get(f"/api/v1/duplicates?collection={collection}&crops=true&tiers=cnn")
+    assert resp.status_code == 200, resp.get_json()
+    [group] = [g for g in resp.get_json()["clusters"] if original in g["ids"]]
+    assert cropped in group["ids"] and group["tier"] == "cnn"
+
+
+def test_region_pairs_take_the_best_of_whole_and_region() -> None:
+    rng = np.random.default_rng(1)
+    whole, regions = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    ids = [uuid.UUID(int=i) for i in range(30)]
+    unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (whole, regions)]
+    best = 1 - np.maximum(np.maximum(unit[0] @ unit[0].T, unit[0] @ unit[1].T),
+                          unit[1] @ unit[0].T)
+    brute = {(ids[i], ids[j]) for i in range(30) for j in range(i + 1, 30) if best[i, j] <= 0.3}
+    assert brute and {(a, b) for a, b, _ in region_pairs(ids, whole, regions, 0.3)} == brute
