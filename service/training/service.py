@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,52 @@ def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore, mod
                        embedder.info.preprocessing, max_pixels=max_pixels)
 
 
+def pick_shots(labels: np.ndarray, train_idx: np.ndarray, classes: list[str], shots: int,
+               seed: int = 0) -> np.ndarray:
+    """`shots` random training rows of each class (all of a class that has fewer)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(train_idx[labels[train_idx] == c])[:shots]
+                           for c in classes])
+
+
+def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
+               train_idx: np.ndarray, classes: list[str], *, validate: bool = True,
+               head_kind: str = "cosine",
+               views_of: Callable[[np.ndarray], np.ndarray] | None = None, hidden: int = 512,
+               epochs: int | None = None, seed: int = 0) -> Head:
+    """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
+
+    With `validate`, a validation split of other people (split values) is held out of the
+    training side for early stopping and for picking the embedding's mix; `views_of` gives
+    the augmentation views' features of the rows it is passed, added as extra training rows.
+    """
+    if head_kind not in HEADS:
+        raise ApiError("bad_head", f"unknown head {head_kind!r}; choose from {HEADS}")
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index.get(label, -1) for label in labels])  # -1: a class only in test
+    val = np.array([_side(values[i] + "/val", 5) for i in train_idx])
+    if validate and val.any() and (~val).sum() > len(classes):
+        fit, held = train_idx[~val], train_idx[val]
+    else:  # with few shots there are too few images to spare for validation
+        fit, held = train_idx, train_idx[:0]
+    x, fit_y = vectors[fit], y[fit]
+    if views_of is not None:
+        extra = views_of(fit)
+        x = np.concatenate([x, extra.reshape(-1, extra.shape[2])])
+        fit_y = np.concatenate([fit_y, np.repeat(y[fit], extra.shape[1])])
+    validation: dict[str, Any] = {} if not len(held) else {
+        "val_x": vectors[held], "val_labels": labels[held].tolist()}
+    if head_kind == "cosine":
+        head = fit_cosine_head(x, fit_y, classes, seed=seed, hidden=hidden,
+                               **cosine_schedule(len(fit), epochs), **validation)
+    else:
+        head = fit_classifier(x, fit_y, classes, seed=seed, max_iter=300 if validation else 100,
+                              **validation)
+    head.record.update(augment=list(VIEWS) if views_of is not None else [],
+                       fit_images=int(len(fit)), fit_rows=int(len(x)), val_images=int(len(held)))
+    return head
+
+
 def finetune(*, session: Session, collection: str, label_key: str, base: str,
              model_dir: Path, split_key: str | None = None, shots: int | None = None,
              unsupervised: bool = False, dim: int = 256, seed: int = 0,
@@ -97,13 +144,11 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     if test.all() or not test.any():
         raise ApiError("bad_split", "the split put every image on one side")
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
-    rng = np.random.default_rng(seed)
     classes = sorted(set(data.labels[train_idx].tolist()))
     if len(classes) < 2:
         raise ApiError("one_class", "the training split has a single class")
     if shots:
-        train_idx = np.concatenate([
-            rng.permutation(train_idx[data.labels[train_idx] == c])[:shots] for c in classes])
+        train_idx = pick_shots(data.labels, train_idx, classes, shots, seed)
     test_labels = data.labels[test_idx].tolist()
     raw = exact_cosine_scores(data.vectors[test_idx], test_labels, ks=(10,))
 
@@ -111,34 +156,16 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     if unsupervised:
         head = fit_pca_whitening(data.vectors[train_idx], dim=dim)
     else:
-        if head_kind not in HEADS:
-            raise ApiError("bad_head", f"unknown head {head_kind!r}; choose from {HEADS}")
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index.get(label, -1) for label in data.labels])  # -1: test-only class
-        # Early stopping needs held-out images; with few shots there are too few to spare.
-        # Validation images come from other people (split values) than the fitted ones.
-        val = np.array([_side(values[i] + "/val", 5) for i in train_idx]) if not shots else None
-        if val is not None and val.any() and (~val).sum() > len(classes):
-            fit, held = train_idx[~val], train_idx[val]
-        else:
-            fit, held = train_idx, train_idx[:0]
-        x, fit_y = data.vectors[fit], y[fit]
-        if store is not None:
-            extra = augmented_rows(session=session, ids=[data.ids[i] for i in fit], store=store,
-                                   model_dir=model_dir, base=base, max_pixels=max_pixels)
-            x = np.concatenate([x, extra.reshape(-1, extra.shape[2])])
-            fit_y = np.concatenate([fit_y, np.repeat(y[fit], extra.shape[1])])
-        validation: dict[str, Any] = {} if not len(held) else {
-            "val_x": data.vectors[held], "val_labels": data.labels[held].tolist()}
-        if head_kind == "cosine":
-            head = fit_cosine_head(x, fit_y, classes, seed=seed, hidden=hidden,
-                                   **cosine_schedule(len(fit), epochs), **validation)
-        else:
-            head = fit_classifier(x, fit_y, classes, seed=seed,
-                                  max_iter=300 if validation else 100, **validation)
-        head.record.update(augment=list(VIEWS) if store is not None else [],
-                           fit_images=int(len(fit)), fit_rows=int(len(x)),
-                           val_images=int(len(held)))
+        def views_of(rows: np.ndarray) -> np.ndarray:
+            assert store is not None
+            return augmented_rows(session=session, ids=[data.ids[i] for i in rows],
+                                  store=store, model_dir=model_dir, base=base,
+                                  max_pixels=max_pixels)
+
+        head = train_head(data.vectors, data.labels, values, train_idx, classes,
+                          validate=not shots, head_kind=head_kind,
+                          views_of=views_of if store is not None else None, hidden=hidden,
+                          epochs=epochs, seed=seed)
     tuned = exact_cosine_scores(head.transform(data.vectors[test_idx]), test_labels, ks=(10,))
 
     base_info = registry.verify(model_dir, base)
