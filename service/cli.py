@@ -178,17 +178,34 @@ def _triple(value: str) -> tuple[float, float, float]:
 @click.option("--mean", default="0.485,0.456,0.406", show_default=True)
 @click.option("--std", default="0.229,0.224,0.225", show_default=True)
 @click.option("--licence", default="unknown", show_default=True)
+@click.option("--text-onnx", type=click.Path(exists=True, dir_okay=False),
+              help="A CLIP text encoder into the same space (issue 10: text_mode 'clip').")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
+              help="The text encoder's `tokenizers` JSON file.")
+@click.option("--text-length", default=77, show_default=True,
+              help="Tokens per text: padded or cut to this length.")
 def models_add(name: str, onnx_file: str, size: int, resize: int | None, mean: str, std: str,
-               licence: str) -> None:
+               licence: str, text_onnx: str | None, tokenizer: str | None,
+               text_length: int) -> None:
     """Register your own ONNX image model (one NCHW input, a 2-D embedding output)."""
     from service.embedding import registry
 
+    if (text_onnx is None) != (tokenizer is None):
+        raise click.ClickException("--text-onnx and --tokenizer go together")
     try:
         info = registry.add_onnx(name, Path(onnx_file), _model_dir(), size=size, resize=resize,
                                  mean=_triple(mean), std=_triple(std), licence=licence)
+        if text_onnx is not None and tokenizer is not None:
+            from service.text.clip import add_text_encoder, check_text_encoder
+
+            text_info = check_text_encoder(Path(text_onnx), Path(tokenizer), length=text_length,
+                                           dim=info.dim)
+            add_text_encoder(name, Path(text_onnx), Path(tokenizer), _model_dir(),
+                             info=text_info)
     except (registry.ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"added {name} dim={info.dim} sha256={info.sha256[:12]}")
+    click.echo(f"added {name} dim={info.dim} sha256={info.sha256[:12]}"
+               + (" with a text encoder" if text_onnx else ""))
 
 
 @models.command("default")
