@@ -157,8 +157,59 @@
       .join(" · ");
   }
 
+  // Issue 10: "why?" under a result fetches the match explanation: a heatmap PNG over the
+  // result, with the classes both images share in a header.
+  async function explainMatch(resultId, source) {
+    const key = storedKey();
+    const headers = key ? { Authorization: `Bearer ${key}` } : {};
+    let response;
+    try {
+      if (source.file) {
+        const data = new FormData();
+        data.append("file", source.file, source.file.name || "pasted.png");
+        data.append("result_id", resultId);
+        response = await fetch(`${API}/explain`, { method: "POST", body: data, headers });
+      } else {
+        const query = `query_id=${encodeURIComponent(source.id)}` +
+          `&result_id=${encodeURIComponent(resultId)}`;
+        response = await fetch(`${API}/explain?${query}`, { headers });
+      }
+    } catch (_) {
+      throw new ApiFailure("network", "", 0);
+    }
+    if (!response.ok) throw new ApiFailure("explain_failed", "", response.status);
+    let classes = [];
+    try {
+      classes = JSON.parse(response.headers.get("X-Match-Classes") || "[]");
+    } catch (_) {
+      classes = [];
+    }
+    return { url: URL.createObjectURL(await response.blob()), classes };
+  }
+
+  function whyButton(item, name, source) {
+    const button = el("button", { type: "button", class: "why", text: "why?" });
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        const { url, classes } = await explainMatch(item.id, source);
+        const shared = classes.slice(0, 3)
+          .map(([label, score]) => `${label} ${Math.round(score * 100)}%`).join(", ");
+        button.replaceWith(el("figure", { class: "why-figure" },
+          el("img", { src: url, alt: `Where ${name} matches the query (bright = similar)` }),
+          el("figcaption", { class: "meta muted",
+                             text: shared ? `Both look like: ${shared}` : "No shared class" })));
+      } catch (error) {
+        if (!(error instanceof ApiFailure)) throw error;
+        button.disabled = false;
+        button.textContent = "why? (failed, retry)";
+      }
+    });
+    return button;
+  }
+
   // One result or browse card; everything goes through textContent, never innerHTML.
-  function card(item, { rank = null, collection = "" } = {}) {
+  function card(item, { rank = null, collection = "", why = null } = {}) {
     const name = nameOf(item);
     const href = `/images/${encodeURIComponent(item.id)}` +
       (collection ? `?collection=${encodeURIComponent(collection)}` : "");
@@ -187,12 +238,14 @@
       body.append(el("p", { class: "meta muted", text: `in ${item.collection}` }));
     }
     return el("li", { class: "card", "data-id": item.id },
-      el("a", { href, class: "card-link" }, img, body));
+      el("a", { href, class: "card-link" }, img, body),
+      rank !== null && why ? whyButton(item, name, why) : null);
   }
 
-  function renderResults(list, hits, { append = false, collection = "", offset = 0 } = {}) {
+  function renderResults(list, hits,
+                         { append = false, collection = "", offset = 0, why = null } = {}) {
     if (!append) list.replaceChildren();
-    hits.forEach((hit, i) => list.append(card(hit, { rank: offset + i + 1, collection })));
+    hits.forEach((hit, i) => list.append(card(hit, { rank: offset + i + 1, collection, why })));
   }
 
   // ---------------------------------------------------------------- search page
@@ -284,7 +337,8 @@
         }
         const body = await api("/search", options);
         const offset = append ? state.shown : 0;
-        renderResults(list, body.results, { append, collection, offset });
+        const why = state.file ? { file: state.file } : { id: state.likeId };
+        renderResults(list, body.results, { append, collection, offset, why });
         state.shown = offset + body.results.length;
         state.cursor = body.next_cursor || null;
         more.hidden = !state.cursor;
