@@ -34,8 +34,8 @@ OPEN_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.openapi",
 # Fitting code sets, evaluations and graph rebuilds touch whole collections or every one.
 ADMIN_BLUEPRINTS = frozenset({"codes", "evaluations"})
 ADMIN_ENDPOINTS = frozenset({"graph.rebuild"})
-# POSTs that only read.
-READ_ENDPOINTS = frozenset({"search.search"})
+# POSTs that only read (a query photo is uploaded, nothing is stored).
+READ_ENDPOINTS = frozenset({"search.search", "explain.explain_upload"})
 UPLOAD_ENDPOINTS = ("images.upload_image", "jobs.create_job")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # The web page keeps its key in this cookie so that <img> tags and page loads carry it; the

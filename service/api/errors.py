@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service.errors import ApiError
@@ -69,6 +69,14 @@ def register_error_handlers(app: Flask) -> None:
         # JSON may carry lone surrogates ("\ud800") that no database text can hold.
         return error_response("invalid_text", "text must be valid Unicode (no lone "
                               "surrogates)", 400)
+
+    @app.errorhandler(DataError)
+    def _bad_data(exc: DataError) -> ResponseReturnValue:
+        # SQLSTATE class 22 is the client's data: NUL characters PostgreSQL text cannot hold
+        # ("\u0000"), numbers out of range. A 400 naming the problem, not a 500.
+        log.info("data refused by the database: %s", str(exc.orig).splitlines()[0])
+        return error_response("invalid_text", "the request holds a value the database cannot "
+                              "store (e.g. a NUL character or a number out of range)", 400)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from spectree import SpecTree
@@ -36,6 +37,43 @@ spec = SpecTree(
 )
 
 
+# Issue 9: routes reachable without an API key (service/api/auth.py OPEN_ENDPOINTS).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+AUTH_RESPONSES = {
+    "401": "No API key, or one that is unknown or revoked",
+    "403": "The key's scope does not allow this request",
+    "429": "Rate limit exceeded; see the Retry-After header",
+}
+
+
+def with_auth(document: dict[str, Any]) -> dict[str, Any]:
+    """The document plus the bearer-key scheme and the 401/403/429 every keyed route may give."""
+    doc = copy.deepcopy(document)
+    components = doc.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http", "scheme": "bearer", "bearerFormat": "lk_<prefix>_<secret>",
+        "description": "An API key from `lookalike keys create`. Required unless the API "
+                       "listens on loopback (docs/security.md)."}
+    # spectree names schemas "<Model>.<hash>": find ours rather than guess the hash.
+    ref = next((f"#/components/schemas/{name}" for name in components.get("schemas", {})
+                if name.split(".")[0] == "ErrorResponse"), None)
+    schema: dict[str, Any] = {"$ref": ref} if ref else {"type": "object"}
+    for path, operations in doc.get("paths", {}).items():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            if path in OPEN_PATHS:
+                operation["security"] = []
+                continue
+            # Optional ({}): keys are required only off loopback (AUTH_REQUIRED "auto").
+            operation["security"] = [{}, {"bearer": []}]
+            for status, description in AUTH_RESPONSES.items():
+                operation["responses"].setdefault(status, {
+                    "description": description,
+                    "content": {"application/json": {"schema": dict(schema)}}})
+    return doc
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3 document of every decorated route."""
-    return spec.spec
+    return with_auth(spec.spec)

@@ -142,6 +142,10 @@ def test_read_key_reads_and_searches_but_cannot_write(secure: Flask, world: Worl
     assert client.get(f"/api/v1/images/{world.a_ids[0]}", headers=h).status_code == 200
     found = client.post("/api/v1/search", headers=h, json={"image_id": world.a_ids[0], "k": 3})
     assert found.status_code == 200, found.get_json()
+    explained = client.post("/api/v1/explain", headers=h, data={
+        "file": (io.BytesIO(photos[0].read_bytes()), "q.jpg"), "result_id": world.a_ids[1],
+        "format": "json"}, content_type="multipart/form-data")
+    assert explained.status_code == 200, explained.get_data(as_text=True)[:300]
     for resp in (
         _upload(client, photos[5], A, h),
         client.patch(f"/api/v1/images/{world.a_ids[0]}", headers=h, json={"metadata": {}}),
@@ -185,13 +189,16 @@ ISOLATED_BY_ID = [
     ("GET", "/api/v1/jobs/{job}", None),
     ("GET", "/api/v1/jobs/{job}/items", None),
     ("POST", "/api/v1/jobs/{job}/cancel", None),
-    ("GET", "/image/{b}", None),
+    ("GET", "/images/{b}", None),  # the web page of an image
+    ("GET", "/api/v1/explain?query_id={a}&result_id={b}&format=json", None),
+    ("GET", "/api/v1/explain?query_id={b}&result_id={a}&format=json", None),
 ]
 
 
 def _fill(value: Any, world: World) -> Any:
     if isinstance(value, str):
-        return value.replace("{b}", world.b_ids[0]).replace("{job}", world.job_b)
+        return (value.replace("{b}", world.b_ids[0]).replace("{job}", world.job_b)
+                .replace("{a}", world.a_ids[0]))
     if isinstance(value, dict):
         return {k: _fill(v, world) for k, v in value.items()}
     return value
@@ -365,3 +372,12 @@ def test_the_server_says_at_start_up_that_loopback_runs_open(
         announce_auth(secure)  # keys exist: nothing to say
     assert [r.getMessage() for r in caplog.records if "authentication is OFF" in r.getMessage()]
     assert not [r for r in caplog.records if "none exists" in r.getMessage()]
+
+
+def test_openapi_documents_the_key_scheme_and_its_errors(secure: Flask) -> None:
+    doc = secure.test_client().get("/openapi.json").get_json()
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    images = doc["paths"]["/api/v1/images"]["get"]
+    assert {"401", "403", "429"} <= set(images["responses"])
+    assert {"bearer": []} in images["security"]
+    assert doc["paths"]["/healthz"]["get"]["security"] == []

@@ -98,6 +98,20 @@ def test_lone_surrogates_anywhere_are_4xx(client: FlaskClient, path: str,
     assert resp.status_code != 500
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/v1/evaluations", {"collection": "a\u0000b"}),
+    ("/api/v1/search", {"k": 3, "vector": [0.1], "collection": "a\u0000b"}),
+    ("/api/v1/search", {"k": 3, "vector": [0.1], "filter": {"a\u0000": 1}}),
+    ("/api/v1/jobs", {"collection": "a\u0000b", "items": [{"path": "/x.jpg"}]}),
+    ("/api/v1/graph/rebuild", {"collection": "a\u0000b"}),
+])
+def test_nul_characters_in_any_json_field_are_4xx(client: FlaskClient, path: str,
+                                                  body: dict[str, Any]) -> None:
+    resp = client.post(path, json=body)
+    assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.get_data()[:200])
+    assert set(resp.get_json()["error"]) == {"code", "message"}
+
+
 def test_keys_with_sql_and_json_path_syntax_are_stored_verbatim(
         app: Flask, client: FlaskClient, photos: list[Path]) -> None:
     meta = {**HOSTILE_KEYS, "long": "z" * 60_000, "nested": {"$or": [{"a->b": "'"}]}}
