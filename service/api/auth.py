@@ -14,7 +14,15 @@ import math
 import time
 from typing import Any
 
-from flask import Flask, current_app, g, has_app_context, has_request_context, request
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    g,
+    has_app_context,
+    has_request_context,
+    request,
+)
 from flask.typing import ResponseReturnValue
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
@@ -178,6 +186,15 @@ def init_rate_limits(app: Flask) -> Limiter:
         headers_enabled=True,
     )
     limiter.request_filter(lambda: is_open_endpoint(request.endpoint))
+
+    @app.after_request
+    def _retry_after_only_when_refused(response: Response) -> Response:
+        # Flask-Limiter adds Retry-After to every limited response; it means "come back later"
+        # only on a 429 or 503. (Registered first, so it runs after the limiter's hook.)
+        if response.status_code not in (429, 503):
+            response.headers.pop("Retry-After", None)
+        return response
+
     limiter.init_app(app)
     upload = limiter.shared_limit(str(config["RATE_LIMIT_UPLOAD"]), scope="uploads",
                                   methods=["POST"])

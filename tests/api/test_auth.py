@@ -331,7 +331,9 @@ def test_requests_over_the_limit_get_429_with_retry_after(limited: Flask) -> Non
     client = limited.test_client()
     first, second = _token(limited, "read", [A]), _token(limited, "read", [A])
     for _ in range(3):
-        assert client.get("/api/v1/images", headers=_auth(first)).status_code == 200
+        ok = client.get("/api/v1/images", headers=_auth(first))
+        assert ok.status_code == 200 and "Retry-After" not in ok.headers
+        assert ok.headers["X-RateLimit-Limit"] == "3"
     resp = client.get("/api/v1/collections", headers=_auth(first))  # the limit spans routes
     assert resp.status_code == 429
     assert resp.get_json() == {"error": {"code": "rate_limited",
