@@ -36,6 +36,8 @@ FEATURE_MAP = "lookalike_feature_map"
 POOLS = ("GlobalAveragePool", "ReduceMean")
 PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Identity")
 TOP_CLASSES = 5
+# The PNG has the result's size up to this many pixels (16 MP), and is scaled down beyond.
+MAX_RENDER_PIXELS = 16_000_000
 
 
 def add_feature_map_output(model: onnx.ModelProto, embedding: str) -> onnx.ModelProto:
@@ -124,11 +126,14 @@ def render_heatmap(img: PILImage.Image, heat: np.ndarray) -> bytes:
     """The heat colour-mapped (inferno) over a dimmed copy of the image, as PNG bytes."""
     from matplotlib import colormaps
 
-    colours = (colormaps["inferno"](heat)[..., :3] * 255.0).astype(np.float32)
-    base = np.asarray(img, np.float32)
-    blended = (0.4 * base + 0.6 * colours).clip(0, 255).astype(np.uint8)
+    # A 256-entry colour table indexed by the quantised heat: a few bytes per pixel, so that
+    # a large photo does not need float copies of itself.
+    table = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint16)
+    colours = table[np.round(heat * 255.0).astype(np.uint8)]
+    base = np.asarray(img, np.uint8).astype(np.uint16)
+    blended = ((2 * base + 3 * colours) // 5).astype(np.uint8)
     out = io.BytesIO()
-    PILImage.fromarray(blended).save(out, "PNG", optimize=False)
+    PILImage.fromarray(blended).save(out, "PNG", compress_level=3)
     return out.getvalue()
 
 
@@ -222,6 +227,11 @@ def explain_match(result_id: str, *, session: Session, store: ContentStore, mode
                               height=img.height, grid=grid, similarity=cos,
                               classes=shared_classes(p_query, p_result))
     if render:
+        if img.width * img.height > MAX_RENDER_PIXELS:
+            # Bounded memory and response size: a huge photo's heatmap comes back scaled down.
+            scale = (MAX_RENDER_PIXELS / (img.width * img.height)) ** 0.5
+            img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))),
+                             PILImage.Resampling.BILINEAR)
         explanation.png = render_heatmap(img, upsample(grid, img.size))
     return explanation
 

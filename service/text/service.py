@@ -140,6 +140,8 @@ def run_text_search(req: SearchRequest, *, session: Session, model_dir: str, def
     text = (req.text or "").strip()
     if not text or len(text) > MAX_TEXT_CHARS:
         raise ApiError("invalid_query", f"text must be 1 to {MAX_TEXT_CHARS} characters")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        raise ApiError("invalid_query", "text must not contain control characters")
     if req.text_mode not in TEXT_MODES:
         raise ApiError("invalid_query", f"text_mode must be one of {', '.join(TEXT_MODES)}")
     if not 0.0 <= req.text_weight <= 1.0:

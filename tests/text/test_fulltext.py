@@ -94,6 +94,8 @@ def test_fulltext_applies_filter_paging_and_errors(client: FlaskClient, shop) ->
     assert stop.status_code == 400 and stop.get_json()["error"]["code"] == "invalid_query"
     bad = client.post("/api/v1/search", json={"text": "x", "text_weight": 2})
     assert bad.status_code == 400
+    nul = client.post("/api/v1/search", json={"text": "red\u0000dress"})
+    assert nul.status_code == 400 and nul.get_json()["error"]["code"] == "invalid_query"
 
 
 def test_hybrid_rrf_fuses_ranks_in_sql(client: FlaskClient, shop) -> None:
