@@ -181,6 +181,19 @@ def main() -> None:
     lines += ["", f"**Mean P@10 {p10:.3f}, mAP {m_ap:.3f}** at the defaults; below 0.7: "
               f"{', '.join(failing) or 'none'}. A random ranking scores about "
               f"{np.mean([(labels == q).mean() for q in queries]):.3f} (mean label share)."]
+    # Why a label fails: what its photos look like to ImageNet (the class with the highest mean
+    # probability over them) and which label's photos show that class most.
+    profile = {q: probs[labels == q].mean(axis=0) for q in queries}
+    reasons = []
+    for q in failing:
+        c = int(np.argmax(profile[q]))
+        owner = max(queries, key=lambda other: profile[other][c])
+        query_class = names[int(np.argmax(bridge_weights(sims[q])))]
+        shared = f", more so {owner}'s" if owner != q else ""
+        reasons.append(f"{q} (photos: {names[c]} {profile[q][c]:.2f}{shared}; "
+                       f"query went to {query_class})")
+    if reasons:
+        lines.append("Why they fail: " + "; ".join(reasons) + ".")
     if not args.no_sql:
         weights = {q: bridge_weights(sims[q]) for q in queries}
         sql = sql_check(probs, labels, weights)
