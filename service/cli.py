@@ -268,6 +268,43 @@ def models_verify(name: str) -> None:
     click.echo(f"{name}: sha256 ok, inference ok, dim={info.dim}")
 
 
+# ---- issue 10: automatic tags ----------------------------------------------------------------
+@main.group()
+def tags() -> None:
+    """Automatic ImageNet tags and class probabilities (docs/search.md)."""
+
+
+@tags.command("backfill")
+@click.option("--collection", help="Only this collection (default: all).")
+@click.option("--model", "model_name", help="Classifier model (default: the default model).")
+def tags_backfill(collection: str | None, model_name: str | None) -> None:
+    """Classify ready images that have no class probabilities (embedded before migration 0007)."""
+    from service.app import create_app
+    from service.db import session_scope
+    from service.embedding.defaults import default_model
+    from service.embedding.registry import ModelError
+    from service.text.labels import backfill_labels
+
+    app = create_app()
+    done, skipped = 0, set()
+    with app.app_context(), session_scope() as session:
+        name = model_name or default_model(session=session)
+        while True:
+            try:
+                count, failed = backfill_labels(
+                    session=session, store=app.extensions["content_store"],
+                    model_dir=app.config["MODEL_DIR"], model_name=name,
+                    max_pixels=int(app.config["MAX_IMAGE_PIXELS"]), collection=collection,
+                    skip=skipped)
+            except (ModelError, ValueError) as exc:
+                raise click.ClickException(str(exc)) from exc
+            if not count and not failed:
+                break
+            done += count
+            skipped.update(failed)
+    click.echo(f"classified {done} images with {name}; {len(skipped)} unreadable")
+
+
 @main.command("reindex")
 @click.option("--collection", required=True)
 @click.option("--model", "model_name", required=True, help="The new model to fill.")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import uuid
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
 from service.images.models import Image
+from service.images.storage import ContentStore
 from service.text.models import CLASSES, ImageClasses
 
 AUTO_TAGS = 5
@@ -89,3 +91,41 @@ def save_labels(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]]
     session.execute(update(Image), [
         {"id": image_id, "auto_tags": top_tags(p)}
         for (image_id, _), p in zip(pairs, probs, strict=True)])
+
+
+
+def backfill_labels(*, session: Session, store: ContentStore, model_dir: str | Path,
+                    model_name: str, max_pixels: int, collection: str | None = None,
+                    skip: set[uuid.UUID] | None = None,
+                    batch_size: int = 32) -> tuple[int, list[uuid.UUID]]:
+    """Class probabilities and automatic tags of one batch of ready images that have none
+    (embedded before migration 0007), committed. Returns (done, unreadable ids to skip)."""
+    from service.embedding.service import ensure_model_row
+    from service.embedding.session import get_embedder
+    from service.embedding.transforms import ImageDecodeError, batch, preprocess
+
+    embedder = get_embedder(model_dir, model_name)
+    model = ensure_model_row(embedder.info, session=session)
+    has_classes = select(ImageClasses.image_id).where(ImageClasses.image_id == Image.id,
+                                                      ImageClasses.model_id == model.id)
+    query = select(Image.id, Image.sha256).where(Image.status == "ready", ~has_classes.exists())
+    if collection is not None:
+        query = query.where(Image.collection == collection)
+    if skip:
+        query = query.where(Image.id.not_in(skip))
+    rows = session.execute(query.order_by(Image.id).limit(batch_size)).all()
+    good, arrays, failed = [], [], []
+    for image_id, sha in rows:
+        try:
+            arrays.append(preprocess(store.get(sha), embedder.info.preprocessing,
+                                     max_pixels=max_pixels))
+            good.append(image_id)
+        except (OSError, ImageDecodeError):
+            failed.append(image_id)
+    if good:
+        logits = embedder.run(batch(arrays)).logits
+        if logits is None:
+            raise ValueError(f"model {model_name!r} has no ImageNet classifier output")
+        save_labels(model, list(zip(good, logits, strict=True)), session=session)
+    session.commit()
+    return len(good), failed

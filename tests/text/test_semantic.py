@@ -98,3 +98,29 @@ def test_onnx_sentence_model_matches_a_torch_reference(sentence_model: Path) -> 
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert len(class_synonyms()) == 1000 and encoder.labels is not None
     assert encoder.labels.shape == (1000, 384)
+
+
+def test_backfill_classifies_images_embedded_before_migration_0007(
+        app, settings: dict, cat_and_coffee) -> None:  # noqa: ANN001
+    from click.testing import CliRunner
+    from sqlalchemy import delete, select
+
+    from service.cli import main
+    from service.db import session_scope
+    from service.images.models import Image
+    from service.text.models import ImageClasses
+    from tests.conftest import worker_env
+
+    collection, ids = cat_and_coffee
+    with app.app_context(), session_scope() as session:
+        session.execute(delete(ImageClasses).where(ImageClasses.image_id == ids["cat"]))
+        session.get(Image, ids["cat"]).auto_tags = []
+        session.commit()
+    result = CliRunner().invoke(main, ["tags", "backfill", "--collection", collection],
+                                env=worker_env(settings))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("classified 1 images")
+    with app.app_context(), session_scope() as session:
+        assert session.scalar(select(ImageClasses.image_id).where(
+            ImageClasses.image_id == ids["cat"])) is not None
+        assert "cat" in session.get(Image, ids["cat"]).auto_tags[0]["label"]
