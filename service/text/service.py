@@ -108,9 +108,9 @@ def fuse(session: Session, text_side: Subquery, image_side: Subquery, *, weight:
     joined = text_ranked.join(image_side, image_side.c.image_id == text_ranked.c.image_id,
                               full=True)
     w = literal(float(weight), Float)
-    k = literal(float(RRF_K), Float)
-    score = (func.coalesce(w / (k + cast(text_ranked.c.rank, Float)), 0.0)
-             + func.coalesce((1.0 - w) / (k + cast(image_side.c.ord, Float)), 0.0))
+    rrf_k = literal(float(RRF_K), Float)
+    score = (func.coalesce(w / (rrf_k + cast(text_ranked.c.rank, Float)), 0.0)
+             + func.coalesce((1.0 - w) / (rrf_k + cast(image_side.c.ord, Float)), 0.0))
     fused = select(func.coalesce(text_ranked.c.image_id, image_side.c.image_id)
                    .label("image_id"), score.label("score")).select_from(joined).subquery("fused")
     return _page(session, fused, fused.c.score, k=k, offset=offset, min_score=min_score)

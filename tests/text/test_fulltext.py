@@ -113,6 +113,11 @@ def test_hybrid_rrf_fuses_ranks_in_sql(client: FlaskClient, shop) -> None:
     assert names(only_text, shop)[:2] == ["a", "e"]
     filtered = client.post("/api/v1/search", json=dict(query, filter={"kind": "x"})).get_json()
     assert set(names(filtered, shop)) == {"a", "b", "e"}
+    first = client.post("/api/v1/search", json=dict(query, k=2)).get_json()
+    assert names(first, shop) == ["e", "a"] and first["next_cursor"]
+    second = client.post("/api/v1/search", json=dict(query, k=2,
+                                                     cursor=first["next_cursor"])).get_json()
+    assert names(second, shop) == got[2:4]
 
 
 def test_tags_are_validated_and_searchable_after_patch(client: FlaskClient, shop) -> None:
