@@ -159,6 +159,10 @@ def models_list() -> None:
         click.echo(f"{name:28s} {state}")
     for spec in HANDCRAFTED.values():
         click.echo(f"{spec.name:28s} built in, dim={spec.dim}: {spec.description}")
+    from service.text import sentence  # Issue 10: the sentence model of text_mode semantic.
+
+    state = "installed" if sentence.is_installed(_model_dir()) else "available"
+    click.echo(f"{sentence.NAME:28s} {state}, text (dim={sentence.HIDDEN}): words to classes")
 
 
 def _triple(value: str) -> tuple[float, float, float]:
