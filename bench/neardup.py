@@ -3,14 +3,17 @@
 Edits: resize to 30%, centre crop 70%, JPEG quality 20, rotation by 90 degrees, horizontal
 flip, brightness +30%, a text watermark. Every item (3,308 originals + 3,500 variants) queries
 all others, per method: CNN (EfficientNet-Lite0, cosine), pHash (64 bits, Hamming), HSV colour
-histogram (chi-square and L1) and 256-bit LSH codes of the CNN vectors (Hamming).
+histogram (chi-square and L1), 256-bit LSH codes of the CNN vectors (Hamming), and the CNN
+with centre regions (`"query_crops": true`: the best of whole-whole, whole-region and
+region-whole cosine, regions being the central 70% embedded by the same network).
 
 Reported per edit: recall@1 (the nearest other item is the original or another variant of the
 same photo) and duplicate-group precision/recall: groups are the minimum spanning tree of each
 method's 10-NN graph cut at a threshold (service.graph.clustering, as the service does), pairwise
 against the true groups. The threshold of each method is calibrated here: the largest one whose
 overall pairwise precision is at least 0.95 (printed, and used as the service's default for
-CNN duplicates).
+CNN duplicates). Then the tiers of GET /api/v1/duplicates: pHash pairs at most t bits apart,
+alone and followed by the CNN's calibrated cut, for a sweep of t (the pHash tier's threshold).
 
     python -m bench.neardup [--photos 500]
 """
@@ -69,10 +72,11 @@ def features(n_photos: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarra
     from service.config import settings_from_env
     from service.embedding.session import get_embedder
     from service.embedding.transforms import batch, preprocess
-    from service.features.handcrafted import hsv_histogram, phash
+    from service.features.handcrafted import decode_rgb, hsv_histogram, phash
+    from service.features.models import region_preprocessing
 
     base, rows = clothing_embeddings()
-    cache = BENCH_DIR / f"neardup-{n_photos}-{seed}.npz"
+    cache = BENCH_DIR / f"neardup-{n_photos}-{seed}-v2.npz"
     if cache.exists():
         data = np.load(cache)
         return ({k[2:]: data[k] for k in data.files if k.startswith("f_")}, data["group"],
@@ -80,34 +84,36 @@ def features(n_photos: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarra
     picks = np.sort(np.random.default_rng(seed).choice(len(rows), n_photos, replace=False))
     embedder = get_embedder(settings_from_env()["MODEL_DIR"], "efficientnet-lite0")
     prep = embedder.info.preprocessing
+    # The centre-region vectors of `"query_crops": true` (service/embedding/regions.py).
+    zoom_prep = region_preprocessing(prep)
     hist, ph = [], []
     started = time.perf_counter()
-    for r in rows:
-        with Image.open(CLOTHING / r["file"]) as img:
-            img = img.convert("RGB")
-            hist.append(hsv_histogram(img))
-            ph.append(phash(img))
-    variant_bytes, group, edit = [], list(range(len(rows))), [-1] * len(rows)
+    items: list[bytes] = [(CLOTHING / r["file"]).read_bytes() for r in rows]
+    group, edit = list(range(len(rows))), [-1] * len(rows)
     for p in picks:
         with Image.open(CLOTHING / rows[p]["file"]) as img:
             img = img.convert("RGB")
             for e, name in enumerate(EDITS):
-                data = make_variant(img, name)
-                variant_bytes.append(data)
-                with Image.open(io.BytesIO(data)) as v:
-                    v = v.convert("RGB")
-                    hist.append(hsv_histogram(v))
-                    ph.append(phash(v))
+                items.append(make_variant(img, name))
                 group.append(int(p))
                 edit.append(e)
+    # The service's own decoding and features (service/features), from the bytes.
+    for data in items:
+        img = decode_rgb(data, max_pixels=10**8)
+        hist.append(hsv_histogram(img))
+        ph.append(phash(img))
     print(f"hand-crafted features of {len(hist)} items in {time.perf_counter() - started:.0f}s")
-    cnn = [base]
-    for i in range(0, len(variant_bytes), 16):
-        arrays = [preprocess(b, prep, max_pixels=10**8) for b in variant_bytes[i:i + 16]]
+    cnn, zoom = [base], []
+    variants = items[len(rows):]
+    for i in range(0, len(variants), 16):
+        arrays = [preprocess(b, prep, max_pixels=10**8) for b in variants[i:i + 16]]
         cnn.append(embedder.run(batch(arrays)).vectors)
+    for i in range(0, len(items), 16):
+        arrays = [preprocess(b, zoom_prep, max_pixels=10**8) for b in items[i:i + 16]]
+        zoom.append(embedder.run(batch(arrays)).vectors)
     print(f"CNN features in {time.perf_counter() - started:.0f}s")
     feats = {"cnn": np.concatenate(cnn).astype(np.float32), "hist": np.stack(hist),
-             "phash": np.stack(ph)}
+             "phash": np.stack(ph), "zoom": np.concatenate(zoom).astype(np.float32)}
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     np.savez(cache, group=np.array(group), edit=np.array(edit),
              **{f"f_{k}": v for k, v in feats.items()})
@@ -148,7 +154,16 @@ def method_distances(feats: dict[str, np.ndarray]) -> dict[str, Callable[[np.nda
     def l1(rows: np.ndarray) -> np.ndarray:
         return np.stack([np.abs(hist[r][None, :] - hist).sum(axis=1) for r in rows])
 
+    zoom = feats["zoom"] / np.linalg.norm(feats["zoom"], axis=1, keepdims=True)
+
+    def with_regions(rows: np.ndarray) -> np.ndarray:
+        # `"query_crops": true`: the best of whole vs whole, the query vs stored centre
+        # regions (the query is a crop) and the query's centre region vs whole stored images.
+        return 1.0 - np.maximum(np.maximum(unit[rows] @ unit.T, unit[rows] @ zoom.T),
+                                zoom[rows] @ unit.T)
+
     return {"CNN cosine": lambda rows: 1.0 - unit[rows] @ unit.T,
+            "CNN + centre regions": with_regions,
             "pHash Hamming": hamming_of(ph),
             "HSV hist chi-square": chi,
             "HSV hist L1": l1,
@@ -158,13 +173,19 @@ def method_distances(feats: dict[str, np.ndarray]) -> dict[str, Callable[[np.nda
 def group_scores(ids: np.ndarray, dist: np.ndarray, group: np.ndarray, threshold: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per item: true-positive pairs and predicted pairs of its group in the cut MST; labels."""
-    from service.graph.clustering import cut_clusters
-
     n = len(ids)
     edges = [(i, int(ids[i, j]), float(dist[i, j])) for i in range(n) for j in range(K)
              if dist[i, j] <= threshold]
+    return edge_scores(n, edges, group)
+
+
+def edge_scores(n: int, edges: list[tuple[int, int, float]], group: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """group_scores for the connected components of any list of linking edges."""
+    from service.graph.clustering import cut_clusters
+
     pred = np.empty(n, dtype=np.int64)
-    for label, members in enumerate(cut_clusters(range(n), edges, threshold)):
+    for label, members in enumerate(cut_clusters(range(n), edges, float("inf"))):
         pred[members] = label
     tp = np.zeros(n)
     sizes = np.bincount(pred)
@@ -212,19 +233,134 @@ def evaluate(name: str, ids: np.ndarray, dist: np.ndarray, group: np.ndarray,
     return out
 
 
+def tiered(feats: dict[str, np.ndarray], cnn: dict[str, tuple[np.ndarray, np.ndarray, float]],
+           group: np.ndarray, edit: np.ndarray) -> list[dict[str, object]]:
+    """Duplicate groups as GET /duplicates makes them: pHash pairs <= t, then CNN edges.
+
+    `cnn`: per variant of the cnn tier (plain, or with centre regions as `crops=true`), its
+    10-NN graph and threshold.
+    """
+    from service.graph.duplicates import phash_pairs
+
+    n = len(group)
+    started = time.perf_counter()
+    pairs = phash_pairs(list(range(n)), feats["phash"].astype(np.float32), max(PHASH_SWEEP))
+    print(f"pHash pairs <= {max(PHASH_SWEEP)} bits among {n} items: {len(pairs)} in "
+          f"{time.perf_counter() - started:.2f}s")
+    cnn_edges = {name: [(i, int(ids[i, j]), 0.0) for i in range(n) for j in range(K)
+                        if dist[i, j] <= threshold]
+                 for name, (ids, dist, threshold) in cnn.items()}
+    true_size = np.bincount(group)[group] - 1
+    in_groups = true_size > 0
+    out = []
+    for tiers in ("phash", *(f"phash+{name}" for name in cnn)):
+        for t in PHASH_SWEEP if tiers in ("phash", "phash+cnn") else (4,):
+            edges = [(int(a), int(b), 0.0) for a, b, d in pairs if d <= t]
+            if tiers != "phash":
+                edges += cnn_edges[tiers.removeprefix("phash+")]
+            tp, pred, labels = edge_scores(n, edges, group)
+            row: dict[str, object] = {
+                "tiers": tiers, "t": t, "precision": tp.sum() / max(pred.sum(), 1.0),
+                "recall": tp[in_groups].sum() / true_size[in_groups].sum()}
+            for e, edit_name in enumerate(EDITS):
+                rows = np.flatnonzero(edit == e)
+                row[f"go_{edit_name}"] = float(np.mean(labels[rows] == labels[group[rows]]))
+            print(row)
+            out.append(row)
+    return out
+
+
+PHASH_SWEEP = (0, 2, 4, 6, 8, 10, 12)
+# Crops the centre regions were not made for: other shares, and a 70% crop off the centre.
+EXTRA_CROPS = {"crop70": (0.7, 0.5), "crop60": (0.6, 0.5), "crop80": (0.8, 0.5),
+               "crop50": (0.5, 0.5), "crop70-corner": (0.7, 0.0)}
+
+
+def crop(img: Image.Image, share: float, anchor: float) -> bytes:
+    """A crop keeping `share` of each side, placed at `anchor` (0.5: centred, 0: top left)."""
+    w, h = img.size
+    cw, ch = round(w * share), round(h * share)
+    left, top = round((w - cw) * anchor), round((h - ch) * anchor)
+    buf = io.BytesIO()
+    img.crop((left, top, left + cw, top + ch)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def extra_crops(n_photos: int, seed: int, feats: dict[str, np.ndarray],
+                n_originals: int) -> str:
+    """Recall@1 against the originals only, plain CNN vs centre regions, for other crops."""
+    from service.config import settings_from_env
+    from service.embedding.session import get_embedder
+    from service.embedding.transforms import batch, preprocess
+    from service.features.models import region_preprocessing
+
+    rows = clothing_embeddings()[1]
+    picks = np.sort(np.random.default_rng(seed).choice(len(rows), n_photos, replace=False))
+    embedder = get_embedder(settings_from_env()["MODEL_DIR"], "efficientnet-lite0")
+    preps = (embedder.info.preprocessing, region_preprocessing(embedder.info.preprocessing))
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    base = unit(feats["cnn"][:n_originals])
+    base_zoom = unit(feats["zoom"][:n_originals])
+    lines = []
+    for name, (share, anchor) in EXTRA_CROPS.items():
+        items = []
+        for p in picks:
+            with Image.open(CLOTHING / rows[p]["file"]) as img:
+                items.append(crop(img.convert("RGB"), share, anchor))
+        whole, zoom = [], []
+        for prep, out in zip(preps, (whole, zoom), strict=True):
+            for i in range(0, len(items), 16):
+                out.append(embedder.run(batch([preprocess(b, prep, max_pixels=10**8)
+                                               for b in items[i:i + 16]])).vectors)
+        u, z = unit(np.concatenate(whole)), unit(np.concatenate(zoom))
+        plain = np.argmax(u @ base.T, axis=1)
+        regions = np.argmax(np.maximum(np.maximum(u @ base.T, u @ base_zoom.T), z @ base.T),
+                            axis=1)
+        r_plain, r_regions = float(np.mean(plain == picks)), float(np.mean(regions == picks))
+        print(f"{name}: recall@1 vs originals plain {r_plain:.3f}, regions {r_regions:.3f}")
+        lines.append(f"| {name} | {share:.0%} | {'centre' if anchor == 0.5 else 'top left'} | "
+                     f"{r_plain:.3f} | {r_regions:.3f} |")
+    return ("| crop | side kept | where | CNN cosine | CNN + centre regions |\n"
+            "|---|---:|---|---:|---:|\n" + "\n".join(lines))
+
+
 def main() -> None:
     """Run the benchmark and append its tables to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--photos", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra-crops", action="store_true",
+                        help="only: recall@1 of other crops against the originals")
     args = parser.parse_args()
     feats, group, edit = features(args.photos, args.seed)
+    if args.extra_crops:
+        append_results(
+            f"Crops the centre regions were not made for: {args.photos} clothing photos",
+            "Each crop of each photo queries the 3,308 originals only (recall@1: its own "
+            "original is the nearest). CNN + centre regions = `\"query_crops\": true` (the "
+            "best of whole-whole, whole-region and region-whole cosine; regions are the "
+            "central 70%).\n\n" + extra_crops(args.photos, args.seed, feats,
+                                               int(np.sum(edit == -1))))
+        return
     results = []
+    graphs = {}
     for name, distance in method_distances(feats).items():
         started = time.perf_counter()
         ids, dist = knn(distance, len(group))
+        graphs[name] = (ids, dist)
         print(f"{name}: 10-NN of {len(group)} items in {time.perf_counter() - started:.0f}s")
         results.append(evaluate(name, ids, dist, group, edit))
+    cnn_threshold = float(next(r["threshold"] for r in results if r["method"] == "CNN cosine"))
+    # The service cuts both cnn variants at the CNN's calibrated 0.108.
+    tiers = tiered(feats, {"cnn": (*graphs["CNN cosine"], cnn_threshold),
+                           "cnn regions": (*graphs["CNN + centre regions"], cnn_threshold)},
+                   group, edit)
+    tier_table = "\n".join(
+        f"| {r['tiers']} | {r['t']} | {r['precision']:.3f} | {r['recall']:.3f} | "
+        + " | ".join(f"{r[f'go_{e}']:.2f}" for e in EDITS) + " |" for r in tiers)
     head = "| method | " + " | ".join(EDITS) + " |\n|---|" + "---:|" * len(EDITS)
     r1 = "\n".join(f"| {r['method']} | " + " | ".join(f"{r[f'r1_{e}']:.3f}" for e in EDITS)
                    + " |" for r in results)
@@ -243,7 +379,14 @@ def main() -> None:
         "true group, hard edits included) / share of its items grouped with their original.\n\n"
         "| method | threshold | precision | "
         "recall | " + " | ".join(EDITS) + " |\n|---|---:|---:|---:|" + "---|" * len(EDITS)
-        + "\n" + groups)
+        + "\n" + groups
+        + f"\n\nTiered duplicate groups (GET /api/v1/duplicates): pHash pairs at most t bits "
+        f"apart (all pairs, exact), alone and then with the CNN's 10-NN edges at "
+        f"{cnn_threshold:.4g} (cnn regions: the CNN + centre regions graph, as `crops=true`); "
+        "overall pairwise precision / recall, and per edit the share of its items grouped "
+        "with their original.\n\n"
+        "| tiers | pHash t | precision | recall | " + " | ".join(EDITS) + " |\n|---|---:|---:|"
+        "---:|" + "---:|" * len(EDITS) + "\n" + tier_table)
 
 
 if __name__ == "__main__":
