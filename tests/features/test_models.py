@@ -242,3 +242,31 @@ def test_region_pairs_take_the_best_of_whole_and_region() -> None:
                           unit[1] @ unit[0].T)
     brute = {(ids[i], ids[j]) for i in range(30) for j in range(i + 1, 30) if best[i, j] <= 0.3}
     assert brute and {(a, b) for a, b, _ in region_pairs(ids, whole, regions, 0.3)} == brute
+
+
+def test_cli_installs_a_hand_crafted_model_into_the_database(
+        app: Flask, settings: dict[str, Any], handcrafted: None) -> None:
+    import subprocess
+    import sys
+
+    from service.config import PROJECT_ROOT
+    from tests.conftest import worker_env
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "service.cli", "models", *args],
+                              cwd=PROJECT_ROOT, env=worker_env(settings), capture_output=True,
+                              text=True, timeout=120)
+
+    listed = cli("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "hsv-hist" in listed.stdout and "phash" in listed.stdout
+    with app.app_context(), session_scope() as session:
+        drop_model(PHASH, session=session)  # installed from scratch (the fixture drops it)
+    done = cli("install", PHASH)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "enabled phash (dim=64)" in done.stdout
+    with app.app_context(), session_scope() as session:
+        model = find_model(PHASH, session=session)
+        assert model is not None and model.dim == 64
+        assert session.scalar(text("SELECT to_regclass(:n) IS NOT NULL"),
+                              {"n": index_name(model.id, "hamming")})
