@@ -23,6 +23,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Werkzeug refuses larger bodies with 413 before reading them.
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_BYTES"])
     app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024
+    from service.api.errors import ApiJSONProvider
+
+    app.json = ApiJSONProvider(app)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 

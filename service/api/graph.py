@@ -26,7 +26,7 @@ from service.embedding.models import EmbeddingModel
 from service.embedding.service import find_model
 from service.errors import NotFound
 from service.graph import service as graph
-from service.images.service import get_image
+from service.images.service import get_image, validate_collection
 from service.queue import enqueue
 
 bp = Blueprint("graph", __name__, url_prefix="/api/v1")
@@ -108,6 +108,7 @@ def related(image_id: str) -> dict[str, Any]:
 def rebuild() -> tuple[dict[str, Any], int]:
     """Recompute a collection's kNN graph exactly, in a task (202)."""
     body: GraphRebuild = request.context.json  # type: ignore[attr-defined]
+    validate_collection(body.collection)  # before a task is queued: control characters are 400s
     with session_scope() as session:
         model = _model(body.model, session=session)
         out = {"collection": body.collection, "model": model.name, "status": "queued"}

@@ -150,3 +150,12 @@ def test_hostile_filenames_keep_only_a_clean_last_component(
         assert not any(ord(c) < 32 or c == "\x7f" for c in stored)
     root = Path(app.config["STORAGE_DIR"])
     assert not any("passwd" in p.name or "windows" in str(p) for p in root.rglob("*"))
+
+
+def test_a_form_missing_a_required_field_is_400_not_500(client: FlaskClient) -> None:
+    # Spectree quotes the whole form, the uploaded file included, in its validation error.
+    resp = client.post("/api/v1/explain", data={"file": (io.BytesIO(b"\xff\xd8junk"), "f"),
+                                                "\x0e\x7f": "{}"},
+                       content_type="multipart/form-data")
+    assert resp.status_code == 400, resp.get_data()[:300]
+    assert set(resp.get_json()["error"]) == {"code", "message"}
