@@ -124,3 +124,23 @@ def test_backfill_classifies_images_embedded_before_migration_0007(
         assert session.scalar(select(ImageClasses.image_id).where(
             ImageClasses.image_id == ids["cat"])) is not None
         assert "cat" in session.get(Image, ids["cat"]).auto_tags[0]["label"]
+
+
+def test_hybrid_with_an_uploaded_photo(client: FlaskClient, cat_and_coffee,
+                                       sentence_model: Path) -> None:
+    import io
+    import json
+
+    import skimage.data
+
+    from tests.text.conftest import jpeg
+
+    collection, ids = cat_and_coffee
+    for weight, first in ((0.8, "coffee"), (0.2, "cat")):
+        query = {"text": "coffee", "text_mode": "semantic", "collection": collection,
+                 "text_weight": weight}
+        resp = client.post("/api/v1/search", data={
+            "file": (io.BytesIO(jpeg(skimage.data.chelsea())), "q.jpg"),
+            "query": json.dumps(query)}, content_type="multipart/form-data")
+        assert resp.status_code == 200, resp.get_json()
+        assert resp.get_json()["results"][0]["id"] == ids[first]
