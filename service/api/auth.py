@@ -124,7 +124,9 @@ def _token() -> str | None:
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("unauthorized", "use 'Authorization: Bearer <API key>'")
         return value.strip()
-    if request.method in SAFE_METHODS:
+    # The page's cookie only matters where keys are required (an old one must not lock a
+    # loopback page out).
+    if request.method in SAFE_METHODS and current_app.config["AUTH_ENFORCED"]:
         return request.cookies.get(KEY_COOKIE) or None
     return None
 
