@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -327,6 +328,73 @@ def extra_crops(n_photos: int, seed: int, feats: dict[str, np.ndarray],
             "|---|---:|---|---:|---:|\n" + "\n".join(lines))
 
 
+def latency(feats: dict[str, np.ndarray], queries: int, seed: int) -> str:
+    """p50 of plain and `"query_crops": true` searches by stored image, in PostgreSQL."""
+    import psycopg
+    from pgvector import HalfVector
+    from pgvector.psycopg import register_vector
+    from sqlalchemy.orm import Session
+
+    from bench.common import bench_services, percentiles
+    from service.db import make_engine
+    from service.embedding.models import EmbeddingModel
+    from service.embedding.service import ensure_indexes
+    from service.features.models import region_model_name
+    from service.search.service import SearchRequest, run_search
+
+    n = len(feats["cnn"])
+    ids = [uuid.uuid4() for _ in range(n)]
+    base = "efficientnet-lite0"
+    with bench_services("neardup") as urls:
+        url = urls["DATABASE_URL"]
+        with psycopg.connect(url) as conn:
+            register_vector(conn)
+            with conn.cursor().copy(
+                    "COPY images (id, collection, sha256, mime, format, width, height, bytes, "
+                    "metadata, status) FROM STDIN") as copy:
+                for i, image_id in enumerate(ids):
+                    copy.write_row((image_id, "neardup", f"{i:064x}", "image/jpeg", "JPEG", 1,
+                                    1, 1, "{}", "ready"))
+            for name, key in ((base, "cnn"), (region_model_name(base), "zoom")):
+                model_id = conn.execute(
+                    "INSERT INTO models (name, version, dim, sha256) VALUES (%s, '1', %s, %s) "
+                    "RETURNING id", (name, feats[key].shape[1], "0" * 64)).fetchone()[0]
+                with conn.cursor().copy("COPY image_embeddings (image_id, model_id, vector) "
+                                        "FROM STDIN WITH (FORMAT BINARY)") as copy:
+                    copy.set_types(["uuid", "int4", "halfvec"])
+                    for i, image_id in enumerate(ids):
+                        copy.write_row((image_id, model_id, HalfVector(feats[key][i])))
+            conn.commit()
+        engine = make_engine(url)
+        with Session(engine) as session:
+            for model in session.query(EmbeddingModel).all():
+                ensure_indexes(model, session=session)  # built after the load, as a reindex
+            session.commit()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+        picks = np.random.default_rng(seed).choice(n, queries, replace=False)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        with Session(engine) as session:
+            for rep in range(2):  # the first pass warms caches and is not counted
+                for i in picks:
+                    for crops in (False, True):
+                        started = time.perf_counter()
+                        run_search(SearchRequest(k=10, image_id=str(ids[i]), query_crops=crops),
+                                   session=session, model_dir="", default_model=base,
+                                   max_pixels=10**8, max_k=1000)
+                        session.rollback()
+                        if rep:
+                            times[crops].append((time.perf_counter() - started) * 1000)
+        engine.dispose()
+    plain, crops = percentiles(times[False]), percentiles(times[True])
+    print(f"plain p50 {plain[0]:.2f} ms, query_crops p50 {crops[0]:.2f} ms")
+    return ("| search by stored image, k = 10 | p50 ms | p95 ms | p50 ratio |\n"
+            "|---|---:|---:|---:|\n"
+            f"| plain (HNSW, cosine) | {plain[0]:.2f} | {plain[1]:.2f} | 1.00 |\n"
+            f"| `\"query_crops\": true` (3 searches) | {crops[0]:.2f} | {crops[1]:.2f} | "
+            f"{crops[0] / plain[0]:.2f} |")
+
+
 def main() -> None:
     """Run the benchmark and append its tables to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -334,8 +402,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra-crops", action="store_true",
                         help="only: recall@1 of other crops against the originals")
+    parser.add_argument("--latency", type=int, metavar="QUERIES", default=0,
+                        help="only: plain vs query_crops search latency in PostgreSQL")
     args = parser.parse_args()
     feats, group, edit = features(args.photos, args.seed)
+    if args.latency:
+        append_results(
+            f"query_crops latency: {len(group)} items in PostgreSQL, {args.latency} queries",
+            "Both searches by a stored image over the near-duplicate items (whole and centre-"
+            "region vectors, each model with its HNSW index built after loading); alternating "
+            "plain and query_crops, a warm-up pass not counted. Shared machine: compare the "
+            "ratio.\n\n" + latency(feats, args.latency, args.seed))
+        return
     if args.extra_crops:
         append_results(
             f"Crops the centre regions were not made for: {args.photos} clothing photos",
