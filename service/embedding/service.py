@@ -102,7 +102,8 @@ def save_vectors(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]
         save_labels(model, [(image_id, row) for (image_id, _), row
                             in zip(pairs, logits, strict=True)], session=session)
     stmt = insert(ImageEmbedding).values(
-        [{"image_id": image_id, "model_id": model.id, "vector": vec} for image_id, vec in pairs]
+        [{"image_id": image_id, "model_id": model.id, "vector": halfvec_literal(vec)}
+         for image_id, vec in pairs]
     )
     session.execute(stmt.on_conflict_do_update(
         index_elements=["image_id", "model_id"], set_={"vector": stmt.excluded.vector}))

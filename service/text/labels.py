@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
+from service.embedding.service import halfvec_literal
 from service.images.models import Image
 from service.images.storage import ContentStore
 from service.text.models import CLASSES, ImageClasses
@@ -84,7 +85,7 @@ def save_labels(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]]
         return
     probs = softmax(np.stack([logits for _, logits in pairs]))
     stmt = insert(ImageClasses).values([
-        {"image_id": image_id, "model_id": model.id, "probs": p}
+        {"image_id": image_id, "model_id": model.id, "probs": halfvec_literal(p)}
         for (image_id, _), p in zip(pairs, probs, strict=True)])
     session.execute(stmt.on_conflict_do_update(
         index_elements=["image_id", "model_id"], set_={"probs": stmt.excluded.probs}))
