@@ -554,10 +554,15 @@ def keys_list() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-workers", default=2, show_default=True)
-@click.option("--concurrency", default=1, show_default=True, help="Celery worker processes.")
+@click.option("--concurrency", default=min(os.cpu_count() or 1, 4), show_default=True,
+              help="Celery worker processes (each holds the model, ~550 MB).")
 def run(host: str, port: int, api_workers: int, concurrency: int) -> None:
     """Start services (if needed), migrate, then serve the API and a worker until Ctrl-C."""
     env = dict(os.environ)
+    if concurrency > 1:
+        # One ONNX Runtime thread per worker process: N processes on N cores overlap one
+        # another's decoding and database waits; N x N threads would only oversubscribe.
+        env.setdefault("LOOKALIKE_ORT_INTRA_OP_THREADS", "1")
     started_here = None
     if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
         stack = _stack()
