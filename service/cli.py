@@ -441,11 +441,12 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
               show_default=True, help="Cosine-classifier MLP, or the linear softmax head.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Add mirrored and re-cropped views of the training photos.")
-@click.option("--hidden", default=512, show_default=True, help="Hidden units of --head cosine.")
+@click.option("--hidden", type=int, help="Hidden units of --head cosine (default 512; 0 under "
+              "1000 labelled images).")
 @click.option("--epochs", type=int, help="Epochs of --head cosine (default by training size).")
 def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
              shots: int | None, unsupervised: bool, name: str | None, head_kind: str,
-             augment: bool, hidden: int, epochs: int | None) -> None:
+             augment: bool, hidden: int | None, epochs: int | None) -> None:
     """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
     from service.app import create_app
     from service.db import session_scope

@@ -88,8 +88,8 @@ def pick_shots(labels: np.ndarray, train_idx: np.ndarray, classes: list[str], sh
 def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
                train_idx: np.ndarray, classes: list[str], *, validate: bool = True,
                head_kind: str = "cosine",
-               views_of: Callable[[np.ndarray], np.ndarray] | None = None, hidden: int = 512,
-               epochs: int | None = None, seed: int = 0) -> Head:
+               views_of: Callable[[np.ndarray], np.ndarray] | None = None,
+               hidden: int | None = None, epochs: int | None = None, seed: int = 0) -> Head:
     """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
 
     With `validate`, a validation split of other people (split values) is held out of the
@@ -113,8 +113,8 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
     validation: dict[str, Any] = {} if not len(held) else {
         "val_x": vectors[held], "val_labels": labels[held].tolist()}
     if head_kind == "cosine":
-        head = fit_cosine_head(x, fit_y, classes, seed=seed, hidden=hidden,
-                               **cosine_schedule(len(fit), epochs), **validation)
+        head = fit_cosine_head(x, fit_y, classes, seed=seed,
+                               **cosine_schedule(len(fit), epochs, hidden), **validation)
     else:
         head = fit_classifier(x, fit_y, classes, seed=seed, max_iter=300 if validation else 100,
                               **validation)
@@ -128,7 +128,7 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
              unsupervised: bool = False, dim: int = 256, seed: int = 0,
              name: str | None = None, head_kind: str = "cosine",
              store: ContentStore | None = None, max_pixels: int = 64_000_000,
-             hidden: int = 512, epochs: int | None = None) -> TrainingOutcome:
+             hidden: int | None = None, epochs: int | None = None) -> TrainingOutcome:
     """Fit a head on the train split's stored vectors, score it on the test split, install it.
 
     With a content `store`, the training images' augmentation views (mirrored, wider and
@@ -189,7 +189,13 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
                            head_test_p10=tuned.precision[10], record=record)
 
 
-def cosine_schedule(images: int, epochs: int | None) -> dict[str, int]:
-    """Epochs and batch size for the cosine head: small training sets get more, smaller steps."""
-    batch_size = 256 if images >= 1000 else 64
-    return {"epochs": epochs or (10 if images >= 1000 else 40), "batch_size": batch_size}
+def cosine_schedule(images: int, epochs: int | None = None,
+                    hidden: int | None = None) -> dict[str, int]:
+    """Size and schedule of the cosine head, by the number of labelled images fitted.
+
+    Chosen on the validation split of the clothing set (docs/training.md): below 1000 images
+    (few shots) a hidden layer overfits, and more, smaller steps help.
+    """
+    small = images < 1000
+    return {"epochs": epochs or (20 if small else 10), "batch_size": 64 if small else 256,
+            "hidden": (0 if small else 512) if hidden is None else hidden}
