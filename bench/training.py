@@ -104,7 +104,8 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool) -> None:
                     lambda p=power, s=shrink: fit_pca_whitening(
                         vectors[train_idx], dim=256, shrinkage=s, power=p
                     ).transform(vectors[test_idx]))
-    for kind, augment in (("linear", False), ("cosine", False), ("cosine", True)):
+    for kind, augment in (("linear", False), ("linear", True), ("cosine", False),
+                          ("cosine", True)):
         name = f"{kind} head{' + aug' if augment else ''}"
         if not shots_only:
             row(f"{name}, all training images", lambda k=kind, a=augment: head(k, a))
