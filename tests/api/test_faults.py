@@ -15,6 +15,8 @@ from sqlalchemy import func, select
 from service.app import create_app
 from service.db import session_scope
 from service.images.models import Image
+from service.services.ports import free_port
+from service.services.redis import EmbeddedRedis
 from service.services.stack import ServiceStack
 from tests.conftest import wait_for_status
 from tests.jobs.conftest import job_settings, kill_group, start_beat, start_job_worker
@@ -60,15 +62,17 @@ def test_storage_not_writable_gives_503_and_no_row(settings: dict[str, Any], pho
 
 
 def test_upload_with_redis_down_is_accepted_and_the_sweeper_embeds_it(
-        settings: dict[str, Any], stack: ServiceStack, photos: list[Path],
-        tmp_path: Path) -> None:
-    # Its own queue, a sweeper every second and pending rows stale after 2 s; rate limits on,
-    # so their Redis storage being down is exercised too.
-    config = job_settings(settings, "lookalike-redis-down", JOB_ITEM_TIMEOUT=2,
-                          JOB_SWEEP_INTERVAL=1, RATE_LIMIT_ENABLED=True)
+        settings: dict[str, Any], photos: list[Path], tmp_path: Path) -> None:
+    # A Redis of its own (the session's worker keeps its broker), its own queue, a sweeper
+    # every second and pending rows stale after 2 s; rate limits on, so their Redis storage
+    # being down is exercised too.
+    redis = EmbeddedRedis(tmp_path / "redis", free_port())
+    redis.start()
+    config = job_settings({**settings, "REDIS_URL": redis.url()}, "lookalike-redis-down",
+                          JOB_ITEM_TIMEOUT=2, JOB_SWEEP_INTERVAL=1, RATE_LIMIT_ENABLED=True)
     client = create_app(config).test_client()
     data = photos[6].read_bytes() + b"redis-down"
-    stack.redis.stop()
+    redis.stop()
     try:
         started = time.monotonic()
         resp = client.post("/api/v1/images", data={"file": (io.BytesIO(data), "x.jpg"),
@@ -79,7 +83,7 @@ def test_upload_with_redis_down_is_accepted_and_the_sweeper_embeds_it(
         image_id = resp.get_json()["id"]
         assert client.get(f"/api/v1/images/{image_id}").get_json()["status"] == "pending"
     finally:
-        stack.redis.start()
+        redis.start()
     worker = start_job_worker(config, tmp_path / "worker.log")
     beat = start_beat(config, tmp_path)
     try:
@@ -88,3 +92,4 @@ def test_upload_with_redis_down_is_accepted_and_the_sweeper_embeds_it(
     finally:
         kill_group(worker, signal.SIGTERM)
         kill_group(beat, signal.SIGTERM)
+        redis.stop()
