@@ -11,7 +11,7 @@ went (milliseconds of CPU per image in the workers, PostgreSQL, the API and Redi
 (so every hash differs), read by the server from a directory under INGEST_ROOTS, and reports
 the throughput per tenth of the run, to show whether it stays flat as the collection grows.
 
-    python -m bench.ingest [--workers 1,2] [--limit 3308] [--batch 32] [--synthetic 100000]
+    python -m bench.ingest [--workers 1,2,3] [--limit 3308] [--batch 32] [--synthetic 100000]
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def deciles(trace: list[tuple[float, int, float, float]],
 def main() -> None:
     """Run the benchmark and append the results."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--workers", default="1,2,3")
     parser.add_argument("--limit", type=int, default=10**9)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--synthetic", type=int, default=0,

@@ -9,8 +9,20 @@ from typing import Any
 
 import numpy as np
 from pgvector.sqlalchemy import HALFVEC
-from sqlalchemy import ColumnElement, Text, cast, literal, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    ColumnElement,
+    Text,
+    cast,
+    column,
+    func,
+    literal,
+    select,
+    text,
+    update,
+    values,
+)
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel, ImageEmbedding
@@ -96,17 +108,28 @@ def save_vectors(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]
     """Upsert vectors and mark their images ready, in one statement each."""
     if not pairs:
         return
+    tags: dict[uuid.UUID, list[dict[str, object]]] = {}
     if logits is not None:  # Issue 10: class probabilities and automatic tags, same rows.
         from service.text.labels import save_labels
 
-        save_labels(model, [(image_id, row) for (image_id, _), row
-                            in zip(pairs, logits, strict=True)], session=session)
+        tags = save_labels(model, [(image_id, row) for (image_id, _), row
+                                   in zip(pairs, logits, strict=True)],
+                           session=session, set_tags=False)
     stmt = insert(ImageEmbedding).values(
         [{"image_id": image_id, "model_id": model.id, "vector": halfvec_literal(vec)}
          for image_id, vec in pairs]
     )
     session.execute(stmt.on_conflict_do_update(
         index_elements=["image_id", "model_id"], set_={"vector": stmt.excluded.vector}))
+    if tags:
+        # Ready and tagged in one UPDATE … FROM (VALUES …): one new version of each row.
+        rows = values(column("id", PG_UUID(as_uuid=True)), column("tags", JSONB),
+                      name="tagged").data([(image_id, tags.get(image_id))
+                                           for image_id, _ in pairs])
+        session.execute(update(Image).where(Image.id == rows.c.id).values(
+            status="ready", error=None,
+            auto_tags=func.coalesce(rows.c.tags, Image.auto_tags)))
+        return
     ids = [image_id for image_id, _ in pairs]
     session.query(Image).filter(Image.id.in_(ids)).update(
         {Image.status: "ready", Image.error: None}, synchronize_session=False)

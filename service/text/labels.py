@@ -74,24 +74,29 @@ def top_tags(probs: np.ndarray, k: int = AUTO_TAGS) -> list[dict[str, object]]:
 
 
 def save_labels(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]], *,
-                session: Session) -> None:
+                session: Session,
+                set_tags: bool = True) -> dict[uuid.UUID, list[dict[str, object]]]:
     """Store the class probabilities and the top-5 automatic tags of embedded images; no commit.
 
-    Models without a 1,000-class ImageNet head (user models, heads) are skipped.
+    Models without a 1,000-class ImageNet head (user models, heads) are skipped. Returns the
+    tags; with `set_tags=False` the caller writes them (in the update that marks images ready,
+    so that each image row is rewritten once: the row carries a tsvector and a GIN entry).
     """
     pairs = [(image_id, logits) for image_id, logits in pairs
              if logits is not None and np.shape(logits) == (CLASSES,)]
     if not pairs:
-        return
+        return {}
     probs = softmax(np.stack([logits for _, logits in pairs]))
     stmt = insert(ImageClasses).values([
         {"image_id": image_id, "model_id": model.id, "probs": halfvec_literal(p)}
         for (image_id, _), p in zip(pairs, probs, strict=True)])
     session.execute(stmt.on_conflict_do_update(
         index_elements=["image_id", "model_id"], set_={"probs": stmt.excluded.probs}))
-    session.execute(update(Image), [
-        {"id": image_id, "auto_tags": top_tags(p)}
-        for (image_id, _), p in zip(pairs, probs, strict=True)])
+    tags = {image_id: top_tags(p) for (image_id, _), p in zip(pairs, probs, strict=True)}
+    if set_tags:
+        session.execute(update(Image), [{"id": image_id, "auto_tags": t}
+                                        for image_id, t in tags.items()])
+    return tags
 
 
 
