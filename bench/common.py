@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,3 +119,13 @@ def bench_services(name: str, shared_buffers: str = "1GB") -> Iterator[dict[str,
     finally:
         stack.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 180.0, every: float = 0.2) -> None:
+    """Poll until `predicate()` is true, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s")

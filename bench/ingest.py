@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import BENCH_DIR, CLOTHING, append_results, clothing_labels
+from bench.common import BENCH_DIR, CLOTHING, append_results, clothing_labels, wait_for
 from service.config import PROJECT_ROOT, settings_from_env
 from service.services.ports import free_port
 
@@ -167,15 +167,6 @@ def service_pids(folder: Path) -> dict[str, int | None]:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 found[key] = int(path.read_text().split()[0])
     return found
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def run_once(workers: int, source: Path, labels: Path, total: int,

@@ -34,7 +34,14 @@ from typing import Any
 import psutil
 import requests
 
-from bench.common import BENCH_DIR, CLOTHING, append_results, clothing_labels, percentiles
+from bench.common import (
+    BENCH_DIR,
+    CLOTHING,
+    append_results,
+    clothing_labels,
+    percentiles,
+    wait_for,
+)
 from service.config import PROJECT_ROOT
 from service.services.ports import free_port
 
@@ -86,16 +93,6 @@ def pg_connections(url: str) -> int:
         return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                                 "current_database() AND backend_type = 'client backend'"
                                 ).fetchone()[0]) - 1  # not this probe itself
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 180.0) -> None:
-    """Poll until `predicate()` is true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
 
 
 def create_key(database_url: str) -> str:

@@ -206,17 +206,22 @@ def write_model(model_dir: Path, model: onnx.ModelProto, info: ModelInfo) -> Mod
         onnx.save_model(model, tmp / "model.onnx")
         info.sha256 = sha256_file(tmp / "model.onnx")
         (tmp / "model.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
-        old = None
-        if target.exists():
-            old = target.with_name(f".{info.name}.old{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Replace folder `target` by the finished folder `tmp`: readers see old or new, never half."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def install(name: str, model_dir: Path) -> ModelInfo:

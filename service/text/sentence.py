@@ -17,7 +17,6 @@ each image's stored class probabilities.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.embedding.registry import ModelError, sha256_file
+from service.embedding.registry import ModelError, sha256_file, swap_in
 from service.errors import ApiError
 
 NAME = "all-minilm-l6-v2"
@@ -250,13 +249,7 @@ def install_sentence_model(model_dir: str | Path) -> Path:
                 f"{sha256_file(source / 'model.safetensors')})",
                 "sha256": sha256_file(tmp / "model.onnx")}
         (tmp / "model.json").write_text(json.dumps(info, indent=2) + "\n")
-        old = None
-        if target.exists():
-            old = target.with_name(f".{NAME}.old{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
