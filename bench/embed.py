@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bench.common import CLOTHING, append_results, clothing_labels
+from bench.harness import CLOTHING, append_results, clothing_labels
 from service.config import settings_from_env
 from service.embedding import registry
 from service.embedding.session import get_embedder

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import append_results, bench_services, clothing_embeddings, percentiles
+from bench.harness import append_results, bench_services, clothing_embeddings, percentiles
 from bench.search import build_index, load
 
 K = 10

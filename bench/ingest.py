@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import BENCH_DIR, CLOTHING, append_results, clothing_labels, wait_for
+from bench.harness import BENCH_DIR, CLOTHING, append_results, clothing_labels, wait_for
 from service.config import PROJECT_ROOT, settings_from_env
 from service.services.ports import free_port
 
@@ -176,7 +176,7 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
 
     from sqlalchemy import text
 
-    from bench.common import bench_services
+    from bench.harness import bench_services
     from service.db import make_engine
     from service.jobs.client import JobsClient
 

@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 import requests
 
-from bench.common import (
+from bench.harness import (
     BENCH_DIR,
     CLOTHING,
     append_results,
@@ -183,7 +183,7 @@ def main() -> None:
     if not 1 <= args.seconds <= 600:
         parser.error("--seconds must be between 1 and 600 (the run is bounded)")
 
-    from bench.common import bench_services
+    from bench.harness import bench_services
 
     rows = clothing_labels()
     random.Random(0).shuffle(rows)

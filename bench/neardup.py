@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from bench.common import BENCH_DIR, CLOTHING, append_results, clothing_embeddings
+from bench.harness import BENCH_DIR, CLOTHING, append_results, clothing_embeddings
 
 EDITS = ("resize30", "crop70", "jpeg20", "rot90", "hflip", "bright30", "watermark")
 K = 10
@@ -335,7 +335,7 @@ def latency(feats: dict[str, np.ndarray], queries: int, seed: int) -> str:
     from pgvector.psycopg import register_vector
     from sqlalchemy.orm import Session
 
-    from bench.common import bench_services, percentiles
+    from bench.harness import bench_services, percentiles
     from service.db import make_engine
     from service.embedding.models import EmbeddingModel
     from service.embedding.service import ensure_indexes

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from bench.common import append_results, clothing_embeddings
+from bench.harness import append_results, clothing_embeddings
 
 
 def average_precision(order: np.ndarray, relevant: np.ndarray) -> float:

@@ -26,7 +26,7 @@ import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
-from bench.common import append_results, bench_services, clothing_embeddings, percentiles
+from bench.harness import append_results, bench_services, clothing_embeddings, percentiles
 
 SELECTIVITIES = {"all": 1.0, "f10": 0.1, "f1": 0.01, "f01": 0.001, "f001": 0.0001}
 K = 10

@@ -21,7 +21,7 @@ import uuid
 
 import numpy as np
 
-from bench.common import BENCH_DIR, CLOTHING, append_results, bench_services, clothing_labels
+from bench.harness import BENCH_DIR, CLOTHING, append_results, bench_services, clothing_labels
 from service.config import settings_from_env
 from service.text.labels import class_names, class_synonyms, softmax
 from service.text.sentence import TEMPERATURE, TOP_LABELS, Bridge, bridge_weights

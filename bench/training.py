@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.common import BENCH_DIR, CLOTHING, append_results, clothing_embeddings
+from bench.harness import BENCH_DIR, CLOTHING, append_results, clothing_embeddings
 from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS, embed_views
 from service.training.heads import fit_pca_whitening

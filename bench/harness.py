@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: services, real embeddings, machine facts, reporting."""
+"""The benchmark harness: throwaway services, real embeddings, machine facts, reporting."""
 
 from __future__ import annotations
 
