@@ -6,6 +6,7 @@ import csv
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -129,3 +130,14 @@ def wait_for(predicate: Any, what: str, timeout: float = 180.0, every: float = 0
             return
         time.sleep(every)
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
+
+
+def stop_processes(*procs: subprocess.Popen[bytes]) -> None:
+    """Terminate the processes together, then wait for each (killing any that hang)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -31,7 +31,14 @@ from typing import Any
 
 import psutil
 
-from bench.harness import BENCH_DIR, CLOTHING, append_results, clothing_labels, wait_for
+from bench.harness import (
+    BENCH_DIR,
+    CLOTHING,
+    append_results,
+    clothing_labels,
+    stop_processes,
+    wait_for,
+)
 from service.config import PROJECT_ROOT, settings_from_env
 from service.services.ports import free_port
 
@@ -267,13 +274,7 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
                 "deciles": deciles(trace, total),
             }
         finally:
-            for proc in (worker, api):
-                proc.terminate()
-            for proc in (worker, api):
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_processes(worker, api)
             engine.dispose()
             shutil.rmtree(storage, ignore_errors=True)
 

@@ -40,6 +40,7 @@ from bench.harness import (
     append_results,
     clothing_labels,
     percentiles,
+    stop_processes,
     wait_for,
 )
 from service.config import PROJECT_ROOT
@@ -264,13 +265,7 @@ def main() -> None:
             sample("end")
             load_avg_after = os.getloadavg()[0]
         finally:
-            for proc in (worker, api):
-                proc.terminate()
-            for proc in (worker, api):
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_processes(worker, api)
             shutil.rmtree(storage, ignore_errors=True)
     report(args, tally, samples, elapsed, len(ids), seed_s, load_avg_before, load_avg_after)
 
