@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -12,8 +14,17 @@ import onnxruntime as ort
 from service.embedding import registry
 from service.embedding.transforms import batch, preprocess
 
+T = TypeVar("T")
 _lock = threading.Lock()
-_embedders: dict[tuple[str, str], Embedder] = {}
+_loaded: dict[tuple[str, ...], Any] = {}
+
+
+def load_once(key: tuple[str, ...], load: Callable[[], T]) -> T:
+    """The process-wide object under `key`, built by `load()` on first use; failures not kept."""
+    with _lock:
+        if key not in _loaded:
+            _loaded[key] = load()
+        return _loaded[key]
 
 
 @dataclass
@@ -55,12 +66,9 @@ class Embedder:
 
 def get_embedder(model_dir: str | Path, name: str, *, threads: int = 0) -> Embedder:
     """The process-wide embedder of an installed model, loaded on first call."""
-    key = (str(model_dir), name)
-    with _lock:
-        embedder = _embedders.get(key)
-        if embedder is None:
-            info = registry.verify(Path(model_dir), name)
-            onnx_path = registry.model_path(Path(model_dir), name) / "model.onnx"
-            embedder = Embedder(info, onnx_path, threads=threads)
-            _embedders[key] = embedder
-        return embedder
+    def load() -> Embedder:
+        info = registry.verify(Path(model_dir), name)
+        return Embedder(info, registry.model_path(Path(model_dir), name) / "model.onnx",
+                        threads=threads)
+
+    return load_once(("embedder", str(model_dir), name), load)

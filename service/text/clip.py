@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 
 from service.embedding import registry
+from service.embedding.session import load_once
 from service.errors import ApiError
 
 TEXT_JSON = "text.json"
@@ -112,32 +112,25 @@ def add_text_encoder(name: str, onnx_file: Path, tokenizer_file: Path, model_dir
     tmp.rename(folder / TEXT_JSON)
 
 
-_lock = threading.Lock()
-_encoders: dict[tuple[str, str], TextEncoder] = {}
-
-
 def get_text_encoder(model_dir: str | Path, name: str) -> TextEncoder:
     """The process-wide text encoder of an added model, loaded on first use."""
-    key = (str(model_dir), name)
-    with _lock:
-        encoder = _encoders.get(key)
-        if encoder is None:
-            try:
-                folder = registry.model_path(Path(model_dir), name)
-            except registry.ModelError as exc:
-                raise ApiError("unknown_model", str(exc)) from exc
-            try:
-                info = TextEncoderInfo(**json.loads((folder / TEXT_JSON).read_text()))
-            except FileNotFoundError as exc:
-                raise ApiError("no_text_encoder", f"model {name!r} has no text encoder: add "
-                               "one with `lookalike models add NAME --onnx ... --text-onnx ... "
-                               "--tokenizer ...`") from exc
-            if registry.sha256_file(folder / TEXT_ONNX) != info.sha256:
-                raise ApiError("invalid_model", f"the text encoder of {name!r} does not match "
-                               "its recorded sha256", status=409)
-            encoder = TextEncoder(folder / TEXT_ONNX, folder / TOKENIZER, info)
-            _encoders[key] = encoder
-        return encoder
+    def load() -> TextEncoder:
+        try:
+            folder = registry.model_path(Path(model_dir), name)
+        except registry.ModelError as exc:
+            raise ApiError("unknown_model", str(exc)) from exc
+        try:
+            info = TextEncoderInfo(**json.loads((folder / TEXT_JSON).read_text()))
+        except FileNotFoundError as exc:
+            raise ApiError("no_text_encoder", f"model {name!r} has no text encoder: add "
+                           "one with `lookalike models add NAME --onnx ... --text-onnx ... "
+                           "--tokenizer ...`") from exc
+        if registry.sha256_file(folder / TEXT_ONNX) != info.sha256:
+            raise ApiError("invalid_model", f"the text encoder of {name!r} does not match "
+                           "its recorded sha256", status=409)
+        return TextEncoder(folder / TEXT_ONNX, folder / TOKENIZER, info)
+
+    return load_once(("clip-text", str(model_dir), name), load)
 
 
 def encode_text(text: str, *, model_dir: str | Path, model_name: str) -> np.ndarray:

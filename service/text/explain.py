@@ -12,7 +12,6 @@ scaled, is upsampled bilinearly to the image size and colour-mapped over a dimme
 from __future__ import annotations
 
 import io
-import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from service.embedding import registry
 from service.embedding.models import EmbeddingModel
+from service.embedding.session import load_once
 from service.embedding.transforms import ImageDecodeError, normalise, open_image, to_rgb
 from service.errors import ApiError
 from service.images.storage import ContentStore
@@ -85,23 +85,16 @@ class ExplainModel:
         return np.asarray(named[FEATURE_MAP][0], np.float32), named.get("logits")
 
 
-_lock = threading.Lock()
-_models: dict[tuple[str, str], ExplainModel] = {}
-
-
 def get_explain_model(model_dir: str | Path, name: str) -> ExplainModel:
     """The process-wide explain graph of an installed model, built on first use."""
-    key = (str(model_dir), name)
-    with _lock:
-        model = _models.get(key)
-        if model is None:
-            try:
-                info = registry.verify(Path(model_dir), name)
-            except registry.ModelError as exc:
-                raise ApiError("unknown_model", str(exc)) from exc
-            model = ExplainModel(info, registry.model_path(Path(model_dir), name) / "model.onnx")
-            _models[key] = model
-        return model
+    def load() -> ExplainModel:
+        try:
+            info = registry.verify(Path(model_dir), name)
+        except registry.ModelError as exc:
+            raise ApiError("unknown_model", str(exc)) from exc
+        return ExplainModel(info, registry.model_path(Path(model_dir), name) / "model.onnx")
+
+    return load_once(("explain", str(model_dir), name), load)
 
 
 def similarity_grid(feature_map: np.ndarray, query: np.ndarray) -> np.ndarray:

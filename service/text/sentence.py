@@ -20,7 +20,6 @@ import json
 import shutil
 import struct
 import tempfile
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -31,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.embedding.registry import ModelError, sha256_file, swap_in
+from service.embedding.session import load_once
 from service.errors import ApiError
 
 NAME = "all-minilm-l6-v2"
@@ -263,22 +263,15 @@ def is_installed(model_dir: str | Path) -> bool:
                                                  "model.json"))
 
 
-_lock = threading.Lock()
-_encoders: dict[str, SentenceEncoder] = {}
-
-
 def get_sentence_encoder(model_dir: str | Path) -> SentenceEncoder:
     """The process-wide sentence encoder, loaded on first use; 409 if not installed."""
-    key = str(model_dir)
-    with _lock:
-        encoder = _encoders.get(key)
-        if encoder is None:
-            if not is_installed(model_dir):
-                raise ApiError("model_not_installed", f"the sentence model is not installed: "
-                               f"run `lookalike models install {NAME}`", status=409)
-            encoder = SentenceEncoder(text_model_dir(model_dir))
-            _encoders[key] = encoder
-        return encoder
+    def load() -> SentenceEncoder:
+        if not is_installed(model_dir):
+            raise ApiError("model_not_installed", f"the sentence model is not installed: "
+                           f"run `lookalike models install {NAME}`", status=409)
+        return SentenceEncoder(text_model_dir(model_dir))
+
+    return load_once(("sentence", str(model_dir)), load)
 
 
 @dataclass(frozen=True)
