@@ -172,18 +172,26 @@ def fit_code_set(code_set_id: int, *, session: Session) -> str:
     return "ready"
 
 
+def encode_images(image_ids: list[uuid.UUID], collection: str, *, session: Session) -> int:
+    """Encode new images of one collection under every ready code set covering it, one query
+    per code set for all of them; returns how many sets wrote codes."""
+    if not image_ids:
+        return 0
+    sets = session.scalars(select(CodeSet).where(
+        CodeSet.status == "ready",
+        or_(CodeSet.collection.is_(None), CodeSet.collection == collection))).all()
+    done = 0
+    for code_set in sets:
+        ids, vectors = _load_vectors(code_set, session=session, image_ids=image_ids)
+        if ids:
+            _write_codes(code_set, ids, encode(params_of(code_set), vectors), session=session)
+            done += 1
+    return done
+
+
 def encode_image(image_id: uuid.UUID, *, session: Session) -> int:
     """Encode one newly embedded image under every ready code set covering it; returns how many."""
     image = session.get(Image, image_id)
     if image is None:
         return 0
-    sets = session.scalars(select(CodeSet).where(
-        CodeSet.status == "ready",
-        or_(CodeSet.collection.is_(None), CodeSet.collection == image.collection))).all()
-    done = 0
-    for code_set in sets:
-        ids, vectors = _load_vectors(code_set, session=session, image_ids=[image_id])
-        if ids:
-            _write_codes(code_set, ids, encode(params_of(code_set), vectors), session=session)
-            done += 1
-    return done
+    return encode_images([image_id], image.collection, session=session)

@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import BigInteger, String, Text, column, func, or_, select, update, values
+from sqlalchemy import BigInteger, String, Text, column, func, select, update, values
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
 from service.embedding.service import ensure_model_row, save_vectors
 from service.embedding.session import Embedder, Embeddings
 from service.embedding.transforms import ALLOWED_FORMATS, ImageDecodeError, batch, preprocess
+from service.hashing.service import encode_images
 from service.images.models import Image
 from service.images.service import NewImage, _remove_if_unreferenced, store_images
 from service.images.storage import ContentStore
@@ -204,22 +205,17 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
         embedded, errors = embed_valid(embedder, [d for _, d, _ in to_embed],
                                        max_pixels=settings.max_pixels)
         created = {digest: future.result() for digest, future in writes.items()}
-    vectors = embedded.vectors
-    # Issue 10: class logits by digest, for the automatic tags of the new images.
-    logits: dict[str, np.ndarray] = {}
     for i in errors:
         digest = to_embed[i][2]
         if created.get(digest):
             _remove_if_unreferenced(digest, session=session, store=store)
-    new: list[tuple[ClaimedItem, NewImage, np.ndarray]] = []
-    row = 0
+    # Each new image with its row in `embedded` (vectors, and logits for automatic tags).
+    new: list[tuple[ClaimedItem, NewImage, int]] = []
+    row = -1
     for i, (item, data, digest) in enumerate(to_embed):
         if i in errors:
             outcome[item.id] = {"status": "failed", "error": errors[i]}
             continue
-        vector = vectors[row]
-        if embedded.logits is not None:
-            logits[digest] = embedded.logits[row]
         row += 1
         try:
             fmt, width, height = _header(data)
@@ -227,9 +223,9 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
             outcome[item.id] = {"status": "failed", "error": f"unreadable header: {exc}"}
             continue
         new.append((item, NewImage(data=data, digest=digest, filename=item.name, format=fmt,
-                                   width=width, height=height, metadata=item.meta), vector))
-    _commit_results(job_id, token, items, new, outcome, session=session, store=store,
-                    embedder=embedder, collection=collection, logits=logits)
+                                   width=width, height=height, metadata=item.meta), row))
+    _commit_results(job_id, token, items, new, embedded, outcome, session=session, store=store,
+                    embedder=embedder, collection=collection)
     for entry in outcome.values():
         key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}[entry["status"]]
         setattr(result, key, getattr(result, key) + 1)
@@ -246,10 +242,9 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
 
 
 def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem],
-                    new: list[tuple[ClaimedItem, NewImage, np.ndarray]],
+                    new: list[tuple[ClaimedItem, NewImage, int]], embedded: Embeddings,
                     outcome: dict[int, dict[str, Any]], *, session: Session, store: ContentStore,
-                    embedder: Embedder, collection: str,
-                    logits: dict[str, np.ndarray] | None = None) -> None:
+                    embedder: Embedder, collection: str) -> None:
     """Images, vectors and item states in one transaction, only for items this claim owns."""
     model = ensure_model_row(embedder.info, session=session)
     job = lock_job(job_id, session=session)
@@ -264,17 +259,14 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
     new = [n for n in new if n[0].id in owned]
     stored = store_images([image for _, image, _ in new], session=session, store=store,
                           collection=collection)
-    fresh: list[tuple[uuid.UUID, np.ndarray]] = []
-    fresh_logits: list[np.ndarray] = []
-    for item, image, vector in new:
+    fresh: list[tuple[uuid.UUID, int]] = []
+    for item, image, row in new:
         image_id, duplicate = stored[image.digest]
         if duplicate:
             outcome[item.id] = {"status": "duplicate", "image_id": image_id}
         else:
             outcome[item.id] = {"status": "done", "image_id": image_id}
-            fresh.append((image_id, vector))
-            if logits and image.digest in logits:
-                fresh_logits.append(logits[image.digest])
+            fresh.append((image_id, row))
     for item_id, entry in list(outcome.items()):
         if "same_as" in entry:
             # A second copy of a file in the same batch shares the first copy's fate.
@@ -282,10 +274,12 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
             outcome[item_id] = ({"status": "duplicate", "image_id": first.get("image_id")}
                                 if first["status"] != "failed" else dict(first))
     # One multi-row statement for the vectors; it also marks the new images ready.
-    save_vectors(model, fresh, session=session,
-                 logits=np.stack(fresh_logits) if fresh and len(fresh_logits) == len(fresh)
-                 else None)
-    _encode_codes([image_id for image_id, _ in fresh], collection, session=session)
+    rows = [row for _, row in fresh]
+    save_vectors(model, [(image_id, embedded.vectors[row]) for image_id, row in fresh],
+                 session=session,
+                 logits=embedded.logits[rows] if embedded.logits is not None else None)
+    # Binary codes (issue 6) under the code sets that cover the collection, if any.
+    encode_images([image_id for image_id, _ in fresh], collection, session=session)
     for key in [k for k in outcome if k not in owned]:
         del outcome[key]
     if outcome:
@@ -302,22 +296,7 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
     session.commit()
 
 
-def _encode_codes(image_ids: list[uuid.UUID], collection: str, *, session: Session) -> None:
-    """Binary codes (issue 6) of new images, when a ready code set covers the collection."""
-    if not image_ids:
-        return
-    from service.hashing.models import CodeSet
-    from service.hashing.service import encode_image
-
-    covered = session.scalar(select(select(CodeSet.id).where(
-        CodeSet.status == "ready",
-        or_(CodeSet.collection.is_(None), CodeSet.collection == collection)).exists()))
-    if covered:
-        for image_id in image_ids:
-            encode_image(image_id, session=session)
-
-
-def _save_derived(new: list[tuple[ClaimedItem, NewImage, np.ndarray]],
+def _save_derived(new: list[tuple[ClaimedItem, NewImage, int]],
                   outcome: dict[int, dict[str, Any]], *, session: Session, embedder: Embedder,
                   max_pixels: int) -> None:
     """Vectors of enabled hand-crafted and region models (issue 6) of the batch's new images."""
