@@ -50,10 +50,14 @@ def test_rerunning_the_task_neither_duplicates_nor_corrupts(
 
 
 def test_undecodable_stored_file_marks_image_failed_with_reason(
-        app: Flask, client: FlaskClient, photos: list[Path]) -> None:
-    data = photos[2].read_bytes()
+        app: Flask, client: FlaskClient, photos: list[Path], tmp_path: Path) -> None:
+    # Bytes of this test's own (a trailer after the JPEG's end): the store is content-addressed
+    # and shared by the session, so corrupting a shared photo's file would break later tests.
+    own = tmp_path / "own.jpg"
+    own.write_bytes(photos[2].read_bytes() + b"t-fail")
+    data = own.read_bytes()
     store = app.extensions["content_store"]
-    image_id = _upload(client, photos[2], "t-fail")
+    image_id = _upload(client, own, "t-fail")
     # Corrupt the stored original before the worker reads it (or re-embed it after).
     import hashlib
 
