@@ -131,7 +131,9 @@ def save_vectors(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]
             auto_tags=func.coalesce(rows.c.tags, Image.auto_tags)))
         return
     ids = [image_id for image_id, _ in pairs]
-    session.query(Image).filter(Image.id.in_(ids)).update(
+    # Only rows not ready yet: a second model's vectors (reindex, hand-crafted or region models)
+    # must not rewrite every image row, with its tsvector and index entries, for nothing.
+    session.query(Image).filter(Image.id.in_(ids), Image.status != "ready").update(
         {Image.status: "ready", Image.error: None}, synchronize_session=False)
 
 
