@@ -394,6 +394,16 @@ def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name:
     return model, vector, None
 
 
+def query_source(req: SearchRequest) -> str | None:
+    """What the image query is, for cursor fingerprints: the stored id or a digest of the bytes."""
+    if req.image_id is not None:
+        return req.image_id
+    if req.file is None and req.vector is None:
+        return None
+    return hashlib.sha256(req.file if req.file is not None
+                          else np.asarray(req.vector, np.float32).tobytes()).hexdigest()
+
+
 def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_model: str,
                max_pixels: int, max_k: int,
                exact_max_rows: int = EXACT_MAX_ROWS) -> SearchOutcome:
@@ -416,9 +426,7 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
     if req.filter_doc is not None:
         compile_filter(req.filter_doc)  # Validate before any expensive work.
     name = req.model or default_model
-    source = (req.image_id or hashlib.sha256(
-        req.file if req.file is not None else np.asarray(req.vector, np.float32).tobytes()
-    ).hexdigest())
+    source = query_source(req)
     fp = fingerprint(name, metric, req.collection, req.filter_doc, req.min_score, req.k,
                      source)
     cursor = Cursor.decode(req.cursor, fp) if req.cursor else None

@@ -9,7 +9,6 @@ reciprocal rank fusion: score = w / (60 + text rank) + (1 - w) / (60 + image ran
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from service.search.service import (
     SearchResult,
     candidate_conditions,
     fingerprint,
+    query_source,
     search_vectors,
 )
 from service.text.models import CLASSES, ImageClasses
@@ -158,9 +158,7 @@ def run_text_search(req: SearchRequest, *, session: Session, model_dir: str, def
     name = req.model or default_model
     hybrid = bool(images)
     pool = min(MAX_POOL, max(RRF_POOL, 4 * req.k))
-    source = req.image_id or (hashlib.sha256(
-        req.file if req.file is not None else np.asarray(req.vector, np.float32).tobytes()
-    ).hexdigest() if hybrid else None)
+    source = query_source(req)
     fp = fingerprint("text", name, req.text_mode, text, req.text_weight, req.collection,
                      req.filter_doc, req.min_score, req.k, source)
     cursor = Cursor.decode(req.cursor, fp) if req.cursor else None
