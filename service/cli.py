@@ -444,9 +444,13 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
 @click.option("--hidden", type=int, help="Hidden units of --head cosine (default 512; 0 under "
               "1000 labelled images).")
 @click.option("--epochs", type=int, help="Epochs of --head cosine (default by training size).")
+@click.option("--tune-conv/--no-tune-conv", default=None, help="Re-train the backbone's last "
+              "convolution with the head (default: with --head cosine and --augment, up to "
+              "10,000 labelled images).")
 def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
              shots: int | None, unsupervised: bool, name: str | None, head_kind: str,
-             augment: bool, hidden: int | None, epochs: int | None) -> None:
+             augment: bool, hidden: int | None, epochs: int | None,
+             tune_conv: bool | None) -> None:
     """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
     from service.app import create_app
     from service.db import session_scope
@@ -461,6 +465,7 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
                                split_key=split_key, shots=shots, unsupervised=unsupervised,
                                dim=dim, name=name, head_kind=head_kind, hidden=hidden,
                                epochs=epochs, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]),
+                               tune_conv=tune_conv,
                                store=app.extensions["content_store"] if augment else None)
         except ApiError as exc:
             raise click.ClickException(exc.message) from exc

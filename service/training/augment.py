@@ -63,5 +63,5 @@ def embed_views(items: Iterable[bytes], run: Callable[[np.ndarray], np.ndarray],
         feats.append(run(np.ascontiguousarray(np.stack(pending))))
     if not feats:
         return np.zeros((0, len(names), 0), np.float32)
-    out = np.concatenate(feats).astype(np.float32)
+    out = np.concatenate(feats)  # in the runner's dtype: feature maps stay float16
     return out.reshape(count, len(names), -1)

@@ -23,10 +23,20 @@ from service.evaluation.service import load_labelled
 from service.images.models import Image
 from service.images.storage import ContentStore
 from service.training.augment import VIEWS, embed_views
-from service.training.heads import Head, fit_classifier, fit_cosine_head, fit_pca_whitening
+from service.training.heads import (
+    ConvStage,
+    Head,
+    fit_classifier,
+    fit_cosine_head,
+    fit_pca_whitening,
+)
+from service.training.last_conv import MapRunner, centre_maps
 from service.training.onnx_head import append_head
 
 HEADS = ("cosine", "linear")
+# Re-training the last convolution keeps every labelled image's feature maps in memory
+# (about 30-60 KB each, float16, and five views of each training image): a bound on that.
+MAX_TUNE_CONV_IMAGES = 10_000
 
 
 @dataclass
@@ -69,12 +79,18 @@ def next_head_name(model_dir: Path, base: str) -> str:
 
 
 def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore, model_dir: Path,
-                   base: str, max_pixels: int) -> np.ndarray:
-    """Backbone features of the augmentation views of each image, shape (images, views, dim)."""
+                   base: str, max_pixels: int,
+                   run: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Backbone features of the augmentation views of each image, shape (images, views, dim).
+
+    `run` maps a batch of model inputs to what is kept per view (default: pooled features;
+    feature maps come back flattened).
+    """
     shas = dict(session.execute(select(Image.id, Image.sha256).where(Image.id.in_(ids))).all())
     embedder = get_embedder(model_dir, base)
-    return embed_views((store.get(shas[i]) for i in ids), lambda b: embedder.run(b).vectors,
-                       embedder.info.preprocessing, max_pixels=max_pixels)
+    return embed_views((store.get(shas[i]) for i in ids),
+                       run or (lambda b: embedder.run(b).vectors), embedder.info.preprocessing,
+                       max_pixels=max_pixels)
 
 
 def pick_shots(labels: np.ndarray, train_idx: np.ndarray, classes: list[str], shots: int,
@@ -89,15 +105,20 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
                train_idx: np.ndarray, classes: list[str], *, validate: bool = True,
                head_kind: str = "cosine",
                views_of: Callable[[np.ndarray], np.ndarray] | None = None,
-               hidden: int | None = None, epochs: int | None = None, seed: int = 0) -> Head:
+               hidden: int | None = None, epochs: int | None = None, seed: int = 0,
+               conv: ConvStage | None = None) -> Head:
     """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
 
     With `validate`, a validation split of other people (split values) is held out of the
     training side for early stopping and for picking the embedding's mix; `views_of` gives
     the augmentation views' features of the rows it is passed, added as extra training rows.
+    With `conv` (the backbone's last convolution), `vectors` and the views are the feature
+    maps that feed it, and it is re-trained with a cosine head.
     """
     if head_kind not in HEADS:
         raise ApiError("bad_head", f"unknown head {head_kind!r}; choose from {HEADS}")
+    if conv is not None and head_kind != "cosine":
+        raise ApiError("bad_head", "only the cosine head re-trains the last convolution")
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(label, -1) for label in labels])  # -1: a class only in test
     val = np.array([_side(values[i] + "/val", 5) for i in train_idx])
@@ -108,12 +129,12 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
     x, fit_y = vectors[fit], y[fit]
     if views_of is not None:
         extra = views_of(fit)
-        x = np.concatenate([x, extra.reshape(-1, extra.shape[2])])
+        x = np.concatenate([x, extra.reshape((-1, *x.shape[1:]))])
         fit_y = np.concatenate([fit_y, np.repeat(y[fit], extra.shape[1])])
     validation: dict[str, Any] = {} if not len(held) else {
         "val_x": vectors[held], "val_labels": labels[held].tolist()}
     if head_kind == "cosine":
-        head = fit_cosine_head(x, fit_y, classes, seed=seed,
+        head = fit_cosine_head(x, fit_y, classes, seed=seed, conv=conv,
                                **cosine_schedule(len(fit), epochs, hidden), **validation)
     else:
         head = fit_classifier(x, fit_y, classes, seed=seed, max_iter=300 if validation else 100,
@@ -128,11 +149,15 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
              unsupervised: bool = False, dim: int = 256, seed: int = 0,
              name: str | None = None, head_kind: str = "cosine",
              store: ContentStore | None = None, max_pixels: int = 64_000_000,
-             hidden: int | None = None, epochs: int | None = None) -> TrainingOutcome:
+             hidden: int | None = None, epochs: int | None = None,
+             tune_conv: bool | None = False) -> TrainingOutcome:
     """Fit a head on the train split's stored vectors, score it on the test split, install it.
 
     With a content `store`, the training images' augmentation views (mirrored, wider and
-    tighter crops) are embedded by the backbone and added as extra training rows.
+    tighter crops) are embedded by the backbone and added as extra training rows. With
+    `tune_conv` (needs the store), the backbone's last convolution is re-trained with the
+    head, from the feature maps that feed it (docs/training.md); None: when it can (a store,
+    the cosine head, at most MAX_TUNE_CONV_IMAGES labelled images).
     """
     model_row = find_model(base, session=session)
     if model_row is None:
@@ -152,24 +177,46 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     test_labels = data.labels[test_idx].tolist()
     raw = exact_cosine_scores(data.vectors[test_idx], test_labels, ks=(10,))
 
+    base_info = registry.verify(model_dir, base)
+    backbone = onnx.load_model(registry.model_path(model_dir, base) / "model.onnx")
     head: Head
     if unsupervised:
         head = fit_pca_whitening(data.vectors[train_idx], dim=dim)
     else:
+        features, run, conv = data.vectors, None, None
+        if tune_conv is None:
+            tune_conv = (store is not None and head_kind == "cosine"
+                         and len(data.ids) <= MAX_TUNE_CONV_IMAGES)
+        if tune_conv:
+            if store is None or head_kind != "cosine":
+                raise ApiError("bad_request", "--tune-conv needs the cosine head and the "
+                               "stored originals (augmentation on)")
+            if len(data.ids) > MAX_TUNE_CONV_IMAGES:
+                raise ApiError("too_many_images", f"--tune-conv keeps feature maps of at "
+                               f"most {MAX_TUNE_CONV_IMAGES} labelled images in memory; this "
+                               f"collection has {len(data.ids)}: use --no-tune-conv")
+            runner = MapRunner(backbone, base_info.input_name, base_info.outputs[0])
+            conv, run = runner.site.stage, runner.run
+            shas = dict(session.execute(select(Image.id, Image.sha256)
+                                        .where(Image.id.in_(data.ids))).all())
+            features = centre_maps((store.get(shas[i]) for i in data.ids), runner,
+                                   base_info.preprocessing, max_pixels=max_pixels)
+
         def views_of(rows: np.ndarray) -> np.ndarray:
             assert store is not None
             return augmented_rows(session=session, ids=[data.ids[i] for i in rows],
                                   store=store, model_dir=model_dir, base=base,
-                                  max_pixels=max_pixels)
+                                  max_pixels=max_pixels, run=run)
 
-        head = train_head(data.vectors, data.labels, values, train_idx, classes,
+        head = train_head(features, data.labels, values, train_idx, classes,
                           validate=not shots, head_kind=head_kind,
                           views_of=views_of if store is not None else None, hidden=hidden,
-                          epochs=epochs, seed=seed)
-    tuned = exact_cosine_scores(head.transform(data.vectors[test_idx]), test_labels, ks=(10,))
-
-    base_info = registry.verify(model_dir, base)
-    backbone = onnx.load_model(registry.model_path(model_dir, base) / "model.onnx")
+                          epochs=epochs, seed=seed, conv=conv)
+        if conv is not None:
+            head.record["last_conv"]["tap"] = runner.site.tap
+    test_features = (head.transform(data.vectors[test_idx]) if head.conv is None
+                     else head.transform_maps(features[test_idx]))
+    tuned = exact_cosine_scores(test_features, test_labels, ks=(10,))
     model = append_head(backbone, head)
     record = {
         "base": base, "collection": collection, "label_key": label_key,

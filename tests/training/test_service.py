@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from flask import Flask
 
@@ -17,6 +18,7 @@ from service.embedding import registry
 from service.embedding.session import Embedder
 from service.errors import ApiError
 from service.training.augment import VIEWS
+from service.training.last_conv import find_last_conv
 from service.training.service import finetune
 from tests.conftest import wait_for_status
 
@@ -87,6 +89,31 @@ def test_augmented_cosine_head_trains_on_extra_views(app: Flask, labelled, model
     embedder = Embedder(info, models / out.model / "model.onnx")
     result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
     assert result.vectors.shape == (1, info.dim) and np.isfinite(result.vectors).all()
+
+
+def test_finetune_retrains_the_last_conv_when_it_can(app: Flask, labelled, models: Path,
+                                                     clothing: Path) -> None:
+    with app.app_context(), session_scope() as session:
+        out = finetune(session=session, collection=COLLECTION, label_key="label",
+                       base="efficientnet-lite0", model_dir=models, split_key="sender_id",
+                       hidden=32, epochs=2, store=app.extensions["content_store"],
+                       tune_conv=None)  # auto: a store and the cosine head
+        with pytest.raises(ApiError, match="needs the cosine head"):
+            finetune(session=session, collection=COLLECTION, label_key="label",
+                     base="efficientnet-lite0", model_dir=models, head_kind="linear",
+                     store=app.extensions["content_store"], tune_conv=True)
+    info = registry.verify(models, out.model)
+    record = info.extra["training"]
+    assert record["last_conv"]["tap"] and record["fit_rows"] == record["fit_images"] * (
+        1 + len(VIEWS))
+    tuned = find_last_conv(onnx.load_model(models / out.model / "model.onnx"),
+                           "embedding_backbone").stage
+    stock = find_last_conv(onnx.load_model(models / "efficientnet-lite0" / "model.onnx")).stage
+    assert tuned.weight.shape == stock.weight.shape
+    assert not np.allclose(tuned.weight, stock.weight)
+    embedder = Embedder(info, models / out.model / "model.onnx")
+    result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
+    assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
 
 
 def test_bad_labels_and_splits(app: Flask, labelled, models: Path) -> None:
