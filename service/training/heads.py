@@ -169,7 +169,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     dropout: float = 0.5, weight_decay: float = 1e-4, lr: float = 1e-3,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
                     tolerance: float = 0.005, conv: ConvStage | None = None,
-                    conv_lr: float = 5e-4, positions: float = 0.5, seed: int = 0) -> Head:
+                    conv_lr: float = 4e-3, positions: float = 0.5, seed: int = 0) -> Head:
     """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
 
     Loss: label-smoothed cross-entropy on `scale` · cos(hidden, class weight); dropout on the
