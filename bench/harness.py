@@ -75,16 +75,23 @@ def clothing_labels() -> list[dict[str, str]]:
 def clothing_embeddings(model_name: str = "efficientnet-lite0",
                         batch_size: int = 16) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Real embeddings of every clothing photo under a model (cached under var/bench)."""
+    return clothing_outputs(model_name, "vectors", batch_size)
+
+
+def clothing_outputs(model_name: str, output: str = "vectors",
+                     batch_size: int = 16) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """The model's `vectors` or ImageNet `logits` of every clothing photo (cached)."""
     from service.config import settings_from_env
     from service.embedding.session import get_embedder
     from service.embedding.transforms import batch, preprocess
 
     rows = clothing_labels()
-    cache = BENCH_DIR / f"clothing-{model_name}.npy"
+    cache = BENCH_DIR / (f"clothing-{model_name}.npy" if output == "vectors"
+                         else f"clothing-{output}-{model_name}.npy")
     if cache.exists():
-        vectors = np.load(cache)
-        if len(vectors) == len(rows):
-            return vectors, rows
+        cached = np.load(cache)
+        if len(cached) == len(rows):
+            return cached, rows
     embedder = get_embedder(settings_from_env()["MODEL_DIR"], model_name)
     prep = embedder.info.preprocessing
     out = []
@@ -93,12 +100,15 @@ def clothing_embeddings(model_name: str = "efficientnet-lite0",
         chunk = rows[i:i + batch_size]
         arrays = [preprocess((CLOTHING / r["file"]).read_bytes(), prep, max_pixels=10**8)
                   for r in chunk]
-        out.append(embedder.run(batch(arrays)).vectors)
-    vectors = np.concatenate(out).astype(np.float32)
-    print(f"embedded {len(rows)} photos in {time.perf_counter() - started:.0f}s")
+        result = getattr(embedder.run(batch(arrays)), output)
+        if result is None:
+            raise ValueError(f"model {model_name!r} has no {output} output")
+        out.append(result)
+    values = np.concatenate(out).astype(np.float32)
+    print(f"ran {model_name} on {len(rows)} photos in {time.perf_counter() - started:.0f}s")
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    np.save(cache, vectors)
-    return vectors, rows
+    np.save(cache, values)
+    return values, rows
 
 
 @contextmanager

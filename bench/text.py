@@ -34,12 +34,10 @@ from typing import Any
 import numpy as np
 
 from bench.harness import (
-    BENCH_DIR,
-    CLOTHING,
     append_results,
     bench_services,
     clothing_embeddings,
-    clothing_labels,
+    clothing_outputs,
 )
 from service.config import settings_from_env
 from service.text.labels import class_names, class_synonyms, softmax
@@ -60,29 +58,7 @@ HEAD_SWEEP = ((1, 0.02), (3, 0.05), (3, 0.1), (TOP_LABELS, TEMPERATURE), (17, 0.
 
 def clothing_logits(batch_size: int = 16) -> tuple[np.ndarray, list[dict[str, str]]]:
     """ImageNet logits of every clothing photo (cached under var/bench)."""
-    from service.embedding.session import get_embedder
-    from service.embedding.transforms import batch, preprocess
-
-    rows = clothing_labels()
-    cache = BENCH_DIR / f"clothing-logits-{MODEL}.npy"
-    if cache.exists():
-        logits = np.load(cache)
-        if len(logits) == len(rows):
-            return logits, rows
-    embedder = get_embedder(settings_from_env()["MODEL_DIR"], MODEL)
-    out = []
-    started = time.perf_counter()
-    for i in range(0, len(rows), batch_size):
-        arrays = [preprocess((CLOTHING / r["file"]).read_bytes(), embedder.info.preprocessing,
-                             max_pixels=10**8) for r in rows[i:i + batch_size]]
-        result = embedder.run(batch(arrays))
-        assert result.logits is not None
-        out.append(result.logits)
-    logits = np.concatenate(out).astype(np.float32)
-    print(f"classified {len(rows)} photos in {time.perf_counter() - started:.0f}s")
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    np.save(cache, logits)
-    return logits, rows
+    return clothing_outputs(MODEL, "logits", batch_size)
 
 
 def precision_and_ap(scores: np.ndarray, relevant: np.ndarray, k: int = 10) -> tuple[float, float]:

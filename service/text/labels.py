@@ -21,22 +21,23 @@ from service.text.models import CLASSES, ImageClasses
 AUTO_TAGS = 5
 
 
-@cache
-def class_names() -> tuple[str, ...]:
-    """The first name of each ImageNet-1k class, in index order (0 = tench)."""
-    text = resources.files("service.embedding").joinpath("imagenet_classes.txt").read_text()
+def _class_lines(package: str, filename: str) -> tuple[str, ...]:
+    text = resources.files(package).joinpath(filename).read_text()
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     assert len(names) == CLASSES
     return names
+
+
+@cache
+def class_names() -> tuple[str, ...]:
+    """The first name of each ImageNet-1k class, in index order (0 = tench)."""
+    return _class_lines("service.embedding", "imagenet_classes.txt")
 
 
 @cache
 def class_synonyms() -> tuple[str, ...]:
     """Every name of each ImageNet-1k class ("cowboy hat, ten-gallon hat"), in index order."""
-    text = resources.files("service.text").joinpath("imagenet_synonyms.txt").read_text()
-    names = tuple(line.strip() for line in text.splitlines() if line.strip())
-    assert len(names) == CLASSES
-    return names
+    return _class_lines("service.text", "imagenet_synonyms.txt")
 
 
 def class_texts() -> list[str]:
