@@ -2,12 +2,14 @@
 
 Reports test-split mAP and P@10, per backbone, for raw pooled features, PCA whitening at a few
 shrinkages, the linear softmax head and the cosine-classifier MLP head, with and without the
-augmentation views, on all training images and with 5, 10 and 20 shots per class. Every head
-is fitted by `service.training.service.train_head`, which `lookalike finetune` runs; the
-hyperparameters were chosen on the validation split inside the training side, never on test.
+augmentation views, with the backbone's last conv or last block re-trained too, on all
+training images and with 5, 10 and 20 shots per class. Every head is fitted by
+`service.training.service.train_head`, which `lookalike finetune` runs; the hyperparameters
+were chosen on the validation split inside the training side, never on test.
 
     python -m bench.training [--models efficientnet-lite0,efficientnet-lite2] [--shots-only]
-                             [--conv-only] [--beyond]
+                             [--tune-only] [--depths last-conv,last-block] [--shots 5,10,20]
+                             [--beyond] [--ensemble]
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import BENCH_DIR, CLOTHING, append_results, clothing_embeddings
+from bench.harness import (
+    BENCH_DIR,
+    CLOTHING,
+    append_results,
+    clothing_embeddings,
+    clothing_labels,
+)
 from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS, embed_views
-from service.training.heads import ConvStage, fit_pca_whitening
+from service.training.heads import fit_pca_whitening
 from service.training.service import _side, pick_shots, train_head
+from service.training.tail import DEPTHS, Tail
 
 SHOTS = (5, 10, 20)
 SEEDS = 3  # draws of the shots (and seeds of the head) averaged
@@ -51,21 +60,23 @@ def clothing_views(model_name: str, rows: list[dict[str, str]]) -> np.ndarray:
     return views.astype(np.float32)
 
 
-def clothing_maps(model_name: str, rows: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Input maps of the last convolution, of every photo and of its views (cached, float16)."""
+def clothing_maps(model_name: str, rows: list[dict[str, str]],
+                  depth: str) -> tuple[np.ndarray, np.ndarray, Tail]:
+    """Input maps of the backbone's tail, of every photo (N, C, H, W) and of its views
+    (N, views, C·H·W), cached as float16; and the pretrained tail."""
     import onnx
 
     from service.config import settings_from_env
     from service.embedding import registry
-    from service.training.last_conv import MapRunner, centre_maps
+    from service.training.maps import MapRunner, centre_maps
 
     model_dir = Path(settings_from_env()["MODEL_DIR"])
     info = registry.verify(model_dir, model_name)
     runner = MapRunner(onnx.load_model(registry.model_path(model_dir, model_name) /
-                                       "model.onnx"), info.input_name, info.outputs[0])
+                                       "model.onnx"), info.input_name, info.outputs[0], depth)
     out = []
-    for kind in ("maps", "mapviews"):
-        cache = BENCH_DIR / f"clothing-{kind}-{model_name}.npy"
+    for kind in ("maps", "views"):
+        cache = BENCH_DIR / f"clothing-{depth}-{kind}-{model_name}.npy"
         if cache.exists() and len(np.load(cache, mmap_mode="r")) == len(rows):
             out.append(np.load(cache))
             continue
@@ -75,10 +86,10 @@ def clothing_maps(model_name: str, rows: list[dict[str, str]]) -> tuple[np.ndarr
             maps = centre_maps(items, runner, info.preprocessing, max_pixels=10**8)
         else:
             maps = embed_views(items, runner.run, info.preprocessing, max_pixels=10**8)
-        print(f"{kind} of {len(rows)} photos in {time.perf_counter() - started:.0f}s")
+        print(f"{depth} {kind} of {len(rows)} photos in {time.perf_counter() - started:.0f}s")
         np.save(cache, maps)
         out.append(maps)
-    return out[0], out[1]
+    return out[0], out[1], runner.tail
 
 
 def main() -> None:
@@ -86,12 +97,23 @@ def main() -> None:
     parser.add_argument("--models", default="efficientnet-lite0,efficientnet-lite2")
     parser.add_argument("--shots-only", action="store_true",
                         help="Skip the heads on all training images.")
-    parser.add_argument("--conv-only", action="store_true",
-                        help="Only raw features and the heads that re-train the last conv.")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="Only raw features and the heads that re-train the backbone's "
+                             "last conv or last block.")
+    parser.add_argument("--depths", default=",".join(DEPTHS),
+                        help="Which tails --tune-only re-trains.")
+    parser.add_argument("--shots", default=",".join(map(str, SHOTS)),
+                        help="Shots per class to report (comma-separated; empty: none).")
     parser.add_argument("--beyond", action="store_true",
                         help="Only the options beyond one backbone's head (mirrored queries, "
                              "query expansion, two backbones, ensembles).")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="Only the two backbones' re-trained-conv heads, concatenated.")
     args = parser.parse_args()
+    if args.ensemble:
+        append_results("Retrieval heads: two backbones with re-trained last convs",
+                       tuned_ensemble())
+        return
     if args.beyond:
         append_results("Retrieval heads: options beyond one backbone's head", beyond())
         return
@@ -103,7 +125,9 @@ def main() -> None:
              "| backbone | features | dim | test mAP | test P@10 | fit s |",
              "|---|---|---|---|---|---|"]
     for model_name in args.models.split(","):
-        bench_model(model_name, lines, shots_only=args.shots_only, conv_only=args.conv_only)
+        bench_model(model_name, lines, shots_only=args.shots_only, tune_only=args.tune_only,
+                    depths=tuple(args.depths.split(",")),
+                    shots=tuple(int(v) for v in args.shots.split(",") if v))
     append_results("Retrieval heads on the clothing set", "\n".join(lines))
 
 
@@ -120,7 +144,8 @@ def sender_split(rows: list[dict[str, str]]) -> tuple[
 
 
 def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
-                conv_only: bool = False) -> None:
+                tune_only: bool = False, depths: tuple[str, ...] = DEPTHS,
+                shots: tuple[int, ...] = SHOTS) -> None:
     """Append one backbone's rows to the table."""
     vectors, rows = clothing_embeddings(model_name)
     vectors = vectors.astype(np.float16).astype(np.float32)  # as stored in halfvec
@@ -139,16 +164,15 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                      f"{s.precision[10]:.3f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
 
-    maps: np.ndarray | None = None
-    map_views: np.ndarray | None = None
+    tuned: tuple[np.ndarray, np.ndarray, Tail] | None = None
 
     def head(kind: str, augment: bool, shots: int | None = None, seed: int = 0) -> np.ndarray:
         fit_idx = pick_shots(labels, train_idx, classes, shots, seed) if shots else train_idx
-        if kind == "cosine+conv":  # the last convolution re-trained too, from its input maps
-            assert maps is not None and map_views is not None
+        if kind == "cosine+tail":  # the backbone's tail re-trained too, from its input maps
+            assert tuned is not None
+            maps, map_views, tail = tuned
             fitted = train_head(maps, labels, senders, fit_idx, classes, validate=not shots,
-                                views_of=lambda r: map_views[r], seed=seed,
-                                conv=conv_stage(model_name))
+                                views_of=lambda r: map_views[r], seed=seed, tail=tail)
             return fitted.transform_maps(maps[test_idx])
         fitted = train_head(vectors, labels, senders, fit_idx, classes, validate=not shots,
                             head_kind=kind, views_of=(lambda r: views[r]) if augment else None,
@@ -169,26 +193,27 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
         print(lines[-1], flush=True)
 
     row("raw pooled", lambda: vectors[test_idx])
-    if not shots_only and not conv_only:
+    if not shots_only and not tune_only:
         for power in (1.0, 0.5):
             for shrink in (0.0, 0.5, 1.0):
                 row(f"PCA-whitening 256, power {power}, shrinkage {shrink}",
                     lambda p=power, s=shrink: fit_pca_whitening(
                         vectors[train_idx], dim=256, shrinkage=s, power=p
                     ).transform(vectors[test_idx]))
-    for kind, augment in () if conv_only else (("linear", False), ("linear", True),
+    for kind, augment in () if tune_only else (("linear", False), ("linear", True),
                                                ("cosine", False), ("cosine", True)):
         name = f"{kind} head{' + aug' if augment else ''}"
         if not shots_only:
             row(f"{name}, all training images", lambda k=kind, a=augment: head(k, a))
-        for shots in SHOTS:
-            shots_row(name, kind, augment, shots)
-    maps, map_views = clothing_maps(model_name, rows)
-    name = "cosine head + aug + re-trained last conv"
-    if not shots_only:
-        row(f"{name}, all training images", lambda: head("cosine+conv", True))
-    for shots in SHOTS:
-        shots_row(name, "cosine+conv", True, shots)
+        for count in shots:
+            shots_row(name, kind, augment, count)
+    for depth in depths:
+        tuned = clothing_maps(model_name, rows, depth)
+        name = f"cosine head + aug + re-trained {depth.replace('-', ' ')}"
+        if not shots_only:
+            row(f"{name}, all training images", lambda: head("cosine+tail", True))
+        for count in shots:
+            shots_row(name, "cosine+tail", True, count)
 
 
 def beyond() -> str:
@@ -208,9 +233,6 @@ def beyond() -> str:
              "pooled features concatenated before the head (both run per image).", "",
              "| option | test mAP | test P@10 | top-1 accuracy |", "|---|---|---|---|"]
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
     def add(name: str, feats: np.ndarray, accuracy: str = "") -> None:
         s = exact_cosine_scores(feats, test_labels, ks=(10,))
         lines.append(f"| {name} | {s.mean_ap:.3f} | {s.precision[10]:.3f} | {accuracy} |")
@@ -226,18 +248,18 @@ def beyond() -> str:
     accuracy = np.mean(np.array(classes)[plain[:, -len(classes):].argmax(axis=1)]
                        == np.array(test_labels))
     add("lite2, cosine + aug, frozen conv", plain, f"{accuracy:.3f}")
-    mirrored = unit(plain) + unit(mirror)
+    mirrored = _unit(plain) + _unit(mirror)
     add("lite2, mirrored", mirrored)
-    sims = unit(mirrored) @ unit(mirrored).T
+    sims = _unit(mirrored) @ _unit(mirrored).T
     top = np.argsort(-sims, axis=1)[:, :4]  # itself and its 3 nearest
     weights = np.take_along_axis(sims, top, axis=1).clip(0) ** 3
-    add("lite2, mirrored + AQE k=3", (weights[:, :, None] * unit(mirrored)[top]).sum(axis=1))
+    add("lite2, mirrored + AQE k=3", (weights[:, :, None] * _unit(mirrored)[top]).sum(axis=1))
     ensemble = []
     for seed in range(SEEDS):
         f, fm = fitted(both, both_views, seed)
         if seed == 0:
             add("lite0 ⊕ lite2", f)
-        ensemble.append(unit(f) + unit(fm))
+        ensemble.append(_unit(f) + _unit(fm))
         add(f"lite0 ⊕ lite2, mirrored, {seed + 1} head{'s' if seed else ''} concatenated",
             np.concatenate(ensemble, axis=1))
     for name, x, xv in (("lite2", single, w2), ("lite0 ⊕ lite2", both, both_views)):
@@ -249,17 +271,42 @@ def beyond() -> str:
     return "\n".join(lines)
 
 
-def conv_stage(model_name: str) -> ConvStage:
-    """The pretrained last convolution of an installed backbone."""
-    import onnx
+def tuned_ensemble() -> str:
+    """lite0's and lite2's heads with re-trained last convs, each alone and concatenated."""
+    rows = clothing_labels()
+    labels, senders, train_idx, test_idx, classes, test_labels = sender_split(rows)
+    flip = VIEWS.index("centre-flip")
+    lines = ["Test split as above; each backbone's default head (cosine + aug + re-trained "
+             "last conv); `concatenated`: both unit embeddings side by side (both backbones "
+             "run per image); `mirrored`: plus the embedding of the mirror image.", "",
+             "| option | test mAP | test P@10 | top-1 accuracy |", "|---|---|---|---|"]
 
-    from service.config import settings_from_env
-    from service.embedding import registry
-    from service.training.last_conv import find_last_conv
+    def add(name: str, feats: np.ndarray, accuracy: str = "") -> None:
+        s = exact_cosine_scores(feats, test_labels, ks=(10,))
+        lines.append(f"| {name} | {s.mean_ap:.3f} | {s.precision[10]:.3f} | {accuracy} |")
+        print(lines[-1], flush=True)
 
-    model_dir = Path(settings_from_env()["MODEL_DIR"])
-    model = onnx.load_model(registry.model_path(model_dir, model_name) / "model.onnx")
-    return find_last_conv(model, registry.verify(model_dir, model_name).outputs[0]).stage
+    embeddings = []
+    for model_name in ("efficientnet-lite0", "efficientnet-lite2"):
+        maps, views, tail = clothing_maps(model_name, rows, "last-conv")
+        head = train_head(maps, labels, senders, train_idx, classes,
+                          views_of=lambda r, v=views: v[r], tail=tail)
+        plain = _unit(head.transform_maps(maps[test_idx]))
+        mirror = _unit(head.transform_maps(
+            np.asarray(views[test_idx, flip]).reshape(len(test_idx), *maps.shape[1:])))
+        embeddings.append((plain, mirror))
+        accuracy = np.mean(np.array(classes)[plain[:, -len(classes):].argmax(axis=1)]
+                           == np.array(test_labels))
+        add(model_name, plain, f"{accuracy:.3f}")
+        add(f"{model_name}, mirrored", plain + mirror)
+    (a, am), (b, bm) = embeddings
+    add("lite0 ⊕ lite2 concatenated", np.concatenate([a, b], axis=1))
+    add("lite0 ⊕ lite2 concatenated, mirrored", np.concatenate([a + am, b + bm], axis=1))
+    return "\n".join(lines)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 if __name__ == "__main__":

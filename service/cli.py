@@ -444,13 +444,14 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
 @click.option("--hidden", type=int, help="Hidden units of --head cosine (default 512; 0 under "
               "1000 labelled images).")
 @click.option("--epochs", type=int, help="Epochs of --head cosine (default by training size).")
-@click.option("--tune-conv/--no-tune-conv", default=None, help="Re-train the backbone's last "
-              "convolution with the head (default: with --head cosine and --augment, up to "
-              "10,000 labelled images).")
+@click.option("--tune", type=click.Choice(["none", "last-conv", "last-block"]),
+              help="Re-train the backbone's last layers with the head: its last convolution, "
+              "or its last block and convolution (default: last-conv with --head cosine and "
+              "--augment, up to 10,000 labelled images; else none).")
 def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
              shots: int | None, unsupervised: bool, name: str | None, head_kind: str,
              augment: bool, hidden: int | None, epochs: int | None,
-             tune_conv: bool | None) -> None:
+             tune: str | None) -> None:
     """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
     from service.app import create_app
     from service.db import session_scope
@@ -465,7 +466,7 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
                                split_key=split_key, shots=shots, unsupervised=unsupervised,
                                dim=dim, name=name, head_kind=head_kind, hidden=hidden,
                                epochs=epochs, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]),
-                               tune_conv=tune_conv,
+                               tune=tune,
                                store=app.extensions["content_store"] if augment else None)
         except ApiError as exc:
             raise click.ClickException(exc.message) from exc

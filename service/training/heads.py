@@ -12,36 +12,12 @@ import numpy as np
 from scipy.optimize import minimize
 
 from service.evaluation.metrics import exact_cosine_scores
+from service.training.tail import TAIL_LR, Tail
 
 NORM_EPS = 1e-6  # added to L2 norms so that an all-zero row stays finite
 # Below this, the square root's slope is taken at this value: a channel that the activation
 # zeroes everywhere would otherwise get an infinite gradient.
 SQRT_FLOOR = 1e-4
-
-
-@dataclass
-class ConvStage:
-    """The backbone's last 1x1 convolution and its clipped activation, re-trained with a head.
-
-    `weight` is (input channels, output channels); feature maps are (N, channels, positions).
-    """
-
-    weight: np.ndarray
-    bias: np.ndarray
-    low: float = 0.0
-    high: float = 6.0
-
-    def activations(self, maps: np.ndarray) -> np.ndarray:
-        """Pre-activation outputs (N, positions, channels) of a batch of feature maps."""
-        return np.matmul(np.asarray(maps, np.float32).transpose(0, 2, 1), self.weight) + self.bias
-
-    def pool(self, maps: np.ndarray, chunk: int = 128) -> np.ndarray:
-        """Conv, clip and global average pool: the backbone's pooled features."""
-        out = [np.clip(self.activations(maps[i:i + chunk]), self.low, self.high).mean(axis=1)
-               for i in range(0, len(maps), chunk)]
-        if not out:
-            return np.zeros((0, self.weight.shape[1]), np.float32)
-        return np.concatenate(out).astype(np.float32)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -55,8 +31,8 @@ class Head:
     With `hidden_weight`, a ReLU layer comes before `weight`; with `cosine`, the input of
     `weight` is L2-normalised (the scale and temperature are folded into `weight`); with
     `mix`, the output is [unit(hidden), mix · unit(softmax)], the penultimate features with
-    the class probabilities appended. With `conv`, the backbone's last convolution was
-    re-trained too: the head's input are feature maps (`transform_maps`).
+    the class probabilities appended. With `tail`, the backbone's last layers were re-trained
+    too: the head's input are the feature maps that feed them (`transform_maps`).
     """
 
     kind: str
@@ -71,7 +47,7 @@ class Head:
     hidden_bias: np.ndarray | None = None
     cosine: bool = False
     mix: float | None = None
-    conv: ConvStage | None = None
+    tail: Tail | None = None
 
     @property
     def dim(self) -> int:
@@ -93,10 +69,10 @@ class Head:
         return out.astype(np.float32)
 
     def transform_maps(self, maps: np.ndarray) -> np.ndarray:
-        """Apply the re-trained last convolution, then the head, to (N, C, positions) maps."""
-        if self.conv is None:
+        """Apply the re-trained tail, then the head, to (N, C, H, W) feature maps."""
+        if self.tail is None:
             raise ValueError("this head takes pooled features, not feature maps")
-        return self.transform(self.conv.pool(maps))
+        return self.transform(self.tail.pool(maps))
 
 
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,8 +144,9 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     hidden: int = 512, scale: float = 16.0, smoothing: float = 0.1,
                     dropout: float = 0.5, weight_decay: float = 1e-4, lr: float = 1e-3,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
-                    tolerance: float = 0.005, conv: ConvStage | None = None,
-                    conv_lr: float = 4e-3, positions: float = 0.5, seed: int = 0) -> Head:
+                    tolerance: float = 0.005, tail: Tail | None = None,
+                    tail_lr: float | None = None, positions: float = 0.5,
+                    seed: int = 0) -> Head:
     """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
 
     Loss: label-smoothed cross-entropy on `scale` · cos(hidden, class weight); dropout on the
@@ -179,15 +156,16 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     appended (`mix`), or only the probabilities when `mix` is None: the probabilities alone
     lose the within-class ordering that the hidden layer keeps.
 
-    With `conv`, `x` and `val_x` are the feature maps (N, C, positions) that feed the
-    backbone's last 1x1 convolution, and that convolution is trained too: from its pretrained
-    weights, at `conv_lr`, its weight decay pulling towards them, on a random share
-    (`positions`) of the map's positions per batch (cheaper, and a little augmentation).
+    With `tail`, `x` and `val_x` are the feature maps (N, C, H, W) that feed the backbone's
+    last layers, and these are trained too: from their pretrained weights, at `tail_lr`
+    (default by the tail's depth, TAIL_LR), the weight decay pulling towards them; a tail of
+    1x1 convolutions only sees a random share (`positions`) of the map's positions per batch
+    (cheaper, and a little augmentation).
     """
-    if conv is None:
+    if tail is None:
         z, mean, std = _standardise(x)
-    else:  # the input standardisation stays the one of the pretrained convolution's features
-        z, (_, mean, std) = x, _standardise(conv.pool(x))
+    else:  # the input standardisation stays the one of the pretrained tail's features
+        z, (_, mean, std) = x, _standardise(tail.pool(x))
     rng = np.random.default_rng(seed)
     n, d = len(z), len(mean)
     c = len(classes)
@@ -196,28 +174,29 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     if hidden:
         params["w1"] = rng.normal(0, np.sqrt(2 / d), (d, hidden)).astype(np.float32)
         params["b1"] = np.zeros(hidden, np.float32)
-    if conv is not None:
-        params["wc"] = conv.weight.astype(np.float32).copy()
-        params["bc"] = conv.bias.astype(np.float32).copy()
-        kept = max(1, round(x.shape[2] * positions))
+    pretrained = tail.params() if tail is not None else {}
+    if tail is not None and tail_lr is None:
+        tail_lr = TAIL_LR[tail.depth]
+    params.update({k: v.copy() for k, v in pretrained.items()})
+    kept = max(1, round(x.shape[2] * x.shape[3] * positions)) if tail is not None else 0
     moment = {k: np.zeros_like(v) for k, v in params.items()}
     second = {k: np.zeros_like(v) for k, v in params.items()}
     target = np.full((n, c), smoothing / c, np.float32)
     target[np.arange(n), y] += 1 - smoothing
-    if conv is None:
+    if tail is None:
         z = z.astype(np.float32)
 
     def head_of(p: dict[str, np.ndarray], mix_value: float | None) -> Head:
         w2 = p["w2"] / (np.linalg.norm(p["w2"], axis=0, keepdims=True) + NORM_EPS)
-        stage = None if conv is None else ConvStage(p["wc"], p["bc"], conv.low, conv.high)
+        tuned = None if tail is None else tail.with_params({k: p[k] for k in pretrained})
         return Head(kind="cosine-mlp" if hidden else "cosine", mean=mean, scale=std,
                     weight=(scale * w2).astype(np.float32), bias=np.zeros(c, np.float32),
                     softmax=True, hidden_weight=p.get("w1"), hidden_bias=p.get("b1"),
-                    cosine=True, mix=mix_value, conv=stage)
+                    cosine=True, mix=mix_value, tail=tuned)
 
     def val_map(head: Head) -> float:
         assert val_x is not None and val_labels is not None
-        out = head.transform(val_x) if conv is None else head.transform_maps(val_x)
+        out = head.transform(val_x) if tail is None else head.transform_maps(val_x)
         return exact_cosine_scores(out, val_labels, ks=(10,)).mean_ap
 
     history: list[dict[str, float]] = []
@@ -228,22 +207,22 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
         order = rng.permutation(n)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            if conv is None:
+            if tail is None:
                 grads = _cosine_grads(params, z[idx], target[idx], scale, dropout, rng)
             else:
                 idx = np.sort(idx)  # sorted: faster gathers from the large map array
-                grads = _conv_grads(params, z[idx], target[idx], mean, std, conv, scale,
+                grads = _tail_grads(params, z[idx], target[idx], mean, std, tail, scale,
                                     dropout, rng, kept)
             steps += 1
             for k, g in grads.items():
                 step = rate
-                if k == "wc":  # decay towards the pretrained convolution, not towards zero
-                    assert conv is not None
-                    g = g + weight_decay * (params[k] - conv.weight)
+                if k in pretrained:  # decay towards the pretrained layers, not towards zero
+                    if k.endswith("w"):
+                        g = g + weight_decay * (params[k] - pretrained[k])
+                    assert tail_lr is not None
+                    step = tail_lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
                 elif k.startswith("w"):
                     g = g + weight_decay * params[k]  # L2 penalty on the weights
-                if k in ("wc", "bc"):
-                    step = conv_lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
                 moment[k] = 0.9 * moment[k] + 0.1 * g
                 second[k] = 0.999 * second[k] + 0.001 * g * g
                 update = (moment[k] / (1 - 0.9 ** steps)) / (
@@ -271,26 +250,26 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                    "weight_decay": weight_decay, "lr": lr, "epochs": best[1], "mix": chosen,
                    "tolerance": tolerance,
                    "history": history, "classes": classes, "seed": seed}
-    if conv is not None:
-        head.record["last_conv"] = {"lr": conv_lr, "positions": positions}
+    if tail is not None:
+        head.record["tail"] = {"lr": tail_lr, "layers": tail.nodes, "tap": tail.tap,
+                               **({} if tail.spatial else {"positions": positions})}
     return head
 
 
-def _conv_grads(p: dict[str, np.ndarray], maps: np.ndarray, target: np.ndarray,
-                mean: np.ndarray, std: np.ndarray, conv: ConvStage, scale: float,
+def _tail_grads(p: dict[str, np.ndarray], maps: np.ndarray, target: np.ndarray,
+                mean: np.ndarray, std: np.ndarray, tail: Tail, scale: float,
                 dropout: float, rng: np.random.Generator, kept: int) -> dict[str, np.ndarray]:
-    """Gradients of the cosine classifier's loss down to the last convolution, on one batch."""
+    """Gradients of the cosine classifier's loss down through the tail, on one batch."""
     x = np.asarray(maps, np.float32)
-    if kept < x.shape[2]:
-        x = x[:, :, np.sort(rng.choice(x.shape[2], kept, replace=False))]
-    a = np.matmul(x.transpose(0, 2, 1), p["wc"]) + p["bc"]
-    root = np.sqrt(np.maximum(np.clip(a, conv.low, conv.high).mean(axis=1), 0))
+    if not tail.spatial and kept < x.shape[2] * x.shape[3]:
+        n, c = x.shape[:2]
+        x = x.reshape(n, c, -1)[:, :, np.sort(rng.choice(x.shape[2] * x.shape[3], kept,
+                                                         replace=False))][..., None]
+    pooled, inputs = tail.forward(x, p, keep=True)
+    root = np.sqrt(np.maximum(pooled, 0))
     grads = _cosine_grads(p, (root - mean) / std, target, scale, dropout, rng, want_input=True)
     g_pooled = grads.pop("z") / std * 0.5 / np.maximum(root, np.sqrt(SQRT_FLOOR))
-    g_a = (g_pooled[:, None, :] / a.shape[1]) * ((a > conv.low) & (a < conv.high))
-    n, c, q = x.shape
-    grads["wc"] = x.transpose(1, 0, 2).reshape(c, n * q) @ g_a.reshape(n * q, -1)
-    grads["bc"] = g_a.sum(axis=(0, 1))
+    grads.update(tail.backward(g_pooled, p, inputs))
     return grads
 
 

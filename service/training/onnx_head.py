@@ -7,20 +7,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.training.heads import NORM_EPS, Head
-from service.training.last_conv import replace_last_conv
+from service.training.tail import replace_tail
 
 
 def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embedding",
                 output: str = "embedding") -> onnx.ModelProto:
     """A copy of the backbone whose `embedding` output is the head applied to the old one.
 
-    A head with a re-trained last convolution (`head.conv`) replaces that convolution's
-    weights in the copy first.
+    A head with re-trained last layers (`head.tail`) replaces their weights in the copy
+    first.
     """
     model = onnx.ModelProto()
     model.CopyFrom(backbone)
-    if head.conv is not None:
-        replace_last_conv(model, head.conv, source)
+    if head.tail is not None:
+        replace_tail(model, head.tail)
     graph = model.graph
     renamed = f"{source}_backbone"
     for node in graph.node:

@@ -24,19 +24,20 @@ from service.images.models import Image
 from service.images.storage import ContentStore
 from service.training.augment import VIEWS, embed_views
 from service.training.heads import (
-    ConvStage,
     Head,
     fit_classifier,
     fit_cosine_head,
     fit_pca_whitening,
 )
-from service.training.last_conv import MapRunner, centre_maps
+from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
+from service.training.tail import DEPTHS, Tail
 
 HEADS = ("cosine", "linear")
-# Re-training the last convolution keeps every labelled image's feature maps in memory
-# (about 30-60 KB each, float16, and five views of each training image): a bound on that.
-MAX_TUNE_CONV_IMAGES = 10_000
+TUNES = ("none", *DEPTHS)
+# Re-training the backbone's tail keeps every labelled image's feature maps in memory
+# (about 20-35 KB each, float16, and five views of each training image): a bound on that.
+MAX_TUNE_IMAGES = 10_000
 
 
 @dataclass
@@ -106,19 +107,19 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
                head_kind: str = "cosine",
                views_of: Callable[[np.ndarray], np.ndarray] | None = None,
                hidden: int | None = None, epochs: int | None = None, seed: int = 0,
-               conv: ConvStage | None = None) -> Head:
+               tail: Tail | None = None) -> Head:
     """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
 
     With `validate`, a validation split of other people (split values) is held out of the
     training side for early stopping and for picking the embedding's mix; `views_of` gives
     the augmentation views' features of the rows it is passed, added as extra training rows.
-    With `conv` (the backbone's last convolution), `vectors` and the views are the feature
-    maps that feed it, and it is re-trained with a cosine head.
+    With `tail` (the backbone's last layers), `vectors` and the views are the feature maps
+    that feed it, and it is re-trained with a cosine head.
     """
     if head_kind not in HEADS:
         raise ApiError("bad_head", f"unknown head {head_kind!r}; choose from {HEADS}")
-    if conv is not None and head_kind != "cosine":
-        raise ApiError("bad_head", "only the cosine head re-trains the last convolution")
+    if tail is not None and head_kind != "cosine":
+        raise ApiError("bad_head", "only the cosine head re-trains the backbone's last layers")
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(label, -1) for label in labels])  # -1: a class only in test
     val = np.array([_side(values[i] + "/val", 5) for i in train_idx])
@@ -134,7 +135,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
     validation: dict[str, Any] = {} if not len(held) else {
         "val_x": vectors[held], "val_labels": labels[held].tolist()}
     if head_kind == "cosine":
-        head = fit_cosine_head(x, fit_y, classes, seed=seed, conv=conv,
+        head = fit_cosine_head(x, fit_y, classes, seed=seed, tail=tail,
                                **cosine_schedule(len(fit), epochs, hidden), **validation)
     else:
         head = fit_classifier(x, fit_y, classes, seed=seed, max_iter=300 if validation else 100,
@@ -150,15 +151,18 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
              name: str | None = None, head_kind: str = "cosine",
              store: ContentStore | None = None, max_pixels: int = 64_000_000,
              hidden: int | None = None, epochs: int | None = None,
-             tune_conv: bool | None = False) -> TrainingOutcome:
+             tune: str | None = "none") -> TrainingOutcome:
     """Fit a head on the train split's stored vectors, score it on the test split, install it.
 
     With a content `store`, the training images' augmentation views (mirrored, wider and
-    tighter crops) are embedded by the backbone and added as extra training rows. With
-    `tune_conv` (needs the store), the backbone's last convolution is re-trained with the
-    head, from the feature maps that feed it (docs/training.md); None: when it can (a store,
-    the cosine head, at most MAX_TUNE_CONV_IMAGES labelled images).
+    tighter crops) are embedded by the backbone and added as extra training rows. `tune`
+    ("last-conv" or "last-block", needs the store) re-trains the backbone's last layers with
+    the head, from the feature maps that feed them (docs/training.md); None: "last-conv"
+    when it can (a store, the cosine head, at most MAX_TUNE_IMAGES labelled images), else
+    "none".
     """
+    if tune is not None and tune not in TUNES:
+        raise ApiError("bad_request", f"unknown --tune {tune!r}; choose from {TUNES}")
     model_row = find_model(base, session=session)
     if model_row is None:
         raise ApiError("unknown_model", f"no images have been embedded with model {base!r}")
@@ -183,20 +187,20 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     if unsupervised:
         head = fit_pca_whitening(data.vectors[train_idx], dim=dim)
     else:
-        features, run, conv = data.vectors, None, None
-        if tune_conv is None:
-            tune_conv = (store is not None and head_kind == "cosine"
-                         and len(data.ids) <= MAX_TUNE_CONV_IMAGES)
-        if tune_conv:
+        features, run, tail = data.vectors, None, None
+        if tune is None:
+            tune = "last-conv" if (store is not None and head_kind == "cosine"
+                                    and len(data.ids) <= MAX_TUNE_IMAGES) else "none"
+        if tune != "none":
             if store is None or head_kind != "cosine":
-                raise ApiError("bad_request", "--tune-conv needs the cosine head and the "
+                raise ApiError("bad_request", f"--tune {tune} needs the cosine head and the "
                                "stored originals (augmentation on)")
-            if len(data.ids) > MAX_TUNE_CONV_IMAGES:
-                raise ApiError("too_many_images", f"--tune-conv keeps feature maps of at "
-                               f"most {MAX_TUNE_CONV_IMAGES} labelled images in memory; this "
-                               f"collection has {len(data.ids)}: use --no-tune-conv")
-            runner = MapRunner(backbone, base_info.input_name, base_info.outputs[0])
-            conv, run = runner.site.stage, runner.run
+            if len(data.ids) > MAX_TUNE_IMAGES:
+                raise ApiError("too_many_images", f"--tune {tune} keeps feature maps of at "
+                               f"most {MAX_TUNE_IMAGES} labelled images in memory; this "
+                               f"collection has {len(data.ids)}: use --tune none")
+            runner = MapRunner(backbone, base_info.input_name, base_info.outputs[0], tune)
+            tail, run = runner.tail, runner.run
             shas = dict(session.execute(select(Image.id, Image.sha256)
                                         .where(Image.id.in_(data.ids))).all())
             features = centre_maps((store.get(shas[i]) for i in data.ids), runner,
@@ -211,10 +215,8 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
         head = train_head(features, data.labels, values, train_idx, classes,
                           validate=not shots, head_kind=head_kind,
                           views_of=views_of if store is not None else None, hidden=hidden,
-                          epochs=epochs, seed=seed, conv=conv)
-        if conv is not None:
-            head.record["last_conv"]["tap"] = runner.site.tap
-    test_features = (head.transform(data.vectors[test_idx]) if head.conv is None
+                          epochs=epochs, seed=seed, tail=tail)
+    test_features = (head.transform(data.vectors[test_idx]) if head.tail is None
                      else head.transform_maps(features[test_idx]))
     tuned = exact_cosine_scores(test_features, test_labels, ks=(10,))
     model = append_head(backbone, head)

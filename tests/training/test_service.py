@@ -18,8 +18,8 @@ from service.embedding import registry
 from service.embedding.session import Embedder
 from service.errors import ApiError
 from service.training.augment import VIEWS
-from service.training.last_conv import find_last_conv
 from service.training.service import finetune
+from service.training.tail import find_tail
 from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -91,26 +91,34 @@ def test_augmented_cosine_head_trains_on_extra_views(app: Flask, labelled, model
     assert result.vectors.shape == (1, info.dim) and np.isfinite(result.vectors).all()
 
 
-def test_finetune_retrains_the_last_conv_when_it_can(app: Flask, labelled, models: Path,
-                                                     clothing: Path) -> None:
+@pytest.mark.parametrize("tune", [None, "last-block"])  # None: last-conv when it can
+def test_finetune_retrains_the_backbones_last_layers(app: Flask, labelled, models: Path,
+                                                     clothing: Path, tune: str | None) -> None:
     with app.app_context(), session_scope() as session:
         out = finetune(session=session, collection=COLLECTION, label_key="label",
                        base="efficientnet-lite0", model_dir=models, split_key="sender_id",
-                       hidden=32, epochs=2, store=app.extensions["content_store"],
-                       tune_conv=None)  # auto: a store and the cosine head
+                       hidden=32, epochs=2, store=app.extensions["content_store"], tune=tune)
         with pytest.raises(ApiError, match="needs the cosine head"):
             finetune(session=session, collection=COLLECTION, label_key="label",
                      base="efficientnet-lite0", model_dir=models, head_kind="linear",
-                     store=app.extensions["content_store"], tune_conv=True)
+                     store=app.extensions["content_store"], tune="last-conv")
+        with pytest.raises(ApiError, match="unknown --tune"):
+            finetune(session=session, collection=COLLECTION, label_key="label",
+                     base="efficientnet-lite0", model_dir=models, tune="everything")
     info = registry.verify(models, out.model)
     record = info.extra["training"]
-    assert record["last_conv"]["tap"] and record["fit_rows"] == record["fit_images"] * (
+    assert record["tail"]["tap"] and record["fit_rows"] == record["fit_images"] * (
         1 + len(VIEWS))
-    tuned = find_last_conv(onnx.load_model(models / out.model / "model.onnx"),
-                           "embedding_backbone").stage
-    stock = find_last_conv(onnx.load_model(models / "efficientnet-lite0" / "model.onnx")).stage
-    assert tuned.weight.shape == stock.weight.shape
-    assert not np.allclose(tuned.weight, stock.weight)
+    depth = tune or "last-conv"
+    tuned = find_tail(onnx.load_model(models / out.model / "model.onnx"), "embedding_backbone",
+                      depth)
+    stock = find_tail(onnx.load_model(models / "efficientnet-lite0" / "model.onnx"), depth=depth)
+    assert record["tail"]["layers"] == stock.nodes == tuned.nodes
+    assert len(stock.nodes) == (7 if tune else 2)  # the whole last block, or the last conv
+    for new, old in zip(tuned.layers, stock.layers, strict=True):
+        if old.weight is not None:
+            assert new.weight is not None and new.weight.shape == old.weight.shape
+            assert not np.allclose(new.weight, old.weight)
     embedder = Embedder(info, models / out.model / "model.onnx")
     result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
     assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
