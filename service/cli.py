@@ -453,10 +453,20 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
              augment: bool, hidden: int | None, epochs: int | None,
              tune: str | None) -> None:
     """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
+    from tqdm import tqdm
+
     from service.app import create_app
     from service.db import session_scope
     from service.errors import ApiError
     from service.training.service import finetune as run_finetune
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage))
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
 
     app = create_app()
     with app.app_context(), session_scope() as session:
@@ -466,7 +476,7 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
                                split_key=split_key, shots=shots, unsupervised=unsupervised,
                                dim=dim, name=name, head_kind=head_kind, hidden=hidden,
                                epochs=epochs, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]),
-                               tune=tune,
+                               tune=tune, progress=progress,
                                store=app.extensions["content_store"] if augment else None)
         except ApiError as exc:
             raise click.ClickException(exc.message) from exc

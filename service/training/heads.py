@@ -6,6 +6,7 @@ standardisation, so that the ONNX export is a short chain of elementwise ops and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,7 +147,8 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
                     tolerance: float = 0.005, tail: Tail | None = None,
                     tail_lr: float | None = None, positions: float = 0.5,
-                    seed: int = 0) -> Head:
+                    seed: int = 0,
+                    on_epoch: Callable[[int, int], None] | None = None) -> Head:
     """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
 
     Loss: label-smoothed cross-entropy on `scale` · cos(hidden, class weight); dropout on the
@@ -160,7 +162,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     last layers, and these are trained too: from their pretrained weights, at `tail_lr`
     (default by the tail's depth, TAIL_LR), the weight decay pulling towards them; a tail of
     1x1 convolutions only sees a random share (`positions`) of the map's positions per batch
-    (cheaper, and a little augmentation).
+    (cheaper, and a little augmentation). `on_epoch(done, epochs)` is called after each epoch.
     """
     if tail is None:
         z, mean, std = _standardise(x)
@@ -228,6 +230,8 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                 update = (moment[k] / (1 - 0.9 ** steps)) / (
                     np.sqrt(second[k] / (1 - 0.999 ** steps)) + 1e-8)
                 params[k] = (params[k] - step * update).astype(np.float32)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
         if val_x is not None:
             score = val_map(head_of(params, mix))
             history.append({"epoch": epoch + 1, "val_map": score})

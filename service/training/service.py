@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from service.training.onnx_head import append_head
 from service.training.tail import DEPTHS, Tail
 
 HEADS = ("cosine", "linear")
+# progress(stage, done, total): finetune's long steps report through it (the CLI draws bars).
+Progress = Callable[[str, int, int], None]
 TUNES = ("none", *DEPTHS)
 # Re-training the backbone's tail keeps every labelled image's feature maps in memory
 # (about 20-35 KB each, float16, and five views of each training image): a bound on that.
@@ -79,9 +82,19 @@ def next_head_name(model_dir: Path, base: str) -> str:
     return f"{base}+head-{max(taken, default=0) + 1}"
 
 
+def reporting(items: Iterable[bytes], stage: str, total: int,
+              progress: Progress | None) -> Iterator[bytes]:
+    """The items, reporting each one consumed as done in `stage`."""
+    for done, item in enumerate(items, 1):
+        yield item
+        if progress is not None:
+            progress(stage, done, total)
+
+
 def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore, model_dir: Path,
                    base: str, max_pixels: int,
-                   run: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                   run: Callable[[np.ndarray], np.ndarray] | None = None,
+                   progress: Progress | None = None) -> np.ndarray:
     """Backbone features of the augmentation views of each image, shape (images, views, dim).
 
     `run` maps a batch of model inputs to what is kept per view (default: pooled features;
@@ -89,7 +102,8 @@ def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore, mod
     """
     shas = dict(session.execute(select(Image.id, Image.sha256).where(Image.id.in_(ids))).all())
     embedder = get_embedder(model_dir, base)
-    return embed_views((store.get(shas[i]) for i in ids),
+    return embed_views(reporting((store.get(shas[i]) for i in ids), "augmentation views",
+                                 len(ids), progress),
                        run or (lambda b: embedder.run(b).vectors), embedder.info.preprocessing,
                        max_pixels=max_pixels)
 
@@ -107,7 +121,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
                head_kind: str = "cosine",
                views_of: Callable[[np.ndarray], np.ndarray] | None = None,
                hidden: int | None = None, epochs: int | None = None, seed: int = 0,
-               tail: Tail | None = None) -> Head:
+               tail: Tail | None = None, progress: Progress | None = None) -> Head:
     """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
 
     With `validate`, a validation split of other people (split values) is held out of the
@@ -136,6 +150,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
         "val_x": vectors[held], "val_labels": labels[held].tolist()}
     if head_kind == "cosine":
         head = fit_cosine_head(x, fit_y, classes, seed=seed, tail=tail,
+                               on_epoch=progress and partial(progress, "epochs"),
                                **cosine_schedule(len(fit), epochs, hidden), **validation)
     else:
         head = fit_classifier(x, fit_y, classes, seed=seed, max_iter=300 if validation else 100,
@@ -151,7 +166,7 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
              name: str | None = None, head_kind: str = "cosine",
              store: ContentStore | None = None, max_pixels: int = 64_000_000,
              hidden: int | None = None, epochs: int | None = None,
-             tune: str | None = "none") -> TrainingOutcome:
+             tune: str | None = "none", progress: Progress | None = None) -> TrainingOutcome:
     """Fit a head on the train split's stored vectors, score it on the test split, install it.
 
     With a content `store`, the training images' augmentation views (mirrored, wider and
@@ -159,7 +174,7 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     ("last-conv" or "last-block", needs the store) re-trains the backbone's last layers with
     the head, from the feature maps that feed them (docs/training.md); None: "last-conv"
     when it can (a store, the cosine head, at most MAX_TUNE_IMAGES labelled images), else
-    "none".
+    "none". `progress` hears about the feature maps, the augmentation views and the epochs.
     """
     if tune is not None and tune not in TUNES:
         raise ApiError("bad_request", f"unknown --tune {tune!r}; choose from {TUNES}")
@@ -203,19 +218,21 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
             tail, run = runner.tail, runner.run
             shas = dict(session.execute(select(Image.id, Image.sha256)
                                         .where(Image.id.in_(data.ids))).all())
-            features = centre_maps((store.get(shas[i]) for i in data.ids), runner,
-                                   base_info.preprocessing, max_pixels=max_pixels)
+            features = centre_maps(
+                reporting((store.get(shas[i]) for i in data.ids), "feature maps",
+                          len(data.ids), progress),
+                runner, base_info.preprocessing, max_pixels=max_pixels)
 
         def views_of(rows: np.ndarray) -> np.ndarray:
             assert store is not None
             return augmented_rows(session=session, ids=[data.ids[i] for i in rows],
                                   store=store, model_dir=model_dir, base=base,
-                                  max_pixels=max_pixels, run=run)
+                                  max_pixels=max_pixels, run=run, progress=progress)
 
         head = train_head(features, data.labels, values, train_idx, classes,
                           validate=not shots, head_kind=head_kind,
                           views_of=views_of if store is not None else None, hidden=hidden,
-                          epochs=epochs, seed=seed, tail=tail)
+                          epochs=epochs, seed=seed, tail=tail, progress=progress)
     test_features = (head.transform(data.vectors[test_idx]) if head.tail is None
                      else head.transform_maps(features[test_idx]))
     tuned = exact_cosine_scores(test_features, test_labels, ks=(10,))

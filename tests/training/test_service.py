@@ -94,10 +94,12 @@ def test_augmented_cosine_head_trains_on_extra_views(app: Flask, labelled, model
 @pytest.mark.parametrize("tune", [None, "last-block"])  # None: last-conv when it can
 def test_finetune_retrains_the_backbones_last_layers(app: Flask, labelled, models: Path,
                                                      clothing: Path, tune: str | None) -> None:
+    reports: list[tuple[str, int, int]] = []
     with app.app_context(), session_scope() as session:
         out = finetune(session=session, collection=COLLECTION, label_key="label",
                        base="efficientnet-lite0", model_dir=models, split_key="sender_id",
-                       hidden=32, epochs=2, store=app.extensions["content_store"], tune=tune)
+                       hidden=32, epochs=2, store=app.extensions["content_store"], tune=tune,
+                       progress=lambda *report: reports.append(report))
         with pytest.raises(ApiError, match="needs the cosine head"):
             finetune(session=session, collection=COLLECTION, label_key="label",
                      base="efficientnet-lite0", model_dir=models, head_kind="linear",
@@ -115,6 +117,10 @@ def test_finetune_retrains_the_backbones_last_layers(app: Flask, labelled, model
     stock = find_tail(onnx.load_model(models / "efficientnet-lite0" / "model.onnx"), depth=depth)
     assert record["tail"]["layers"] == stock.nodes == tuned.nodes
     assert len(stock.nodes) == (7 if tune else 2)  # the whole last block, or the last conv
+    last = {stage: (done, total) for stage, done, total in reports}
+    assert last == {"feature maps": (len(labelled), len(labelled)),
+                    "augmentation views": (record["fit_images"], record["fit_images"]),
+                    "epochs": (2, 2)}
     for new, old in zip(tuned.layers, stock.layers, strict=True):
         if old.weight is not None:
             assert new.weight is not None and new.weight.shape == old.weight.shape
