@@ -234,9 +234,7 @@ def beyond() -> str:
              "| option | test mAP | test P@10 | top-1 accuracy |", "|---|---|---|---|"]
 
     def add(name: str, feats: np.ndarray, accuracy: str = "") -> None:
-        s = exact_cosine_scores(feats, test_labels, ks=(10,))
-        lines.append(f"| {name} | {s.mean_ap:.3f} | {s.precision[10]:.3f} | {accuracy} |")
-        print(lines[-1], flush=True)
+        option_row(lines, test_labels, name, feats, accuracy)
 
     def fitted(x: np.ndarray, xv: np.ndarray, seed: int, fit: np.ndarray = train_idx,
                shots: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -282,9 +280,7 @@ def tuned_ensemble() -> str:
              "| option | test mAP | test P@10 | top-1 accuracy |", "|---|---|---|---|"]
 
     def add(name: str, feats: np.ndarray, accuracy: str = "") -> None:
-        s = exact_cosine_scores(feats, test_labels, ks=(10,))
-        lines.append(f"| {name} | {s.mean_ap:.3f} | {s.precision[10]:.3f} | {accuracy} |")
-        print(lines[-1], flush=True)
+        option_row(lines, test_labels, name, feats, accuracy)
 
     embeddings = []
     for model_name in ("efficientnet-lite0", "efficientnet-lite2"):
@@ -303,6 +299,14 @@ def tuned_ensemble() -> str:
     add("lite0 ⊕ lite2 concatenated", np.concatenate([a, b], axis=1))
     add("lite0 ⊕ lite2 concatenated, mirrored", np.concatenate([a + am, b + bm], axis=1))
     return "\n".join(lines)
+
+
+def option_row(lines: list[str], test_labels: list[str], name: str, feats: np.ndarray,
+               accuracy: str = "") -> None:
+    """Append (and print) a row of test mAP, P@10 and top-1 accuracy."""
+    s = exact_cosine_scores(feats, test_labels, ks=(10,))
+    lines.append(f"| {name} | {s.mean_ap:.3f} | {s.precision[10]:.3f} | {accuracy} |")
+    print(lines[-1], flush=True)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
