@@ -17,7 +17,7 @@ class MapRunner:
     """A backbone that outputs the input maps of its tail, (N, C, H, W) float16."""
 
     def __init__(self, model: onnx.ModelProto, input_name: str,
-                 embedding: str = "embedding", depth: str = "last-block") -> None:
+                 embedding: str = "embedding", depth: str = "last-conv") -> None:
         import onnxruntime as ort
 
         self.tail = find_tail(model, embedding, depth)

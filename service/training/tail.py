@@ -199,7 +199,7 @@ def _conv_layer(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> Lay
 
 
 def find_tail(model: onnx.ModelProto, embedding: str = "embedding",
-              depth: str = "last-block") -> Tail:
+              depth: str = "last-conv") -> Tail:
     """The layers between the backbone's last block input (or last conv) and `embedding`.
 
     "last-conv": the final convolution and its activation; "last-block": walking further

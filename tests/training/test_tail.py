@@ -78,18 +78,18 @@ def pooled_by_hand(maps: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
 
 def test_find_tail_reads_the_last_block_or_the_last_conv() -> None:
     model = block_backbone()
-    tail = find_tail(model)
+    tail = find_tail(model, depth="last-block")
     assert [layer.kind for layer in tail.layers] == [
         "conv", "clip", "depthwise", "clip", "conv", "conv", "clip"]
     assert tail.tap == "block_in" and tail.spatial
     assert tail.nodes[0] == "expand" and tail.nodes[-2] == "head_conv"
-    conv = find_tail(model, depth="last-conv")
+    conv = find_tail(model)  # the default
     assert [layer.kind for layer in conv.layers] == ["conv", "clip"]
     assert conv.tap == "project" and not conv.spatial
     images = np.random.default_rng(1).uniform(0, 1, (4, 3, 5, 5)).astype(np.float32)
     stock = ort.InferenceSession(model.SerializeToString()).run(["embedding"],
                                                                 {"image": images})[0]
-    maps = MapRunner(model, "image").run(images)
+    maps = MapRunner(model, "image", depth="last-block").run(images)
     np.testing.assert_allclose(maps, 2 * images, atol=1e-2)  # float16 of the Add's output
     np.testing.assert_allclose(tail.pool(2 * images), stock, atol=1e-5)
     np.testing.assert_allclose(pooled_by_hand(2 * images, tail.params()), stock, atol=1e-5)
@@ -102,7 +102,7 @@ def test_a_backbone_without_a_tail_is_refused() -> None:
 
 
 def test_tail_gradients_match_finite_differences() -> None:
-    tail = find_tail(block_backbone(2))
+    tail = find_tail(block_backbone(2), depth="last-block")
     rng = np.random.default_rng(5)
     maps = rng.uniform(0, 1, (4, 3, 5, 5))
     mean, std = np.full(5, 0.5), np.full(5, 2.0)
@@ -165,9 +165,9 @@ def test_retrained_tail_recovers_what_the_pretrained_one_drops() -> None:
 
 def test_onnx_export_swaps_in_the_retrained_tail() -> None:
     base = block_backbone(3)
-    tail = find_tail(base)
+    tail = find_tail(base, depth="last-block")
     images = np.random.default_rng(8).uniform(0, 1, size=(30, 3, 5, 5)).astype(np.float32)
-    maps = MapRunner(base, "image").run(images)
+    maps = MapRunner(base, "image", depth="last-block").run(images)
     head = fit_cosine_head(maps, np.repeat(np.arange(3), 10), ["a", "b", "c"], hidden=8,
                            epochs=3, batch_size=8, tail=tail, tail_lr=1e-2)
     assert head.tail is not None and "positions" not in head.record["tail"]
@@ -177,20 +177,21 @@ def test_onnx_export_swaps_in_the_retrained_tail() -> None:
         strict=True))
     np.testing.assert_allclose(outputs["embedding"], head.transform_maps(2 * images),
                                atol=1e-4)
-    swapped = find_tail(model, "embedding_backbone")
+    swapped = find_tail(model, "embedding_backbone", "last-block")
     for new, tuned, old in zip(swapped.layers, head.tail.layers, tail.layers, strict=True):
         if new.weight is not None:
             np.testing.assert_allclose(new.weight, tuned.weight, atol=1e-6)
             np.testing.assert_allclose(new.bias, tuned.bias, atol=1e-6)
             assert not np.allclose(new.weight, old.weight)  # every layer was trained
-    np.testing.assert_allclose(find_tail(base).layers[2].weight, tail.layers[2].weight)
+    np.testing.assert_allclose(find_tail(base, depth="last-block").layers[2].weight,
+                               tail.layers[2].weight)  # the base graph is not mutated
 
 
 def test_retrained_tail_in_the_real_backbone_computes_what_numpy_does(
         model_dir: Path, photos: list[Path]) -> None:
     info = registry.verify(model_dir, DEFAULT_MODEL)
     base = onnx.load_model(model_dir / DEFAULT_MODEL / "model.onnx")
-    runner = MapRunner(base, info.input_name, info.outputs[0])
+    runner = MapRunner(base, info.input_name, info.outputs[0], "last-block")
     assert runner.tail.nodes[0].startswith("_blocks.15.")  # lite0's last block
     maps = centre_maps((p.read_bytes() for p in photos[:8]), runner, info.preprocessing,
                        max_pixels=10**8)
