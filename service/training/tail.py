@@ -217,6 +217,7 @@ def find_tail(model: onnx.ModelProto, embedding: str = "embedding",
     if node is None or node.op_type not in POOLS:
         raise _no_tail()
     layers: list[Layer] = []
+    taps: list[str] = []  # each layer's input tensor
     convs = 0
     current = producers.get(node.input[0])
     while current is not None:
@@ -229,16 +230,17 @@ def find_tail(model: onnx.ModelProto, embedding: str = "embedding",
         if layer is None or (depth == "last-conv" and convs == 1):
             break
         layers.insert(0, layer)
+        taps.insert(0, current.input[0])
         convs += layer.kind != "clip"
         if _consumers(model, current.input[0]) != 1:
             break  # its input is used elsewhere too: re-training its producer would change that
         current = producers.get(current.input[0])
     while layers and layers[0].kind == "clip":  # a tail starts at a convolution
         layers.pop(0)
-    if not layers or layers[0].kind != "conv" or layers[-1].kind != "clip":
+        taps.pop(0)
+    if not layers or layers[-1].kind != "clip":
         raise _no_tail()
-    first = next(n for n in model.graph.node if n.name == layers[0].node)
-    return Tail(layers, tap=first.input[0], nodes=[layer.node for layer in layers], depth=depth)
+    return Tail(layers, tap=taps[0], nodes=[layer.node for layer in layers], depth=depth)
 
 
 def _consumers(model: onnx.ModelProto, name: str) -> int:
@@ -254,7 +256,7 @@ def _no_tail() -> ApiError:
 def replace_tail(model: onnx.ModelProto, tail: Tail) -> None:
     """Swap the tail's layers' weights for re-trained ones, in place."""
     inits = {init.name: init for init in model.graph.initializer}
-    nodes = {node.name: node for node in model.graph.node}
+    convs = {node.input[1]: node for node in model.graph.node if node.op_type == "Conv"}
     for layer in tail.layers:
         if layer.weight is None or layer.bias is None:
             continue
@@ -270,5 +272,5 @@ def replace_tail(model: onnx.ModelProto, tail: Tail) -> None:
             inits[layer.bias_name].CopyFrom(bias)
         else:
             model.graph.initializer.append(bias)
-            node = nodes[layer.node]
+            node = convs[layer.weight_name]
             node.input[:] = [node.input[0], node.input[1], bias.name]

@@ -23,9 +23,10 @@ from tests.conftest import DEFAULT_MODEL
 from tests.training.test_heads import backbone
 
 
-def block_backbone(seed: int = 0) -> onnx.ModelProto:
+def block_backbone(seed: int = 0, head_bias: bool = True) -> onnx.ModelProto:
     """A stand-in CNN ending like EfficientNet-lite: a residual Add, then 1x1 expand, ReLU6,
-    3x3 depthwise, ReLU6, 1x1 project, 1x1 head conv, ReLU6, average pool."""
+    3x3 depthwise, ReLU6, 1x1 project, 1x1 head conv (with or without a bias), ReLU6, average
+    pool."""
     rng = np.random.default_rng(seed)
     weights = {
         "expand_w": rng.uniform(-0.2, 0.6, (6, 3, 1, 1)), "expand_b": rng.normal(0, 0.1, 6),
@@ -33,6 +34,8 @@ def block_backbone(seed: int = 0) -> onnx.ModelProto:
         "project_w": rng.normal(0, 0.5, (4, 6, 1, 1)), "project_b": rng.normal(0, 0.1, 4),
         "head_w": rng.normal(0, 0.6, (5, 4, 1, 1)), "head_b": np.full(5, 0.5),
     }
+    if not head_bias:
+        del weights["head_b"]
     graph = helper.make_graph(
         [helper.make_node("Add", ["image", "image"], ["block_in"]),
          helper.make_node("Conv", ["block_in", "expand_w", "expand_b"], ["expand"],
@@ -43,8 +46,8 @@ def block_backbone(seed: int = 0) -> onnx.ModelProto:
          helper.make_node("Clip", ["dw", "lo", "hi"], ["dw_act"]),
          helper.make_node("Conv", ["dw_act", "project_w", "project_b"], ["project"],
                           name="project", kernel_shape=[1, 1]),
-         helper.make_node("Conv", ["project", "head_w", "head_b"], ["head"], name="head_conv",
-                          kernel_shape=[1, 1]),
+         helper.make_node("Conv", ["project", "head_w"] + ["head_b"] * head_bias, ["head"],
+                          name="head_conv", kernel_shape=[1, 1]),
          helper.make_node("Clip", ["head", "lo", "hi"], ["act"]),
          helper.make_node("GlobalAveragePool", ["act"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1),
@@ -163,8 +166,9 @@ def test_retrained_tail_recovers_what_the_pretrained_one_drops() -> None:
     assert tuned.record["tail"]["lr"] == 1e-2 and tuned.record["tail"]["positions"] == 0.5
 
 
-def test_onnx_export_swaps_in_the_retrained_tail() -> None:
-    base = block_backbone(3)
+@pytest.mark.parametrize("head_bias", [True, False])
+def test_onnx_export_swaps_in_the_retrained_tail(head_bias: bool) -> None:
+    base = block_backbone(3, head_bias)
     tail = find_tail(base, depth="last-block")
     images = np.random.default_rng(8).uniform(0, 1, size=(30, 3, 5, 5)).astype(np.float32)
     maps = MapRunner(base, "image", depth="last-block").run(images)
