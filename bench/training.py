@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +39,32 @@ SHOTS = (5, 10, 20)
 SEEDS = 3  # draws of the shots (and seeds of the head) averaged
 
 
+def cached(name: str, rows: list[dict[str, str]], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """var/bench/clothing-<name>.npy if it covers every photo, else computed, timed and saved."""
+    path = BENCH_DIR / f"clothing-{name}.npy"
+    if path.exists() and len(np.load(path, mmap_mode="r")) == len(rows):
+        return np.load(path)
+    started = time.perf_counter()
+    values = compute()
+    print(f"{name} of {len(rows)} photos in {time.perf_counter() - started:.0f}s")
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    np.save(path, values)
+    return values
+
+
 def clothing_views(model_name: str, rows: list[dict[str, str]]) -> np.ndarray:
-    """Backbone features of every photo's augmentation views (cached under var/bench)."""
+    """Backbone features of every photo's augmentation views (cached, half precision as the
+    stored vectors)."""
     from service.config import settings_from_env
     from service.embedding.session import get_embedder
 
-    cache = BENCH_DIR / f"clothing-views-{model_name}.npy"
-    if cache.exists():
-        views = np.load(cache)
-        if views.shape[:2] == (len(rows), len(VIEWS)):
-            return views.astype(np.float32)
-    embedder = get_embedder(settings_from_env()["MODEL_DIR"], model_name)
-    started = time.perf_counter()
-    views = embed_views(((CLOTHING / r["file"]).read_bytes() for r in rows),
-                        lambda b: embedder.run(b).vectors, embedder.info.preprocessing,
-                        max_pixels=10**8)
-    print(f"embedded {len(VIEWS)} views of {len(rows)} photos in "
-          f"{time.perf_counter() - started:.0f}s")
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    np.save(cache, views.astype(np.float16))  # as the stored vectors: half precision
-    return views.astype(np.float32)
+    def compute() -> np.ndarray:
+        embedder = get_embedder(settings_from_env()["MODEL_DIR"], model_name)
+        return embed_views(((CLOTHING / r["file"]).read_bytes() for r in rows),
+                           lambda b: embedder.run(b).vectors, embedder.info.preprocessing,
+                           max_pixels=10**8).astype(np.float16)
+
+    return cached(f"views-{model_name}", rows, compute).astype(np.float32)
 
 
 def clothing_maps(model_name: str, rows: list[dict[str, str]],
@@ -74,22 +81,15 @@ def clothing_maps(model_name: str, rows: list[dict[str, str]],
     info = registry.verify(model_dir, model_name)
     runner = MapRunner(onnx.load_model(registry.model_path(model_dir, model_name) /
                                        "model.onnx"), info.input_name, info.outputs[0], depth)
-    out = []
-    for kind in ("maps", "views"):
-        cache = BENCH_DIR / f"clothing-{depth}-{kind}-{model_name}.npy"
-        if cache.exists() and len(np.load(cache, mmap_mode="r")) == len(rows):
-            out.append(np.load(cache))
-            continue
-        started = time.perf_counter()
-        items = ((CLOTHING / r["file"]).read_bytes() for r in rows)
-        if kind == "maps":
-            maps = centre_maps(items, runner, info.preprocessing, max_pixels=10**8)
-        else:
-            maps = embed_views(items, runner.run, info.preprocessing, max_pixels=10**8)
-        print(f"{depth} {kind} of {len(rows)} photos in {time.perf_counter() - started:.0f}s")
-        np.save(cache, maps)
-        out.append(maps)
-    return out[0], out[1], runner.tail
+
+    def photos() -> Iterator[bytes]:
+        return ((CLOTHING / r["file"]).read_bytes() for r in rows)
+
+    maps = cached(f"{depth}-maps-{model_name}", rows, lambda: centre_maps(
+        photos(), runner, info.preprocessing, max_pixels=10**8))
+    views = cached(f"{depth}-views-{model_name}", rows, lambda: embed_views(
+        photos(), runner.run, info.preprocessing, max_pixels=10**8))
+    return maps, views, runner.tail
 
 
 def main() -> None:
@@ -233,8 +233,7 @@ def beyond() -> str:
              "pooled features concatenated before the head (both run per image).", "",
              "| option | test mAP | test P@10 | top-1 accuracy |", "|---|---|---|---|"]
 
-    def add(name: str, feats: np.ndarray, accuracy: str = "") -> None:
-        option_row(lines, test_labels, name, feats, accuracy)
+    add = partial(option_row, lines, test_labels)
 
     def fitted(x: np.ndarray, xv: np.ndarray, seed: int, fit: np.ndarray = train_idx,
                shots: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -243,9 +242,7 @@ def beyond() -> str:
         return h.transform(x[test_idx]), h.transform(xv[test_idx, flip])
 
     plain, mirror = fitted(single, w2, 0)
-    accuracy = np.mean(np.array(classes)[plain[:, -len(classes):].argmax(axis=1)]
-                       == np.array(test_labels))
-    add("lite2, cosine + aug, frozen conv", plain, f"{accuracy:.3f}")
+    add("lite2, cosine + aug, frozen conv", plain, top1(plain, classes, test_labels))
     mirrored = _unit(plain) + _unit(mirror)
     add("lite2, mirrored", mirrored)
     sims = _unit(mirrored) @ _unit(mirrored).T
@@ -279,8 +276,7 @@ def tuned_ensemble() -> str:
              "run per image); `mirrored`: plus the embedding of the mirror image.", "",
              "| option | test mAP | test P@10 | top-1 accuracy |", "|---|---|---|---|"]
 
-    def add(name: str, feats: np.ndarray, accuracy: str = "") -> None:
-        option_row(lines, test_labels, name, feats, accuracy)
+    add = partial(option_row, lines, test_labels)
 
     embeddings = []
     for model_name in ("efficientnet-lite0", "efficientnet-lite2"):
@@ -291,9 +287,7 @@ def tuned_ensemble() -> str:
         mirror = _unit(head.transform_maps(
             np.asarray(views[test_idx, flip]).reshape(len(test_idx), *maps.shape[1:])))
         embeddings.append((plain, mirror))
-        accuracy = np.mean(np.array(classes)[plain[:, -len(classes):].argmax(axis=1)]
-                           == np.array(test_labels))
-        add(model_name, plain, f"{accuracy:.3f}")
+        add(model_name, plain, top1(plain, classes, test_labels))
         add(f"{model_name}, mirrored", plain + mirror)
     (a, am), (b, bm) = embeddings
     add("lite0 ⊕ lite2 concatenated", np.concatenate([a, b], axis=1))
@@ -307,6 +301,12 @@ def option_row(lines: list[str], test_labels: list[str], name: str, feats: np.nd
     s = exact_cosine_scores(feats, test_labels, ks=(10,))
     lines.append(f"| {name} | {s.mean_ap:.3f} | {s.precision[10]:.3f} | {accuracy} |")
     print(lines[-1], flush=True)
+
+
+def top1(feats: np.ndarray, classes: list[str], test_labels: list[str]) -> str:
+    """Top-1 accuracy of a head's class probabilities (the embedding's last columns)."""
+    predicted = np.array(classes)[feats[:, -len(classes):].argmax(axis=1)]
+    return f"{np.mean(predicted == np.array(test_labels)):.3f}"
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from service.embedding import registry
 from service.embedding.service import find_model
 from service.embedding.session import get_embedder
+from service.embedding.transforms import Preprocessing
 from service.errors import ApiError
 from service.evaluation.metrics import exact_cosine_scores
 from service.evaluation.service import load_labelled
@@ -91,21 +92,21 @@ def reporting(items: Iterable[bytes], stage: str, total: int,
             progress(stage, done, total)
 
 
-def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore, model_dir: Path,
-                   base: str, max_pixels: int,
-                   run: Callable[[np.ndarray], np.ndarray] | None = None,
-                   progress: Progress | None = None) -> np.ndarray:
-    """Backbone features of the augmentation views of each image, shape (images, views, dim).
-
-    `run` maps a batch of model inputs to what is kept per view (default: pooled features;
-    feature maps come back flattened).
-    """
+def stored_originals(*, session: Session, store: ContentStore, ids: list[Any], stage: str,
+                     progress: Progress | None = None) -> Iterator[bytes]:
+    """The stored original of each image, in the order of `ids`, reported as `stage`."""
     shas = dict(session.execute(select(Image.id, Image.sha256).where(Image.id.in_(ids))).all())
-    embedder = get_embedder(model_dir, base)
-    return embed_views(reporting((store.get(shas[i]) for i in ids), "augmentation views",
-                                 len(ids), progress),
-                       run or (lambda b: embedder.run(b).vectors), embedder.info.preprocessing,
-                       max_pixels=max_pixels)
+    return reporting((store.get(shas[i]) for i in ids), stage, len(ids), progress)
+
+
+def augmented_rows(*, session: Session, ids: list[Any], store: ContentStore,
+                   run: Callable[[np.ndarray], np.ndarray], prep: Preprocessing,
+                   max_pixels: int, progress: Progress | None = None) -> np.ndarray:
+    """What `run` keeps of each augmentation view of each image, shape (images, views, -1):
+    pooled features, or feature maps flattened."""
+    return embed_views(stored_originals(session=session, store=store, ids=ids,
+                                        stage="augmentation views", progress=progress),
+                       run, prep, max_pixels=max_pixels)
 
 
 def pick_shots(labels: np.ndarray, train_idx: np.ndarray, classes: list[str], shots: int,
@@ -216,18 +217,18 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
                                f"collection has {len(data.ids)}: use --tune none")
             runner = MapRunner(backbone, base_info.input_name, base_info.outputs[0], tune)
             tail, run = runner.tail, runner.run
-            shas = dict(session.execute(select(Image.id, Image.sha256)
-                                        .where(Image.id.in_(data.ids))).all())
             features = centre_maps(
-                reporting((store.get(shas[i]) for i in data.ids), "feature maps",
-                          len(data.ids), progress),
+                stored_originals(session=session, store=store, ids=data.ids,
+                                 stage="feature maps", progress=progress),
                 runner, base_info.preprocessing, max_pixels=max_pixels)
 
         def views_of(rows: np.ndarray) -> np.ndarray:
             assert store is not None
+            # Pooled features from the cached embedder, or the tail's input maps.
+            view_run = run or (lambda b: get_embedder(model_dir, base).run(b).vectors)
             return augmented_rows(session=session, ids=[data.ids[i] for i in rows],
-                                  store=store, model_dir=model_dir, base=base,
-                                  max_pixels=max_pixels, run=run, progress=progress)
+                                  store=store, run=view_run, prep=base_info.preprocessing,
+                                  max_pixels=max_pixels, progress=progress)
 
         head = train_head(features, data.labels, values, train_idx, classes,
                           validate=not shots, head_kind=head_kind,
