@@ -29,6 +29,9 @@ MEAN, STD = 0.4980392156862745, 0.5019607843137255
 # Blocks at the last feature resolution (the last two stages of EfficientNet-Lite).
 TOP_BLOCK = {"efficientnet-lite0": 11, "efficientnet-lite2": 15}
 SIZES = {"efficientnet-lite0": (256, 224), "efficientnet-lite2": (297, 260)}  # resize, crop
+# The square root's input floor: at 0 its slope is infinite, and a channel that the backbone's
+# activation zeroes made the first whole-backbone run's loss NaN.
+FLOOR = 1e-6
 SQUARE = 297  # the packed photos: the central square of the shorter side, at 297 px
 
 
@@ -209,7 +212,7 @@ def train(out: Path, runs: list[str], device: str = "cuda", limit: int | None = 
                 return torch.cat([net(centre(idx[i:i + 256], resize, size)).float()
                                   for i in range(0, len(idx), 256)])
 
-        root = torch.sqrt(embed(fit).clamp(min=0))
+        root = torch.sqrt(embed(fit).clamp(min=FLOOR))
         mean, std = root.mean(0), root.std(0) + 1e-6
         hidden = torch.nn.Linear(root.shape[1], 512).to(device)
         torch.nn.init.kaiming_normal_(hidden.weight)
@@ -219,7 +222,7 @@ def train(out: Path, runs: list[str], device: str = "cuda", limit: int | None = 
         def head(pooled: torch.Tensor, training: bool, hidden=hidden,  # noqa: ANN001
                  mean: torch.Tensor = mean, std: torch.Tensor = std,
                  w: torch.Tensor = w) -> tuple[torch.Tensor, torch.Tensor]:
-            h = F.relu(hidden((torch.sqrt(pooled.clamp(min=0)) - mean) / std))
+            h = F.relu(hidden((torch.sqrt(pooled.clamp(min=FLOOR)) - mean) / std))
             d = F.dropout(h, 0.5, training)
             return 16 * F.normalize(d, dim=1) @ F.normalize(w, dim=0), h
 
@@ -233,7 +236,7 @@ def train(out: Path, runs: list[str], device: str = "cuda", limit: int | None = 
         base = [g["lr"] for g in opt.param_groups]
         fit_t = torch.from_numpy(fit).to(device)
         step = 0
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = fit_t[torch.randperm(len(fit_t), device=device, generator=gen)]
             for i in range(0, len(order), batch):
                 idx = order[i:i + batch]
@@ -249,6 +252,8 @@ def train(out: Path, runs: list[str], device: str = "cuda", limit: int | None = 
                 loss.backward()
                 opt.step()
                 step += 1
+            print(f"{spec} epoch {epoch + 1}: loss {float(loss.detach()):.3f}, "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
         with torch.no_grad():
             pooled = embed(test)
             logits, h = head(pooled, False)
