@@ -2,9 +2,10 @@
 
 The product fine-tunes in numpy (the head, and the backbone's last conv or last block). This
 script asks whether re-training deeper layers would reach issue 7's targets at all, with
-PyTorch on a GPU (the device machine); PyTorch is never a service dependency. It runs the
-same ONNX graph that the service runs (read node by node into torch ops), the same sender
-split, shots and head (power-normalised, standardised pooled features, a 512-unit ReLU
+PyTorch (the CPU build that the reference tests install, or a GPU where one is lent; about
+37 minutes per lite0 run on this 2-core machine). PyTorch is never a service dependency.
+It runs the same ONNX graph that the service runs (read node by node into torch ops), the
+same sender split, shots and head (power-normalised, standardised pooled features, a 512-unit ReLU
 layer, a cosine classifier at scale 16, label smoothing 0.1; embedding = unit(hidden) ⊕
 unit(class probabilities)), with a fixed recipe: nothing is chosen on the test split.
 
