@@ -1,0 +1,285 @@
+"""Backward passes of a CNN backbone as ONNX graphs, run by the same ONNX Runtime as inference.
+
+Fine-tuning deeper than the last block needs the whole network's backward pass; PyTorch is
+not a run-time dependency, and onnxruntime-training would replace the inference package. So
+the gradient graph is built here from the backbone's own graph, for the ops that the
+convolutional backbones use (Conv of any group, stride and padding; Clip/Relu; Add;
+GlobalAveragePool; Flatten), and run with onnxruntime:
+
+- `forward_graph`: the backbone with its trainable weights as inputs, and every tensor that
+  the backward pass needs as an extra output;
+- `backward_graph`: those tensors, the weights and the gradient of the embedding in, the
+  gradient of each weight out. A convolution's input gradient is a ConvTranspose with the
+  same kernel; its weight gradient sums, for each kernel offset, the output gradient times the
+  input shifted by that offset (a MatMul over positions for full convolutions, a product and
+  sum per channel for depthwise ones).
+
+Shapes must be static except the batch: the graphs are built for one input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from service.errors import ApiError
+
+OPSET = 17
+IR_VERSION = 8
+SUPPORTED = ("Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "Flatten")
+
+
+@dataclass
+class GradientGraphs:
+    """The two graphs of a training step and the names that connect them."""
+
+    forward: onnx.ModelProto
+    backward: onnx.ModelProto
+    start: str
+    embedding: str
+    weights: dict[str, np.ndarray]
+    saved: list[str] = field(default_factory=list)
+
+    def grad_name(self, weight: str) -> str:
+        """Output name of a weight's gradient in the backward graph."""
+        return f"grad/{weight}"
+
+
+def build(model: onnx.ModelProto, *, start: str, embedding: str = "embedding",
+          input_shape: tuple[int, int, int]) -> GradientGraphs:
+    """Forward and backward graphs of `model` from tensor `start` (C, H, W) to `embedding`.
+
+    Every Conv weight and bias between the two is trainable. 409 when the path holds an op
+    outside SUPPORTED.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    path = _path(producers, start, embedding)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {name: inits[name].astype(np.float32) for node in path if node.op_type == "Conv"
+               for name in node.input[1:] if name}
+    shapes = _shapes(model, path, start, input_shape, inits)
+    constants = [numpy_helper.from_array(inits[n], n) for node in path
+                 for n in node.input if n in inits and n not in weights]
+    fwd_nodes = list(path)
+    fwd = helper.make_graph(
+        fwd_nodes, "forward",
+        [_value(start, (None, *input_shape))] + [_value(n, w.shape) for n, w in weights.items()],
+        [_value(embedding, (None, *shapes[embedding][1:]))],
+        initializer=_unique(constants))
+    grads = _Backward(shapes, inits, weights, start)
+    saved = grads.run(path, embedding)
+    fwd.output.extend(_value(n, (None, *shapes[n][1:])) for n in saved
+                      if n not in (embedding, start))
+    bwd = helper.make_graph(
+        grads.nodes, "backward",
+        [_value(n, (None, *shapes[n][1:])) for n in saved] +
+        [_value(n, w.shape) for n, w in weights.items()] +
+        [_value(f"grad/{embedding}", (None, *shapes[embedding][1:]))],
+        [_value(f"grad/{n}", w.shape) for n, w in weights.items()],
+        initializer=_unique(constants + grads.constants))
+    return GradientGraphs(_model(fwd), _model(bwd), start, embedding, weights, saved)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def _unique(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
+    seen: dict[str, onnx.TensorProto] = {}
+    for t in tensors:
+        seen.setdefault(t.name, t)
+    return list(seen.values())
+
+
+def _value(name: str, shape: tuple) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _path(producers: dict[str, onnx.NodeProto], start: str,
+          embedding: str) -> list[onnx.NodeProto]:
+    """Nodes that `embedding` depends on from `start`, in topological order."""
+    order: list[onnx.NodeProto] = []
+    seen: set[int] = set()
+
+    def visit(name: str) -> None:
+        node = producers.get(name)
+        if name == start or node is None or id(node) in seen:
+            return
+        if node.op_type not in SUPPORTED:
+            raise ApiError("unsupported_backbone", f"cannot train through {node.op_type} "
+                           f"({node.name or name}); fine-tune with --tune none or last-conv",
+                           status=409)
+        seen.add(id(node))
+        for inp in node.input[:1] if node.op_type in ("Conv", "Clip") else node.input:
+            visit(inp)
+        order.append(node)
+
+    visit(embedding)
+    return order
+
+
+def _shapes(model: onnx.ModelProto, path: list[onnx.NodeProto], start: str,
+            input_shape: tuple[int, int, int],
+            inits: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    graph = helper.make_graph(
+        list(path), "shapes", [_value(start, (1, *input_shape))],
+        [helper.make_empty_tensor_value_info(path[-1].output[0])],
+        initializer=_unique([numpy_helper.from_array(inits[n], n) for node in path
+                             for n in node.input if n in inits]))
+    inferred = shape_inference.infer_shapes(_model_unchecked(graph), strict_mode=True)
+    shapes = {start: (1, *input_shape)}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        shapes[info.name] = tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
+    return shapes
+
+
+def _model_unchecked(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+class _Backward:
+    """Appends the gradient nodes of each forward node, last node first."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], inits: dict[str, np.ndarray],
+                 weights: dict[str, np.ndarray], start: str) -> None:
+        self.shapes, self.inits, self.weights, self.start = shapes, inits, weights, start
+        self.nodes: list[onnx.NodeProto] = []
+        self.constants: list[onnx.TensorProto] = []
+        self.saved: list[str] = []
+        self.count = 0
+
+    def fresh(self, stem: str) -> str:
+        self.count += 1
+        return f"bw/{stem}/{self.count}"
+
+    def const(self, values: np.ndarray | list[int], stem: str) -> str:
+        name = self.fresh(stem)
+        arr = np.asarray(values)
+        self.constants.append(numpy_helper.from_array(
+            arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32), name))
+        return name
+
+    def add(self, op: str, inputs: list[str], stem: str, **attrs: object) -> str:
+        out = self.fresh(stem)
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def save(self, name: str) -> str:
+        if name not in self.saved:
+            self.saved.append(name)
+        return name
+
+    def run(self, path: list[onnx.NodeProto], embedding: str) -> list[str]:
+        """Build every gradient; returns the forward tensors that the backward graph reads."""
+        pending: dict[str, list[str]] = {embedding: [f"grad/{embedding}"]}
+        for node in reversed(path):
+            parts = pending.pop(node.output[0], [])
+            if not parts:
+                continue
+            grad = parts[0] if len(parts) == 1 else self.add("Sum", parts, "sum")
+            for name, g in self.node_grads(node, grad):
+                if name in self.weights:
+                    self.nodes.append(helper.make_node("Identity", [g], [f"grad/{name}"]))
+                elif name != self.start and name not in self.inits:
+                    pending.setdefault(name, []).append(g)
+        return self.saved
+
+    def node_grads(self, node: onnx.NodeProto, grad: str) -> list[tuple[str, str]]:
+        """(input name, its gradient) for each input of `node` that needs one."""
+        x = node.input[0]
+        if node.op_type == "Flatten":
+            return [(x, self.add("Reshape", [grad, self.const(list(
+                (-1, *self.shapes[x][1:])), "shape")], "flat"))]
+        if node.op_type == "GlobalAveragePool":
+            _, c, h, w = self.shapes[x]
+            scaled = self.add("Mul", [grad, self.const(np.float32(1 / (h * w)), "area")], "gap")
+            return [(x, self.add("Expand", [scaled, self.const([1, c, h, w], "shape")], "gap"))]
+        if node.op_type == "Add":
+            return [(x, grad), (node.input[1], grad)]
+        if node.op_type in ("Clip", "Relu"):
+            low, high = self.bounds(node)
+            inside = self.add("Greater", [self.save(x), self.const(np.float32(low), "low")], "gt")
+            if high is not None:
+                inside = self.add("And", [inside, self.add(
+                    "Less", [x, self.const(np.float32(high), "high")], "lt")], "and")
+            mask = self.add("Cast", [inside], "mask", to=TensorProto.FLOAT)
+            return [(x, self.add("Mul", [grad, mask], "clip"))]
+        return self.conv_grads(node, grad)
+
+    def bounds(self, node: onnx.NodeProto) -> tuple[float, float | None]:
+        if node.op_type == "Relu":
+            return 0.0, None
+        values = [float(self.inits[n].reshape(-1)[0]) if n else None for n in node.input[1:3]]
+        values += [None] * (2 - len(values))
+        attrs = {a.name: a.f for a in node.attribute}
+        low = values[0] if values[0] is not None else attrs.get("min", -np.inf)
+        return float(low), values[1] if values[1] is not None else attrs.get("max")
+
+    def conv_grads(self, node: onnx.NodeProto, grad: str) -> list[tuple[str, str]]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, w_name = node.input[0], node.input[1]
+        weight = self.weights[w_name]
+        out_c, in_per_group, k, kw = weight.shape
+        group = int(attrs.get("group", 1))
+        strides = list(attrs.get("strides", [1, 1]))
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        if list(attrs.get("dilations", [1, 1])) != [1, 1] or \
+                attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise ApiError("unsupported_backbone", "cannot train through a dilated or "
+                           "auto-padded convolution", status=409)
+        _, in_c, hx, wx = self.shapes[x]
+        _, _, hy, wy = self.shapes[node.output[0]]
+        out: list[tuple[str, str]] = []
+        if len(node.input) > 2 and node.input[2]:
+            out.append((node.input[2], self.add("ReduceSum", [grad, self.const(
+                [0, 2, 3], "axes")], "db", keepdims=0)))
+        # Weight gradient: for each kernel offset, the input shifted by it against the grad.
+        xp = self.save(x)
+        if any(pads):
+            xp = self.add("Pad", [x, self.const([0, 0, pads[0], pads[1], 0, 0, pads[2],
+                                                 pads[3]], "pads")], "pad")
+        per_offset = []
+        grad_rows = None
+        if group == 1:  # (N, O, HW) for MatMuls over positions
+            grad_rows = self.add("Reshape", [grad, self.const([-1, out_c, hy * wy], "shape")],
+                                 "rows")
+        for a in range(k):
+            for b in range(kw):
+                shifted = xp
+                if (k, kw, *strides) != (1, 1, 1, 1):
+                    shifted = self.add("Slice", [xp, self.const([a, b], "starts"), self.const(
+                        [a + (hy - 1) * strides[0] + 1, b + (wy - 1) * strides[1] + 1], "ends"),
+                        self.const([2, 3], "axes"), self.const(strides, "steps")], "shift")
+                if group == 1:
+                    cols = self.add("Transpose", [self.add("Reshape", [shifted, self.const(
+                        [-1, in_c, hy * wy], "shape")], "cols")], "cols", perm=[0, 2, 1])
+                    per_offset.append(self.add("ReduceSum", [self.add(
+                        "MatMul", [grad_rows, cols], "dw"), self.const([0], "axes")], "dw",
+                        keepdims=0))  # (O, I)
+                elif in_per_group == 1 and group == out_c == in_c:
+                    per_offset.append(self.add("ReduceSum", [self.add(
+                        "Mul", [grad, shifted], "dw"), self.const([0, 2, 3], "axes")], "dw",
+                        keepdims=0))  # (C,)
+                else:
+                    raise ApiError("unsupported_backbone", "cannot train through a grouped "
+                                   "convolution other than a depthwise one", status=409)
+        stacked = per_offset[0] if len(per_offset) == 1 else self.add(
+            "Concat", [self.add("Unsqueeze", [p, self.const([-1], "axes")], "dw")
+                       for p in per_offset], "dw", axis=-1)
+        out.append((w_name, self.add("Reshape", [stacked, self.const(
+            list(weight.shape), "shape")], "dw")))
+        if x != self.start:
+            extra = [hx - ((hy - 1) * strides[0] - pads[0] - pads[2] + k),
+                     wx - ((wy - 1) * strides[1] - pads[1] - pads[3] + kw)]
+            out.append((x, self.add("ConvTranspose", [grad, w_name], "dx", group=group,
+                                    strides=strides, pads=pads, output_padding=extra,
+                                    kernel_shape=[k, kw])))
+        return out
