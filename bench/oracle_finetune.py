@@ -11,7 +11,7 @@ unit(class probabilities)), with a fixed recipe: nothing is chosen on the test s
 
     python -m bench.oracle_finetune pack          # here: var/oracle/ (images, split, models)
     python -m bench.oracle_finetune train --out D --runs M:TUNE:SHOTS:SEED,...  # GPU or CPU
-    python -m bench.oracle_finetune score D --trained-on WHERE  # test mAP / P@10, appended
+    python -m bench.oracle_finetune score D [D ...] --trained-on WHERE  # test figures, appended
 """
 
 from __future__ import annotations
@@ -284,14 +284,15 @@ def _quick_map(emb, labels) -> float:  # noqa: ANN001 - torch tensors
     return float(ap[rel.sum(1) > 0].mean())
 
 
-def score(out: Path, trained_on: str) -> None:
-    """Score the saved test embeddings with the service's metric; append the table."""
+def score(outs: list[Path], trained_on: str) -> None:
+    """Score the saved test embeddings (of one or more train runs) with the service's metric;
+    append the table."""
     from bench.harness import append_results
     from service.evaluation.metrics import exact_cosine_scores
 
     data = np.load(ORACLE / "data.npz")
     labels = data["labels"][data["test"]].tolist()
-    log = {json.loads(line)["run"]: json.loads(line)
+    log = {json.loads(line)["run"]: (out, json.loads(line)) for out in outs
            for line in (out / "log.jsonl").read_text().splitlines()}
     lines = [f"Trained on: {trained_on}. Same sender split, shots and head as bench/training.py;"
              " the backbone run from its ONNX graph in PyTorch, re-trained from `tune` up "
@@ -303,7 +304,7 @@ def score(out: Path, trained_on: str) -> None:
              "chosen on test.", "",
              "| backbone | tune | fitted on | test mAP | test P@10 | fit s |",
              "|---|---|---|---|---|---|"]
-    for spec, record in log.items():
+    for spec, (out, record) in log.items():
         model_name, tune, shots, seed = spec.split(":")
         emb = np.load(out / f"embeddings-{model_name}.npz")[spec].astype(np.float32)
         s = exact_cosine_scores(emb, labels, ks=(10,))
@@ -326,7 +327,7 @@ def main() -> None:
     t.add_argument("--budget", type=float, default=math.inf,
                    help="start no run after this many seconds")
     s = sub.add_parser("score")
-    s.add_argument("out", type=Path)
+    s.add_argument("out", type=Path, nargs="+")
     s.add_argument("--trained-on", required=True, help="where `train` ran, for the record")
     args = parser.parse_args()
     if args.command == "pack":
