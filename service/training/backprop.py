@@ -25,10 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from service.embedding.convert.graph import IR_VERSION, OPSET
 from service.errors import ApiError
 
-OPSET = 17
-IR_VERSION = 8
 SUPPORTED = ("Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "Flatten")
 
 
@@ -83,10 +82,11 @@ def build(model: onnx.ModelProto, *, start: str, embedding: str = "embedding",
     return GradientGraphs(_model(fwd), _model(bwd), start, embedding, weights, saved)
 
 
-def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+def _model(graph: onnx.GraphProto, check: bool = True) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return model
 
 
@@ -132,17 +132,11 @@ def _shapes(model: onnx.ModelProto, path: list[onnx.NodeProto], start: str,
         [helper.make_empty_tensor_value_info(path[-1].output[0])],
         initializer=_unique([numpy_helper.from_array(inits[n], n) for node in path
                              for n in node.input if n in inits]))
-    inferred = shape_inference.infer_shapes(_model_unchecked(graph), strict_mode=True)
+    inferred = shape_inference.infer_shapes(_model(graph, check=False), strict_mode=True)
     shapes = {start: (1, *input_shape)}
     for info in [*inferred.graph.value_info, *inferred.graph.output]:
         shapes[info.name] = tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
     return shapes
-
-
-def _model_unchecked(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    return model
 
 
 class _Backward:
