@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from bench.harness import append_results
 from service.config import settings_from_env
 from service.embedding import registry
-from service.training.backprop import build
+from service.training.backprop import StepRunner, build
 
 ROUNDS = 3
 
@@ -39,21 +38,14 @@ def timings(model_name: str, batch: int) -> tuple[float, float]:
     path = registry.model_path(model_dir, model_name) / "model.onnx"
     size = info.preprocessing.size
     graphs = build(onnx.load(path), start=info.input_name, input_shape=(3, size, size))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    forward = ort.InferenceSession(graphs.forward.SerializeToString(), options)
-    backward = ort.InferenceSession(graphs.backward.SerializeToString(), options)
-    outs = [o.name for o in graphs.forward.graph.output]
-    grads = [o.name for o in graphs.backward.graph.output]
+    runner = StepRunner(graphs)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
     g = rng.normal(size=(batch, 1280)).astype(np.float32)
 
     def ort_step() -> None:
-        saved = dict(zip(outs, forward.run(outs, {graphs.start: x, **graphs.weights}),
-                         strict=True))
-        feed = {n: x if n == graphs.start else saved[n] for n in graphs.saved}
-        backward.run(grads, feed | graphs.weights | {f"grad/{graphs.embedding}": g})
+        _, saved = runner.forward(x, graphs.weights)
+        runner.backward(saved, graphs.weights, g)
 
     net = torch_net(path)
     xt, gt = torch.from_numpy(x), torch.from_numpy(g)

@@ -47,6 +47,39 @@ class GradientGraphs:
         return f"grad/{weight}"
 
 
+class StepRunner:
+    """The two graphs in onnxruntime sessions; the weights are fed with every call."""
+
+    def __init__(self, graphs: GradientGraphs) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # unused initializers (the clips' bounds) are expected
+        self.graphs = graphs
+        self._forward = ort.InferenceSession(graphs.forward.SerializeToString(), options,
+                                             providers=["CPUExecutionProvider"])
+        self._backward = ort.InferenceSession(graphs.backward.SerializeToString(), options,
+                                              providers=["CPUExecutionProvider"])
+        self._outputs = [o.name for o in graphs.forward.graph.output]
+
+    def forward(self, x: np.ndarray, weights: dict[str, np.ndarray]
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The embedding of a batch, and what the backward pass reads."""
+        out = dict(zip(self._outputs, self._forward.run(
+            self._outputs, {self.graphs.start: x, **weights}), strict=True))
+        out[self.graphs.start] = x
+        return out[self.graphs.embedding], out
+
+    def backward(self, saved: dict[str, np.ndarray], weights: dict[str, np.ndarray],
+                 grad: np.ndarray) -> dict[str, np.ndarray]:
+        """Each weight's gradient, given the embedding's."""
+        feed = {n: saved[n] for n in self.graphs.saved} | weights
+        feed[f"grad/{self.graphs.embedding}"] = grad
+        names = list(self.graphs.weights)
+        return dict(zip(names, self._backward.run(
+            [self.graphs.grad_name(n) for n in names], feed), strict=True))
+
+
 def build(model: onnx.ModelProto, *, start: str, embedding: str = "embedding",
           input_shape: tuple[int, int, int]) -> GradientGraphs:
     """Forward and backward graphs of `model` from tensor `start` (C, H, W) to `embedding`.

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from service.errors import ApiError
-from service.training.backprop import GradientGraphs, build
+from service.training.backprop import GradientGraphs, StepRunner, build
 from service.training.tail import find_tail
 from tests.conftest import DEFAULT_MODEL
 from tests.training.test_tail import block_backbone
@@ -19,16 +18,9 @@ from tests.training.test_tail import block_backbone
 def step(graphs: GradientGraphs, x: np.ndarray,
          grad: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The embedding and the weights' gradients, by the two graphs."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    forward = ort.InferenceSession(graphs.forward.SerializeToString(), options)
-    backward = ort.InferenceSession(graphs.backward.SerializeToString(), options)
-    names = [o.name for o in graphs.forward.graph.output]
-    out = dict(zip(names, forward.run(names, {graphs.start: x, **graphs.weights}), strict=True))
-    feed = {n: x if n == graphs.start else out[n] for n in graphs.saved}
-    feed |= graphs.weights | {f"grad/{graphs.embedding}": grad}
-    names = [o.name for o in graphs.backward.graph.output]
-    return out[graphs.embedding], dict(zip(names, backward.run(names, feed), strict=True))
+    runner = StepRunner(graphs)
+    embedding, saved = runner.forward(x, graphs.weights)
+    return embedding, runner.backward(saved, graphs.weights, grad)
 
 
 def test_gradients_equal_the_numpy_tail_on_a_toy_block() -> None:
@@ -49,12 +41,12 @@ def test_gradients_equal_the_numpy_tail_on_a_toy_block() -> None:
     for i, layer in enumerate(tail.layers):
         if layer.weight is None:
             continue
-        ours = grads[graphs.grad_name(layer.weight_name)]
+        ours = grads[layer.weight_name]
         # The tail keeps 1x1 weights as (in, out) and depthwise ones as (k, k, channels).
         ours = ours[:, :, 0, 0].T if layer.kind == "conv" else ours[:, 0].transpose(1, 2, 0)
         np.testing.assert_allclose(ours, expected[f"t{i}w"], rtol=1e-4, atol=1e-5)
         if layer.bias_name:
-            np.testing.assert_allclose(grads[graphs.grad_name(layer.bias_name)],
+            np.testing.assert_allclose(grads[layer.bias_name],
                                        expected[f"t{i}b"], rtol=1e-4, atol=1e-5)
 
 
@@ -77,7 +69,7 @@ def test_whole_backbone_gradients_equal_pytorch_autograd(model_dir: Path) -> Non
         expected = net.params[key].grad.numpy()
         # float32 forward passes differ in the last bits, which moves a few activations across
         # ReLU6's bounds (a discrete change in the mask): hence 2 % of the largest gradient.
-        np.testing.assert_allclose(grads[graphs.grad_name(name)], expected, rtol=0,
+        np.testing.assert_allclose(grads[name], expected, rtol=0,
                                    atol=0.02 * np.abs(expected).max(), err_msg=name)
 
 
