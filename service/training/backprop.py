@@ -4,11 +4,11 @@ Fine-tuning deeper than the last block needs the whole network's backward pass; 
 not a run-time dependency, and onnxruntime-training would replace the inference package. So
 the gradient graph is built here from the backbone's own graph, for the ops that the
 convolutional backbones use (Conv of any group, stride and padding; Clip/Relu; Add;
-GlobalAveragePool; Flatten), and run with onnxruntime:
+GlobalAveragePool; Flatten), and run with onnxruntime (`build`, then `StepRunner`):
 
-- `forward_graph`: the backbone with its trainable weights as inputs, and every tensor that
+- the forward graph: the backbone with its trainable weights as inputs, and every tensor that
   the backward pass needs as an extra output;
-- `backward_graph`: those tensors, the weights and the gradient of the embedding in, the
+- the backward graph: those tensors, the weights and the gradient of the embedding in, the
   gradient of each weight out. A convolution's input gradient is a ConvTranspose with the
   same kernel; its weight gradient sums, for each kernel offset, the output gradient times the
   input shifted by that offset (a MatMul over positions for full convolutions, a product and
@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from service.embedding.convert.graph import IR_VERSION, OPSET
 from service.errors import ApiError
+from service.training.tail import clip_layer
 
 SUPPORTED = ("Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "Flatten")
 
@@ -42,9 +43,14 @@ class GradientGraphs:
     weights: dict[str, np.ndarray]
     saved: list[str] = field(default_factory=list)
 
-    def grad_name(self, weight: str) -> str:
-        """Output name of a weight's gradient in the backward graph."""
-        return f"grad/{weight}"
+    def grad_name(self, tensor: str) -> str:
+        """Name of a tensor's gradient in the backward graph."""
+        return grad_name(tensor)
+
+
+def grad_name(tensor: str) -> str:
+    """Name of a tensor's gradient in the backward graph (the embedding's is an input)."""
+    return f"grad/{tensor}"
 
 
 class StepRunner:
@@ -74,7 +80,7 @@ class StepRunner:
                  grad: np.ndarray) -> dict[str, np.ndarray]:
         """Each weight's gradient, given the embedding's."""
         feed = {n: saved[n] for n in self.graphs.saved} | weights
-        feed[f"grad/{self.graphs.embedding}"] = grad
+        feed[grad_name(self.graphs.embedding)] = grad
         names = list(self.graphs.weights)
         return dict(zip(names, self._backward.run(
             [self.graphs.grad_name(n) for n in names], feed), strict=True))
@@ -90,18 +96,20 @@ def build(model: onnx.ModelProto, *, start: str, embedding: str = "embedding",
     producers = {out: node for node in model.graph.node for out in node.output}
     path = _path(producers, start, embedding)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    weights = {name: inits[name].astype(np.float32) for node in path if node.op_type == "Conv"
-               for name in node.input[1:] if name}
+    names = [n for node in path if node.op_type == "Conv" for n in node.input[1:] if n]
+    if any(n not in inits for n in names):
+        raise ApiError("unsupported_backbone", "cannot train a convolution whose weights are "
+                       "computed, not stored", status=409)
+    weights = {n: inits[n].astype(np.float32) for n in names}
     shapes = _shapes(model, path, start, input_shape, inits)
     constants = [numpy_helper.from_array(inits[n], n) for node in path
                  for n in node.input if n in inits and n not in weights]
-    fwd_nodes = list(path)
     fwd = helper.make_graph(
-        fwd_nodes, "forward",
+        path, "forward",
         [_value(start, (None, *input_shape))] + [_value(n, w.shape) for n, w in weights.items()],
         [_value(embedding, (None, *shapes[embedding][1:]))],
         initializer=_unique(constants))
-    grads = _Backward(shapes, inits, weights, start)
+    grads = _Backward(model, shapes, inits, weights, start)
     saved = grads.run(path, embedding)
     fwd.output.extend(_value(n, (None, *shapes[n][1:])) for n in saved
                       if n not in (embedding, start))
@@ -109,8 +117,8 @@ def build(model: onnx.ModelProto, *, start: str, embedding: str = "embedding",
         grads.nodes, "backward",
         [_value(n, (None, *shapes[n][1:])) for n in saved] +
         [_value(n, w.shape) for n, w in weights.items()] +
-        [_value(f"grad/{embedding}", (None, *shapes[embedding][1:]))],
-        [_value(f"grad/{n}", w.shape) for n, w in weights.items()],
+        [_value(grad_name(embedding), (None, *shapes[embedding][1:]))],
+        [_value(grad_name(n), w.shape) for n, w in weights.items()],
         initializer=_unique(constants + grads.constants))
     return GradientGraphs(_model(fwd), _model(bwd), start, embedding, weights, saved)
 
@@ -175,8 +183,10 @@ def _shapes(model: onnx.ModelProto, path: list[onnx.NodeProto], start: str,
 class _Backward:
     """Appends the gradient nodes of each forward node, last node first."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], inits: dict[str, np.ndarray],
-                 weights: dict[str, np.ndarray], start: str) -> None:
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                 inits: dict[str, np.ndarray], weights: dict[str, np.ndarray],
+                 start: str) -> None:
+        self.model = model
         self.shapes, self.inits, self.weights, self.start = shapes, inits, weights, start
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[onnx.TensorProto] = []
@@ -206,7 +216,7 @@ class _Backward:
 
     def run(self, path: list[onnx.NodeProto], embedding: str) -> list[str]:
         """Build every gradient; returns the forward tensors that the backward graph reads."""
-        pending: dict[str, list[str]] = {embedding: [f"grad/{embedding}"]}
+        pending: dict[str, list[str]] = {embedding: [grad_name(embedding)]}
         for node in reversed(path):
             parts = pending.pop(node.output[0], [])
             if not parts:
@@ -214,7 +224,7 @@ class _Backward:
             grad = parts[0] if len(parts) == 1 else self.add("Sum", parts, "sum")
             for name, g in self.node_grads(node, grad):
                 if name in self.weights:
-                    self.nodes.append(helper.make_node("Identity", [g], [f"grad/{name}"]))
+                    self.nodes.append(helper.make_node("Identity", [g], [grad_name(name)]))
                 elif name != self.start and name not in self.inits:
                     pending.setdefault(name, []).append(g)
         return self.saved
@@ -232,23 +242,15 @@ class _Backward:
         if node.op_type == "Add":
             return [(x, grad), (node.input[1], grad)]
         if node.op_type in ("Clip", "Relu"):
-            low, high = self.bounds(node)
-            inside = self.add("Greater", [self.save(x), self.const(np.float32(low), "low")], "gt")
-            if high is not None:
+            clip = clip_layer(self.model, node)  # the bounds as the numpy tail reads them
+            inside = self.add("Greater", [self.save(x), self.const(
+                np.float32(clip.low), "low")], "gt")
+            if np.isfinite(clip.high):
                 inside = self.add("And", [inside, self.add(
-                    "Less", [x, self.const(np.float32(high), "high")], "lt")], "and")
+                    "Less", [x, self.const(np.float32(clip.high), "high")], "lt")], "and")
             mask = self.add("Cast", [inside], "mask", to=TensorProto.FLOAT)
             return [(x, self.add("Mul", [grad, mask], "clip"))]
         return self.conv_grads(node, grad)
-
-    def bounds(self, node: onnx.NodeProto) -> tuple[float, float | None]:
-        if node.op_type == "Relu":
-            return 0.0, None
-        values = [float(self.inits[n].reshape(-1)[0]) if n else None for n in node.input[1:3]]
-        values += [None] * (2 - len(values))
-        attrs = {a.name: a.f for a in node.attribute}
-        low = values[0] if values[0] is not None else attrs.get("min", -np.inf)
-        return float(low), values[1] if values[1] is not None else attrs.get("max")
 
     def conv_grads(self, node: onnx.NodeProto, grad: str) -> list[tuple[str, str]]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

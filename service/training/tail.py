@@ -160,7 +160,8 @@ def _constant(model: onnx.ModelProto, name: str) -> float | None:
     return None
 
 
-def _clip_layer(model: onnx.ModelProto, node: onnx.NodeProto) -> Layer:
+def clip_layer(model: onnx.ModelProto, node: onnx.NodeProto) -> Layer:
+    """The clip layer of a Clip or Relu node, its bounds read from inputs or attributes."""
     if node.op_type == "Relu":
         return Layer("clip", node=node.name)
     bounds = [_constant(model, n) if n else None for n in list(node.input[1:3])]
@@ -222,7 +223,7 @@ def find_tail(model: onnx.ModelProto, embedding: str = "embedding",
     current = producers.get(node.input[0])
     while current is not None:
         if current.op_type in ACTIVATIONS:
-            layer: Layer | None = _clip_layer(model, current)
+            layer: Layer | None = clip_layer(model, current)
         elif current.op_type == "Conv":
             layer = _conv_layer(current, inits)
         else:
