@@ -34,6 +34,7 @@ from service.training.augment import VIEWS, embed_views
 from service.training.heads import fit_pca_whitening
 from service.training.service import _side, pick_shots, train_head
 from service.training.tail import DEPTHS, Tail
+from service.training.top import GraphTail
 
 SHOTS = (5, 10, 20)
 SEEDS = 3  # draws of the shots (and seeds of the head) averaged
@@ -68,7 +69,7 @@ def clothing_views(model_name: str, rows: list[dict[str, str]]) -> np.ndarray:
 
 
 def clothing_maps(model_name: str, rows: list[dict[str, str]],
-                  depth: str) -> tuple[np.ndarray, np.ndarray, Tail]:
+                  depth: str) -> tuple[np.ndarray, np.ndarray, Tail | GraphTail]:
     """Input maps of the backbone's tail, of every photo (N, C, H, W) and of its views
     (N, views, C·H·W), cached as float16; and the pretrained tail."""
     import onnx
@@ -101,7 +102,7 @@ def main() -> None:
                         help="Only raw features and the heads that re-train the backbone's "
                              "last conv or last block.")
     parser.add_argument("--depths", default=",".join(DEPTHS),
-                        help="Which tails --tune-only re-trains.")
+                        help="Which tails --tune-only re-trains (also: top).")
     parser.add_argument("--shots", default=",".join(map(str, SHOTS)),
                         help="Shots per class to report (comma-separated; empty: none).")
     parser.add_argument("--beyond", action="store_true",
@@ -164,7 +165,7 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                      f"{s.precision[10]:.3f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
 
-    tuned: tuple[np.ndarray, np.ndarray, Tail] | None = None
+    tuned: tuple[np.ndarray, np.ndarray, Tail | GraphTail] | None = None
 
     def head(kind: str, augment: bool, shots: int | None = None, seed: int = 0) -> np.ndarray:
         fit_idx = pick_shots(labels, train_idx, classes, shots, seed) if shots else train_idx
@@ -173,6 +174,9 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
             maps, map_views, tail = tuned
             fitted = train_head(maps, labels, senders, fit_idx, classes, validate=not shots,
                                 views_of=lambda r: map_views[r], seed=seed, tail=tail)
+            if fitted.record["history"]:
+                curve = [round(h["val_map"], 4) for h in fitted.record["history"]]
+                print(f"validation mAP by epoch: {curve}", flush=True)
             return fitted.transform_maps(maps[test_idx])
         fitted = train_head(vectors, labels, senders, fit_idx, classes, validate=not shots,
                             head_kind=kind, views_of=(lambda r: views[r]) if augment else None,

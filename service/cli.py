@@ -444,10 +444,11 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
 @click.option("--hidden", type=int, help="Hidden units of --head cosine (default 512; 0 under "
               "1000 labelled images).")
 @click.option("--epochs", type=int, help="Epochs of --head cosine (default by training size).")
-@click.option("--tune", type=click.Choice(["none", "last-conv", "last-block"]),
+@click.option("--tune", type=click.Choice(["none", "last-conv", "last-block", "top"]),
               help="Re-train the backbone's last layers with the head: its last convolution, "
-              "or its last block and convolution (default: last-conv with --head cosine and "
-              "--augment, up to 10,000 labelled images; else none).")
+              "its last block and convolution, or (top) every block from its last "
+              "downsampling on (default: last-conv with --head cosine and --augment, up to "
+              "10,000 labelled images; else none).")
 def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
              shots: int | None, unsupervised: bool, name: str | None, head_kind: str,
              augment: bool, hidden: int | None, epochs: int | None,

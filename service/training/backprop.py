@@ -76,6 +76,10 @@ class StepRunner:
         out[self.graphs.start] = x
         return out[self.graphs.embedding], out
 
+    def embed(self, x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+        """The embedding of a batch only (nothing kept for a backward pass)."""
+        return self._forward.run([self.graphs.embedding], {self.graphs.start: x, **weights})[0]
+
     def backward(self, saved: dict[str, np.ndarray], weights: dict[str, np.ndarray],
                  grad: np.ndarray) -> dict[str, np.ndarray]:
         """Each weight's gradient, given the embedding's."""

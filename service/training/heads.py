@@ -14,6 +14,7 @@ from scipy.optimize import minimize
 
 from service.evaluation.metrics import exact_cosine_scores
 from service.training.tail import TAIL_LR, Tail
+from service.training.top import GraphTail
 
 NORM_EPS = 1e-6  # added to L2 norms so that an all-zero row stays finite
 # Below this, the square root's slope is taken at this value: a channel that the activation
@@ -48,7 +49,7 @@ class Head:
     hidden_bias: np.ndarray | None = None
     cosine: bool = False
     mix: float | None = None
-    tail: Tail | None = None
+    tail: Tail | GraphTail | None = None
 
     @property
     def dim(self) -> int:
@@ -145,9 +146,9 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     hidden: int = 512, scale: float = 16.0, smoothing: float = 0.1,
                     dropout: float = 0.5, weight_decay: float = 1e-4, lr: float = 1e-3,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
-                    tolerance: float = 0.005, tail: Tail | None = None,
+                    tolerance: float = 0.005, tail: Tail | GraphTail | None = None,
                     tail_lr: float | None = None, positions: float = 0.5,
-                    seed: int = 0,
+                    groups: np.ndarray | None = None, seed: int = 0,
                     on_epoch: Callable[[int, int], None] | None = None) -> Head:
     """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
 
@@ -162,12 +163,15 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     last layers, and these are trained too: from their pretrained weights, at `tail_lr`
     (default by the tail's depth, TAIL_LR), the weight decay pulling towards them; a tail of
     1x1 convolutions only sees a random share (`positions`) of the map's positions per batch
-    (cheaper, and a little augmentation). `on_epoch(done, epochs)` is called after each epoch.
+    (cheaper, and a little augmentation). With `groups` (the image of each row), an epoch
+    takes one row of each image, at random: an image's views take turns. `on_epoch(done,
+    epochs)` is called after each epoch.
     """
+    firsts = None if groups is None else np.unique(groups, return_index=True)[1]
     if tail is None:
         z, mean, std = _standardise(x)
     else:  # the input standardisation stays the one of the pretrained tail's features
-        z, (_, mean, std) = x, _standardise(tail.pool(x))
+        z, (_, mean, std) = x, _standardise(tail.pool(x if firsts is None else x[firsts]))
     rng = np.random.default_rng(seed)
     n, d = len(z), len(mean)
     c = len(classes)
@@ -206,7 +210,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     steps = 0
     for epoch in range(epochs):
         rate = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
-        order = rng.permutation(n)
+        order = epoch_order(rng, n, groups)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             if tail is None:
@@ -260,8 +264,17 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     return head
 
 
+def epoch_order(rng: np.random.Generator, n: int,
+                groups: np.ndarray | None = None) -> np.ndarray:
+    """The rows of one epoch in a random order: all `n`, or one random row of each group."""
+    order = rng.permutation(n)
+    if groups is None:
+        return order
+    return rng.permutation(order[np.unique(groups[order], return_index=True)[1]])
+
+
 def _tail_grads(p: dict[str, np.ndarray], maps: np.ndarray, target: np.ndarray,
-                mean: np.ndarray, std: np.ndarray, tail: Tail, scale: float,
+                mean: np.ndarray, std: np.ndarray, tail: Tail | GraphTail, scale: float,
                 dropout: float, rng: np.random.Generator, kept: int) -> dict[str, np.ndarray]:
     """Gradients of the cosine classifier's loss down through the tail, on one batch."""
     x = np.asarray(maps, np.float32)

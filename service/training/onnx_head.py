@@ -7,7 +7,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.training.heads import NORM_EPS, Head
-from service.training.tail import replace_tail
 
 
 def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embedding",
@@ -20,7 +19,7 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
     model = onnx.ModelProto()
     model.CopyFrom(backbone)
     if head.tail is not None:
-        replace_tail(model, head.tail)
+        head.tail.install(model)
     graph = model.graph
     renamed = f"{source}_backbone"
     for node in graph.node:

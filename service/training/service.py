@@ -34,13 +34,14 @@ from service.training.heads import (
 from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
 from service.training.tail import DEPTHS, Tail
+from service.training.top import TOP, TOP_SCHEDULE, GraphTail
 
 HEADS = ("cosine", "linear")
 # progress(stage, done, total): finetune's long steps report through it (the CLI draws bars).
 Progress = Callable[[str, int, int], None]
-TUNES = ("none", *DEPTHS)
+TUNES = ("none", *DEPTHS, TOP)
 # Re-training the backbone's tail keeps every labelled image's feature maps in memory
-# (about 20-35 KB each, float16, and five views of each training image): a bound on that.
+# (about 20-70 KB each, float16, and five views of each training image): a bound on that.
 MAX_TUNE_IMAGES = 10_000
 
 
@@ -122,14 +123,16 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
                head_kind: str = "cosine",
                views_of: Callable[[np.ndarray], np.ndarray] | None = None,
                hidden: int | None = None, epochs: int | None = None, seed: int = 0,
-               tail: Tail | None = None, progress: Progress | None = None) -> Head:
+               tail: Tail | GraphTail | None = None,
+               progress: Progress | None = None) -> Head:
     """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
 
     With `validate`, a validation split of other people (split values) is held out of the
     training side for early stopping and for picking the embedding's mix; `views_of` gives
     the augmentation views' features of the rows it is passed, added as extra training rows.
     With `tail` (the backbone's last layers), `vectors` and the views are the feature maps
-    that feed it, and it is re-trained with a cosine head.
+    that feed it, and it is re-trained with a cosine head; the "top" tail sees one view of
+    each image per epoch (TOP_SCHEDULE).
     """
     if head_kind not in HEADS:
         raise ApiError("bad_head", f"unknown head {head_kind!r}; choose from {HEADS}")
@@ -143,16 +146,22 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
     else:  # with few shots there are too few images to spare for validation
         fit, held = train_idx, train_idx[:0]
     x, fit_y = vectors[fit], y[fit]
+    groups = np.arange(len(fit))  # the image of each row
     if views_of is not None:
         extra = views_of(fit)
         x = np.concatenate([x, extra.reshape((-1, *x.shape[1:]))])
         fit_y = np.concatenate([fit_y, np.repeat(y[fit], extra.shape[1])])
+        groups = np.concatenate([groups, np.repeat(groups, extra.shape[1])])
     validation: dict[str, Any] = {} if not len(held) else {
         "val_x": vectors[held], "val_labels": labels[held].tolist()}
     if head_kind == "cosine":
+        schedule: dict[str, Any] = cosine_schedule(len(fit), epochs, hidden)
+        if isinstance(tail, GraphTail):
+            schedule.update({**TOP_SCHEDULE, "epochs": epochs or TOP_SCHEDULE["epochs"],
+                             "groups": groups})
         head = fit_cosine_head(x, fit_y, classes, seed=seed, tail=tail,
                                on_epoch=progress and partial(progress, "epochs"),
-                               **cosine_schedule(len(fit), epochs, hidden), **validation)
+                               **schedule, **validation)
     else:
         head = fit_classifier(x, fit_y, classes, seed=seed, max_iter=300 if validation else 100,
                               **validation)
@@ -172,8 +181,9 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
 
     With a content `store`, the training images' augmentation views (mirrored, wider and
     tighter crops) are embedded by the backbone and added as extra training rows. `tune`
-    ("last-conv" or "last-block", needs the store) re-trains the backbone's last layers with
-    the head, from the feature maps that feed them (docs/training.md); None: "last-conv"
+    ("last-conv", "last-block" or "top": the blocks from the last downsampling on; needs the
+    store) re-trains the backbone's last layers with the head, from the feature maps that
+    feed them (docs/training.md); None: "last-conv"
     when it can (a store, the cosine head, at most MAX_TUNE_IMAGES labelled images), else
     "none". `progress` hears about the feature maps, the augmentation views and the epochs.
     """

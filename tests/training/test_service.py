@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from flask import Flask
+from onnx import numpy_helper
 
 from service.db import session_scope
 from service.embedding import registry
@@ -20,6 +21,7 @@ from service.errors import ApiError
 from service.training.augment import VIEWS
 from service.training.service import finetune
 from service.training.tail import find_tail
+from service.training.top import find_top, top_tail
 from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -125,6 +127,28 @@ def test_finetune_retrains_the_backbones_last_layers(app: Flask, labelled, model
         if old.weight is not None:
             assert new.weight is not None and new.weight.shape == old.weight.shape
             assert not np.allclose(new.weight, old.weight)
+    embedder = Embedder(info, models / out.model / "model.onnx")
+    result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
+    assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
+
+
+def test_finetune_retrains_the_top_blocks_through_onnx_graphs(app: Flask, labelled,
+                                                             models: Path,
+                                                             clothing: Path) -> None:
+    with app.app_context(), session_scope() as session:
+        out = finetune(session=session, collection=COLLECTION, label_key="label",
+                       base="efficientnet-lite0", model_dir=models, split_key="sender_id",
+                       hidden=32, epochs=2, store=app.extensions["content_store"], tune="top")
+    info = registry.verify(models, out.model)
+    record = info.extra["training"]
+    stock = onnx.load_model(models / "efficientnet-lite0" / "model.onnx")
+    assert record["tail"]["tap"] == find_top(stock) and record["epochs"] <= 2
+    assert record["fit_rows"] == record["fit_images"] * (1 + len(VIEWS))
+    trained = {i.name: numpy_helper.to_array(i) for i in onnx.load_model(
+        models / out.model / "model.onnx").graph.initializer}
+    tail = top_tail(stock)
+    for name, old in tail.weights.items():  # every conv of blocks 11-15 and the head conv
+        assert trained[name].shape == old.shape and not np.allclose(trained[name], old), name
     embedder = Embedder(info, models / out.model / "model.onnx")
     result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
     assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
