@@ -144,6 +144,7 @@ def test_finetune_retrains_the_top_blocks_through_onnx_graphs(app: Flask, labell
     stock = onnx.load_model(models / "efficientnet-lite0" / "model.onnx")
     assert record["tail"]["tap"] == find_top(stock) and record["epochs"] <= 2
     assert record["fit_rows"] == record["fit_images"] * (1 + len(VIEWS))
+    assert record["rows_per_epoch"] == record["fit_images"]  # the views take turns
     trained = {i.name: numpy_helper.to_array(i) for i in onnx.load_model(
         models / out.model / "model.onnx").graph.initializer}
     tail = top_tail(stock)
