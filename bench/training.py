@@ -2,13 +2,14 @@
 
 Reports test-split mAP and P@10, per backbone, for raw pooled features, PCA whitening at a few
 shrinkages, the linear softmax head and the cosine-classifier MLP head, with and without the
-augmentation views, with the backbone's last conv or last block re-trained too, on all
+augmentation views, with the backbone's last conv, last block or top blocks re-trained too, on all
 training images and with 5, 10 and 20 shots per class. Every head is fitted by
 `service.training.service.train_head`, which `lookalike finetune` runs; the hyperparameters
 were chosen on the validation split inside the training side, never on test.
 
     python -m bench.training [--models efficientnet-lite0,efficientnet-lite2] [--shots-only]
-                             [--tune-only] [--depths last-conv,last-block] [--shots 5,10,20]
+                             [--tune-only] [--depths last-conv,last-block,top]
+                             [--tail-lr 2e-4,6e-4] [--shots 5,10,20]
                              [--beyond] [--ensemble]
 """
 
@@ -33,7 +34,7 @@ from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS, embed_views
 from service.training.heads import fit_pca_whitening
 from service.training.service import _side, pick_shots, train_head
-from service.training.tail import DEPTHS, Tail
+from service.training.tail import DEPTHS, TAIL_LR, Tail
 from service.training.top import GraphTail
 
 SHOTS = (5, 10, 20)
@@ -100,9 +101,12 @@ def main() -> None:
                         help="Skip the heads on all training images.")
     parser.add_argument("--tune-only", action="store_true",
                         help="Only raw features and the heads that re-train the backbone's "
-                             "last conv or last block.")
+                             "last layers (--depths).")
     parser.add_argument("--depths", default=",".join(DEPTHS),
                         help="Which tails --tune-only re-trains (also: top).")
+    parser.add_argument("--tail-lr", default="",
+                        help="Learning rates of the re-trained layers to compare "
+                             "(comma-separated; default: TAIL_LR of each depth).")
     parser.add_argument("--shots", default=",".join(map(str, SHOTS)),
                         help="Shots per class to report (comma-separated; empty: none).")
     parser.add_argument("--beyond", action="store_true",
@@ -128,7 +132,8 @@ def main() -> None:
     for model_name in args.models.split(","):
         bench_model(model_name, lines, shots_only=args.shots_only, tune_only=args.tune_only,
                     depths=tuple(args.depths.split(",")),
-                    shots=tuple(int(v) for v in args.shots.split(",") if v))
+                    shots=tuple(int(v) for v in args.shots.split(",") if v),
+                    tail_lrs=tuple(float(v) for v in args.tail_lr.split(",") if v))
     append_results("Retrieval heads on the clothing set", "\n".join(lines))
 
 
@@ -146,7 +151,7 @@ def sender_split(rows: list[dict[str, str]]) -> tuple[
 
 def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                 tune_only: bool = False, depths: tuple[str, ...] = DEPTHS,
-                shots: tuple[int, ...] = SHOTS) -> None:
+                shots: tuple[int, ...] = SHOTS, tail_lrs: tuple[float, ...] = ()) -> None:
     """Append one backbone's rows to the table."""
     vectors, rows = clothing_embeddings(model_name)
     vectors = vectors.astype(np.float16).astype(np.float32)  # as stored in halfvec
@@ -156,11 +161,16 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
         lines.insert(0, f"Train {len(train_idx)} / test {len(test_idx)} images, "
                         f"{len(classes)} classes.")
 
+    validation: list[float] = []  # the best validation mAP of the last tail fitted
+
     def row(name: str, fit: Callable[[], np.ndarray]) -> None:
         started = time.perf_counter()
+        validation.clear()
         feats = fit()
         seconds = time.perf_counter() - started
         s = exact_cosine_scores(feats, test_labels, ks=(10,))
+        if validation:
+            name += f" (validation mAP {validation[0]:.3f})"
         lines.append(f"| {model_name} | {name} | {feats.shape[1]} | {s.mean_ap:.3f} | "
                      f"{s.precision[10]:.3f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
@@ -177,6 +187,7 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
             if fitted.record["history"]:
                 curve = [round(h["val_map"], 4) for h in fitted.record["history"]]
                 print(f"validation mAP by epoch: {curve}", flush=True)
+                validation.append(max(curve))
             return fitted.transform_maps(maps[test_idx])
         fitted = train_head(vectors, labels, senders, fit_idx, classes, validate=not shots,
                             head_kind=kind, views_of=(lambda r: views[r]) if augment else None,
@@ -213,11 +224,16 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
             shots_row(name, kind, augment, count)
     for depth in depths:
         tuned = clothing_maps(model_name, rows, depth)
-        name = f"cosine head + aug + re-trained {depth.replace('-', ' ')}"
-        if not shots_only:
-            row(f"{name}, all training images", lambda: head("cosine+tail", True))
-        for count in shots:
-            shots_row(name, "cosine+tail", True, count)
+        default = TAIL_LR[depth]
+        for lr in tail_lrs or (default,):
+            TAIL_LR[depth] = lr  # read by fit_cosine_head when no tail_lr is passed
+            name = f"cosine head + aug + re-trained {depth.replace('-', ' ')}" + (
+                f", lr {lr:g}" if tail_lrs else "")
+            if not shots_only:
+                row(f"{name}, all training images", lambda: head("cosine+tail", True))
+            for count in shots:
+                shots_row(name, "cosine+tail", True, count)
+        TAIL_LR[depth] = default
 
 
 def beyond() -> str:

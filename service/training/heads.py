@@ -148,7 +148,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
                     tolerance: float = 0.005, tail: Tail | GraphTail | None = None,
                     tail_lr: float | None = None, positions: float = 0.5,
-                    groups: np.ndarray | None = None, tail_warmup: int = 0, seed: int = 0,
+                    groups: np.ndarray | None = None, seed: int = 0,
                     on_epoch: Callable[[int, int], None] | None = None) -> Head:
     """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
 
@@ -164,9 +164,8 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     (default by the tail's depth, TAIL_LR), the weight decay pulling towards them; a tail of
     1x1 convolutions only sees a random share (`positions`) of the map's positions per batch
     (cheaper, and a little augmentation). With `groups` (the image of each row), an epoch
-    takes one row of each image, at random: an image's views take turns. The first
-    `tail_warmup` epochs train the head alone (a random head's first gradients would
-    disturb the pretrained layers). `on_epoch(done, epochs)` is called after each epoch.
+    takes one row of each image, at random: an image's views take turns. `on_epoch(done,
+    epochs)` is called after each epoch.
     """
     firsts = None if groups is None else np.unique(groups, return_index=True)[1]
     if tail is None:
@@ -219,7 +218,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
             else:
                 idx = np.sort(idx)  # sorted: faster gathers from the large map array
                 grads = _tail_grads(params, z[idx], target[idx], mean, std, tail, scale,
-                                    dropout, rng, kept, frozen=epoch < tail_warmup)
+                                    dropout, rng, kept)
             steps += 1
             for k, g in grads.items():
                 step = rate
@@ -262,8 +261,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     if firsts is not None:
         head.record["rows_per_epoch"] = int(len(firsts))
     if tail is not None:
-        head.record["tail"] = {"lr": tail_lr, "warmup": tail_warmup, "layers": tail.nodes,
-                               "tap": tail.tap,
+        head.record["tail"] = {"lr": tail_lr, "layers": tail.nodes, "tap": tail.tap,
                                **({} if tail.spatial else {"positions": positions})}
     return head
 
@@ -279,21 +277,16 @@ def epoch_order(rng: np.random.Generator, n: int,
 
 def _tail_grads(p: dict[str, np.ndarray], maps: np.ndarray, target: np.ndarray,
                 mean: np.ndarray, std: np.ndarray, tail: Tail | GraphTail, scale: float,
-                dropout: float, rng: np.random.Generator, kept: int,
-                frozen: bool = False) -> dict[str, np.ndarray]:
-    """Gradients of the cosine classifier's loss down through the tail (unless `frozen`),
-    on one batch."""
+                dropout: float, rng: np.random.Generator, kept: int) -> dict[str, np.ndarray]:
+    """Gradients of the cosine classifier's loss down through the tail, on one batch."""
     x = np.asarray(maps, np.float32)
     if not tail.spatial and kept < x.shape[2] * x.shape[3]:
         n, c = x.shape[:2]
         x = x.reshape(n, c, -1)[:, :, np.sort(rng.choice(x.shape[2] * x.shape[3], kept,
                                                          replace=False))][..., None]
-    pooled, inputs = tail.forward(x, p, keep=not frozen)
+    pooled, inputs = tail.forward(x, p, keep=True)
     root = np.sqrt(np.maximum(pooled, 0))
-    grads = _cosine_grads(p, (root - mean) / std, target, scale, dropout, rng,
-                          want_input=not frozen)
-    if frozen:
-        return grads
+    grads = _cosine_grads(p, (root - mean) / std, target, scale, dropout, rng, want_input=True)
     g_pooled = grads.pop("z") / std * 0.5 / np.maximum(root, np.sqrt(SQRT_FLOOR))
     grads.update(tail.backward(g_pooled, p, inputs))
     return grads

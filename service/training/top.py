@@ -23,9 +23,9 @@ from service.training import backprop
 TOP = "top"
 # A GraphTail step costs 20-40 ms per image where the numpy tail's costs about 2: each epoch
 # sees one of each image's views (they take turns) instead of all of them, for more epochs
-# and smaller batches (about as many steps as the tail path), after an epoch of the head
-# alone. Learning rate (TAIL_LR) and warm-up: docs/training.md.
-TOP_SCHEDULE = {"epochs": 15, "batch_size": 64, "tail_warmup": 1}
+# and smaller batches (about as many steps as the tail path). Learning rate (TAIL_LR):
+# docs/training.md.
+TOP_SCHEDULE = {"epochs": 15, "batch_size": 64}
 CHAIN = ("Conv", "Clip", "Relu")
 
 
