@@ -26,7 +26,7 @@ ACTIVATIONS = ("Clip", "Relu")
 DEPTHS = ("last-conv", "last-block")
 # Learning rates of the re-trained layers, chosen on the clothing set's validation split
 # (docs/training.md); "top" is the GraphTail of top.py.
-TAIL_LR = {"last-conv": 4e-3, "last-block": 2e-3, "top": 6e-4}
+TAIL_LR = {"last-conv": 4e-3, "last-block": 2e-3, "top": 2e-4}
 
 
 @dataclass
