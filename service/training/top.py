@@ -105,8 +105,7 @@ class GraphTail:
 
     def with_params(self, params: dict[str, np.ndarray]) -> GraphTail:
         """The same layers with other weights."""
-        return replace(self, weights={n: params[self.key(i, n)]
-                                      for i, n in enumerate(self.names)})
+        return replace(self, weights=self._feed(params))
 
     def _feed(self, params: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         if params is None:
