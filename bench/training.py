@@ -35,7 +35,7 @@ from service.training.augment import VIEWS, embed_views
 from service.training.heads import fit_pca_whitening
 from service.training.service import _side, pick_shots, train_head
 from service.training.tail import DEPTHS, TAIL_LR, Tail
-from service.training.top import GraphTail
+from service.training.top import TOP, TOP_SCHEDULE, GraphTail
 
 SHOTS = (5, 10, 20)
 SEEDS = 3  # draws of the shots (and seeds of the head) averaged
@@ -107,6 +107,10 @@ def main() -> None:
     parser.add_argument("--tail-lr", default="",
                         help="Learning rates of the re-trained layers to compare "
                              "(comma-separated; default: TAIL_LR of each depth).")
+    parser.add_argument("--layer-scaled", action="store_true",
+                        help="Scale the top blocks' learning rate per weight by its RMS.")
+    parser.add_argument("--tail-warmup", type=float, default=0.0,
+                        help="Epochs over which the top blocks' learning rate ramps up.")
     parser.add_argument("--shots", default=",".join(map(str, SHOTS)),
                         help="Shots per class to report (comma-separated; empty: none).")
     parser.add_argument("--beyond", action="store_true",
@@ -129,6 +133,7 @@ def main() -> None:
              f"{len(VIEWS)} extra views of each fitted image ({', '.join(VIEWS)}).", "",
              "| backbone | features | dim | test mAP | test P@10 | fit s |",
              "|---|---|---|---|---|---|"]
+    TOP_SCHEDULE.update(layer_scaled=args.layer_scaled, tail_warmup=args.tail_warmup)
     for model_name in args.models.split(","):
         bench_model(model_name, lines, shots_only=args.shots_only, tune_only=args.tune_only,
                     depths=tuple(args.depths.split(",")),
@@ -228,12 +233,19 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
         for lr in tail_lrs or (default,):
             TAIL_LR[depth] = lr  # read by fit_cosine_head when no tail_lr is passed
             name = f"cosine head + aug + re-trained {depth.replace('-', ' ')}" + (
-                f", lr {lr:g}" if tail_lrs else "")
+                f", lr {lr:g}" if tail_lrs else "") + (top_options() if depth == TOP else "")
             if not shots_only:
                 row(f"{name}, all training images", lambda: head("cosine+tail", True))
             for count in shots:
                 shots_row(name, "cosine+tail", True, count)
         TAIL_LR[depth] = default
+
+
+def top_options() -> str:
+    """The TOP_SCHEDULE options that differ from the plain schedule, for a row's name."""
+    scaled = ", layer-scaled" if TOP_SCHEDULE.get("layer_scaled") else ""
+    warmup = TOP_SCHEDULE.get("tail_warmup", 0)
+    return scaled + (f", warm-up {warmup:g} epochs" if warmup else "")
 
 
 def beyond() -> str:

@@ -148,7 +148,8 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
                     tolerance: float = 0.005, tail: Tail | GraphTail | None = None,
                     tail_lr: float | None = None, positions: float = 0.5,
-                    groups: np.ndarray | None = None, seed: int = 0,
+                    groups: np.ndarray | None = None, layer_scaled: bool = False,
+                    tail_warmup: float = 0.0, seed: int = 0,
                     on_epoch: Callable[[int, int], None] | None = None) -> Head:
     """A ReLU layer and a normalised-softmax (cosine) classifier, trained with Adam.
 
@@ -164,8 +165,10 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     (default by the tail's depth, TAIL_LR), the weight decay pulling towards them; a tail of
     1x1 convolutions only sees a random share (`positions`) of the map's positions per batch
     (cheaper, and a little augmentation). With `groups` (the image of each row), an epoch
-    takes one row of each image, at random: an image's views take turns. `on_epoch(done,
-    epochs)` is called after each epoch.
+    takes one row of each image, at random: an image's views take turns. With
+    `layer_scaled`, each re-trained weight's rate is `tail_lr` times its pretrained RMS over
+    the median RMS of the tail's weights; over the first `tail_warmup` epochs the tail's rate
+    rises linearly from zero. `on_epoch(done, epochs)` is called after each epoch.
     """
     firsts = None if groups is None else np.unique(groups, return_index=True)[1]
     if tail is None:
@@ -184,6 +187,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     if tail is not None and tail_lr is None:
         tail_lr = TAIL_LR[tail.depth]
     params.update({k: v.copy() for k, v in pretrained.items()})
+    rates = layer_rates(pretrained) if layer_scaled else dict.fromkeys(pretrained, 1.0)
     kept = max(1, round(x.shape[2] * x.shape[3] * positions)) if tail is not None else 0
     moment = {k: np.zeros_like(v) for k, v in params.items()}
     second = {k: np.zeros_like(v) for k, v in params.items()}
@@ -208,6 +212,8 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     history: list[dict[str, float]] = []
     snapshots: list[dict[str, np.ndarray]] = []
     steps = 0
+    rows = n if firsts is None else len(firsts)  # per epoch
+    warmup_steps = tail_warmup * -(-rows // batch_size)
     for epoch in range(epochs):
         rate = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
         order = epoch_order(rng, n, groups)
@@ -226,7 +232,9 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     if k.endswith("w"):
                         g = g + weight_decay * (params[k] - pretrained[k])
                     assert tail_lr is not None
-                    step = tail_lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+                    step = tail_lr * rates[k] * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+                    if steps <= warmup_steps:
+                        step *= steps / (warmup_steps + 1)
                 elif k.startswith("w"):
                     g = g + weight_decay * params[k]  # L2 penalty on the weights
                 moment[k] = 0.9 * moment[k] + 0.1 * g
@@ -261,9 +269,23 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     if firsts is not None:
         head.record["rows_per_epoch"] = int(len(firsts))
     if tail is not None:
-        head.record["tail"] = {"lr": tail_lr, "layers": tail.nodes, "tap": tail.tap,
+        head.record["tail"] = {"lr": tail_lr, "layer_scaled": layer_scaled,
+                               "warmup_epochs": tail_warmup,
+                               "layers": tail.nodes, "tap": tail.tap,
                                **({} if tail.spatial else {"positions": positions})}
     return head
+
+
+def layer_rates(weights: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each weight's pretrained RMS over the median RMS of the weights; 1 for biases."""
+    # Adam moves every weight by about the learning rate per step, whatever its size; the
+    # BN-folded convolutions' weights differ 50-fold in scale (lite0's expansion convs about
+    # 0.01, its depthwise ones about 0.5), so one rate rewrites some layers and barely
+    # touches others.
+    rms = {k: float(np.sqrt(np.mean(np.square(v, dtype=np.float64))))
+           for k, v in weights.items() if v.ndim > 1}
+    ref = float(np.median(list(rms.values()))) if rms else 0.0
+    return {k: rms[k] / ref if k in rms and ref > 0 else 1.0 for k in weights}
 
 
 def epoch_order(rng: np.random.Generator, n: int,

@@ -15,7 +15,7 @@ from service.embedding.session import Embedder
 from service.embedding.transforms import preprocess
 from service.errors import ApiError
 from service.evaluation.metrics import exact_cosine_scores
-from service.training.heads import _tail_grads, fit_cosine_head
+from service.training.heads import _tail_grads, fit_cosine_head, layer_rates
 from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
 from service.training.tail import Layer, Tail, find_tail
@@ -164,6 +164,25 @@ def test_retrained_tail_recovers_what_the_pretrained_one_drops() -> None:
     assert tuned_map > stock_map + 0.2, (stock_map, tuned_map)
     assert tuned.tail is not None and not np.allclose(tuned.tail.layers[0].weight, weight)
     assert tuned.record["tail"]["lr"] == 1e-2 and tuned.record["tail"]["positions"] == 0.5
+
+
+def test_warm_up_and_layer_scaling_set_the_tails_rates() -> None:
+    rates = layer_rates({"a": np.full((2, 2), 0.01), "b": np.full((3, 1), -0.1),
+                         "c": np.full((4, 1, 1, 1), 1.0), "c_bias": np.full(4, 5.0)})
+    assert rates == pytest.approx({"a": 0.1, "b": 1.0, "c": 10.0, "c_bias": 1.0})
+    weight = np.random.default_rng(6).uniform(0.0, 0.3, (12, 8)).astype(np.float32)
+    tail = Tail([Layer("conv", weight, np.zeros(8, np.float32)), Layer("clip", high=6.0)])
+    maps, y = toy_maps(40, 0)
+
+    def moved(warmup: float) -> float:
+        head = fit_cosine_head(maps, y, ["0", "1", "2"], hidden=0, epochs=1, batch_size=16,
+                               tail=tail, tail_lr=1e-2, tail_warmup=warmup)
+        assert head.tail is not None and head.record["tail"]["warmup_epochs"] == warmup
+        return float(np.abs(head.tail.layers[0].weight - weight).mean())
+
+    plain, ramped = moved(0.0), moved(1.0)
+    # Adam's steps are about the rate each: a linear ramp over the epoch halves the distance.
+    assert 0.3 * plain < ramped < 0.7 * plain, (plain, ramped)
 
 
 @pytest.mark.parametrize("head_bias", [True, False])
