@@ -109,8 +109,11 @@ def main() -> None:
                              "(comma-separated; default: TAIL_LR of each depth).")
     parser.add_argument("--layer-scaled", action="store_true",
                         help="Scale the top blocks' learning rate per weight by its RMS.")
-    parser.add_argument("--tail-warmup", type=float, default=0.0,
-                        help="Epochs over which the top blocks' learning rate ramps up.")
+    parser.add_argument("--tail-warmup", type=float, default=None,
+                        help="Epochs over which the top blocks' learning rate ramps up "
+                             "(default: TOP_SCHEDULE's).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the heads fitted on all training images.")
     parser.add_argument("--shots", default=",".join(map(str, SHOTS)),
                         help="Shots per class to report (comma-separated; empty: none).")
     parser.add_argument("--beyond", action="store_true",
@@ -133,12 +136,15 @@ def main() -> None:
              f"{len(VIEWS)} extra views of each fitted image ({', '.join(VIEWS)}).", "",
              "| backbone | features | dim | test mAP | test P@10 | fit s |",
              "|---|---|---|---|---|---|"]
-    TOP_SCHEDULE.update(layer_scaled=args.layer_scaled, tail_warmup=args.tail_warmup)
+    TOP_SCHEDULE["layer_scaled"] = args.layer_scaled
+    if args.tail_warmup is not None:
+        TOP_SCHEDULE["tail_warmup"] = args.tail_warmup
     for model_name in args.models.split(","):
         bench_model(model_name, lines, shots_only=args.shots_only, tune_only=args.tune_only,
                     depths=tuple(args.depths.split(",")),
                     shots=tuple(int(v) for v in args.shots.split(",") if v),
-                    tail_lrs=tuple(float(v) for v in args.tail_lr.split(",") if v))
+                    tail_lrs=tuple(float(v) for v in args.tail_lr.split(",") if v),
+                    seed=args.seed)
     append_results("Retrieval heads on the clothing set", "\n".join(lines))
 
 
@@ -156,7 +162,8 @@ def sender_split(rows: list[dict[str, str]]) -> tuple[
 
 def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                 tune_only: bool = False, depths: tuple[str, ...] = DEPTHS,
-                shots: tuple[int, ...] = SHOTS, tail_lrs: tuple[float, ...] = ()) -> None:
+                shots: tuple[int, ...] = SHOTS, tail_lrs: tuple[float, ...] = (),
+                seed: int = 0) -> None:
     """Append one backbone's rows to the table."""
     vectors, rows = clothing_embeddings(model_name)
     vectors = vectors.astype(np.float16).astype(np.float32)  # as stored in halfvec
@@ -212,6 +219,7 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                      f"{seconds:.1f} |")
         print(lines[-1], flush=True)
 
+    seeded = f", seed {seed}" if seed else ""
     row("raw pooled", lambda: vectors[test_idx])
     if not shots_only and not tune_only:
         for power in (1.0, 0.5):
@@ -224,7 +232,8 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                                                ("cosine", False), ("cosine", True)):
         name = f"{kind} head{' + aug' if augment else ''}"
         if not shots_only:
-            row(f"{name}, all training images", lambda k=kind, a=augment: head(k, a))
+            row(f"{name}, all training images{seeded}",
+                lambda k=kind, a=augment: head(k, a, seed=seed))
         for count in shots:
             shots_row(name, kind, augment, count)
     for depth in depths:
@@ -235,7 +244,8 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
             name = f"cosine head + aug + re-trained {depth.replace('-', ' ')}" + (
                 f", lr {lr:g}" if tail_lrs else "") + (top_options() if depth == TOP else "")
             if not shots_only:
-                row(f"{name}, all training images", lambda: head("cosine+tail", True))
+                row(f"{name}, all training images{seeded}",
+                    lambda: head("cosine+tail", True, seed=seed))
             for count in shots:
                 shots_row(name, "cosine+tail", True, count)
         TAIL_LR[depth] = default

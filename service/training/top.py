@@ -12,6 +12,7 @@ training loop runs it unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,9 +24,11 @@ from service.training import backprop
 TOP = "top"
 # A GraphTail step costs 20-40 ms per image where the numpy tail's costs about 2: each epoch
 # sees one of each image's views (they take turns) instead of all of them, for more epochs
-# and smaller batches (about as many steps as the tail path). Learning rate (TAIL_LR):
-# docs/training.md.
-TOP_SCHEDULE = {"epochs": 15, "batch_size": 64}
+# and smaller batches (about as many steps as the tail path). The blocks' rate ramps up over
+# the first two epochs, while the new head is still close to random, so that its first
+# gradients do not rewrite the pretrained blocks. Learning rate (TAIL_LR) and warm-up,
+# chosen on validation: docs/training.md.
+TOP_SCHEDULE: dict[str, Any] = {"epochs": 15, "batch_size": 64, "tail_warmup": 2.0}
 CHAIN = ("Conv", "Clip", "Relu")
 
 

@@ -21,7 +21,7 @@ from service.errors import ApiError
 from service.training.augment import VIEWS
 from service.training.service import finetune
 from service.training.tail import find_tail
-from service.training.top import find_top, top_tail
+from service.training.top import TOP_SCHEDULE, find_top, top_tail
 from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -145,6 +145,7 @@ def test_finetune_retrains_the_top_blocks_through_onnx_graphs(app: Flask, labell
     assert record["tail"]["tap"] == find_top(stock) and record["epochs"] <= 2
     assert record["fit_rows"] == record["fit_images"] * (1 + len(VIEWS))
     assert record["rows_per_epoch"] == record["fit_images"]  # the views take turns
+    assert record["tail"]["warmup_epochs"] == TOP_SCHEDULE["tail_warmup"] > 0
     trained = {i.name: numpy_helper.to_array(i) for i in onnx.load_model(
         models / out.model / "model.onnx").graph.initializer}
     tail = top_tail(stock)
