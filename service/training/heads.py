@@ -215,7 +215,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
     rows = n if firsts is None else len(firsts)  # per epoch
     warmup_steps = tail_warmup * -(-rows // batch_size)
     for epoch in range(epochs):
-        rate = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+        decay = 0.5 * (1 + np.cos(np.pi * epoch / epochs))  # cosine, for head and tail
         order = epoch_order(rng, n, groups)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
@@ -226,15 +226,14 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                 grads = _tail_grads(params, z[idx], target[idx], mean, std, tail, scale,
                                     dropout, rng, kept)
             steps += 1
+            warm = steps / (warmup_steps + 1) if steps <= warmup_steps else 1.0
             for k, g in grads.items():
-                step = rate
+                step = lr * decay
                 if k in pretrained:  # decay towards the pretrained layers, not towards zero
                     if k.endswith("w"):
                         g = g + weight_decay * (params[k] - pretrained[k])
                     assert tail_lr is not None
-                    step = tail_lr * rates[k] * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
-                    if steps <= warmup_steps:
-                        step *= steps / (warmup_steps + 1)
+                    step = tail_lr * rates[k] * decay * warm
                 elif k.startswith("w"):
                     g = g + weight_decay * params[k]  # L2 penalty on the weights
                 moment[k] = 0.9 * moment[k] + 0.1 * g
