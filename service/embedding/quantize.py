@@ -73,7 +73,10 @@ def quantize_model(model: onnx.ModelProto, prep: Preprocessing, images: list[byt
         quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)
         quantize_static(
             str(src), str(dst), _Reader(input_name, batches),
-            quant_format=QuantFormat.QDQ, per_channel=True,
+            # 7-bit weights: without VNNI (AVX2 CPUs such as AMD EPYC) ORT's U8S8 kernels
+            # sum pairs of products in int16 and saturate; the full 8 bits cost a lite0
+            # embedding cosine 0.78 to its fp32 one there (docs/models.md).
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.Percentile,
             extra_options={"CalibPercentile": 99.99},

@@ -141,9 +141,15 @@ _BASE_ENTRIES = [
 ]
 
 
+# Revision of the INT8 recipe, part of the variants' version: vectors from another recipe's
+# graph get a model row (and index) of their own. 2: 7-bit weights (service/embedding/quantize.py).
+INT8_RECIPE = "2"
+
+
 def _int8_entry(entry: CatalogEntry) -> CatalogEntry:
     prep = Preprocessing(size=entry.size, resize=entry.resize, mean=entry.mean, std=entry.std)
     return dataclasses.replace(entry, name=f"{entry.name}-int8", build=_int8(entry.build, prep),
+                               version=f"{entry.version}.{INT8_RECIPE}",
                                description=f"{entry.name} with INT8 weights and activations")
 
 

@@ -65,6 +65,7 @@ def test_installed_model_json_describes_the_model(model_dir: Path) -> None:
 
 def test_int8_variant_agrees_with_fp32(model_dir: Path, tmp_path: Path) -> None:
     info = registry.install("efficientnet-lite0-int8", tmp_path)
+    assert info.version == "1.2"  # 7-bit weights: not the vectors of the 8-bit recipe ("1")
     int8 = Embedder(info, tmp_path / "efficientnet-lite0-int8" / "model.onnx")
     fp32_info = registry.verify(model_dir, "efficientnet-lite0")
     fp32 = Embedder(fp32_info, model_dir / "efficientnet-lite0" / "model.onnx")
