@@ -10,9 +10,9 @@ GlobalAveragePool; Flatten), and run with onnxruntime (`build`, then `StepRunner
   the backward pass needs as an extra output;
 - the backward graph: those tensors, the weights and the gradient of the embedding in, the
   gradient of each weight out. A convolution's input gradient is a ConvTranspose with the
-  same kernel; its weight gradient sums, for each kernel offset, the output gradient times the
-  input shifted by that offset (a MatMul over positions for full convolutions, a product and
-  sum per channel for depthwise ones).
+  same kernel; its weight gradient correlates the input with the output gradient: for full
+  convolutions a MatMul over positions per kernel offset, for depthwise ones a single
+  convolution with a group per channel over the batch's images.
 
 Shapes must be static except the batch: the graphs are built for one input size.
 """
@@ -252,6 +252,8 @@ class _Backward:
             if np.isfinite(clip.high):
                 inside = self.add("And", [inside, self.add(
                     "Less", [x, self.const(np.float32(clip.high), "high")], "lt")], "and")
+            # A cast mask times the gradient: Where, or the mask as float ops (Sign of Relu),
+            # measured slower in onnxruntime.
             mask = self.add("Cast", [inside], "mask", to=TensorProto.FLOAT)
             return [(x, self.add("Mul", [grad, mask], "clip"))]
         return self.conv_grads(node, grad)
@@ -274,41 +276,20 @@ class _Backward:
         if len(node.input) > 2 and node.input[2]:
             out.append((node.input[2], self.add("ReduceSum", [grad, self.const(
                 [0, 2, 3], "axes")], "db", keepdims=0)))
-        # Weight gradient: for each kernel offset, the input shifted by it against the grad.
         xp = self.save(x)
         if any(pads):
             xp = self.add("Pad", [x, self.const([0, 0, pads[0], pads[1], 0, 0, pads[2],
                                                  pads[3]], "pads")], "pad")
-        per_offset = []
-        grad_rows = None
-        if group == 1:  # (N, O, HW) for MatMuls over positions
-            grad_rows = self.add("Reshape", [grad, self.const([-1, out_c, hy * wy], "shape")],
-                                 "rows")
-        for a in range(k):
-            for b in range(kw):
-                shifted = xp
-                if (k, kw, *strides) != (1, 1, 1, 1):
-                    shifted = self.add("Slice", [xp, self.const([a, b], "starts"), self.const(
-                        [a + (hy - 1) * strides[0] + 1, b + (wy - 1) * strides[1] + 1], "ends"),
-                        self.const([2, 3], "axes"), self.const(strides, "steps")], "shift")
-                if group == 1:
-                    cols = self.add("Transpose", [self.add("Reshape", [shifted, self.const(
-                        [-1, in_c, hy * wy], "shape")], "cols")], "cols", perm=[0, 2, 1])
-                    per_offset.append(self.add("ReduceSum", [self.add(
-                        "MatMul", [grad_rows, cols], "dw"), self.const([0], "axes")], "dw",
-                        keepdims=0))  # (O, I)
-                elif in_per_group == 1 and group == out_c == in_c:
-                    per_offset.append(self.add("ReduceSum", [self.add(
-                        "Mul", [grad, shifted], "dw"), self.const([0, 2, 3], "axes")], "dw",
-                        keepdims=0))  # (C,)
-                else:
-                    raise ApiError("unsupported_backbone", "cannot train through a grouped "
-                                   "convolution other than a depthwise one", status=409)
-        stacked = per_offset[0] if len(per_offset) == 1 else self.add(
-            "Concat", [self.add("Unsqueeze", [p, self.const([-1], "axes")], "dw")
-                       for p in per_offset], "dw", axis=-1)
-        out.append((w_name, self.add("Reshape", [stacked, self.const(
-            list(weight.shape), "shape")], "dw")))
+        if group > 1:
+            if not (in_per_group == 1 and group == out_c == in_c):
+                raise ApiError("unsupported_backbone", "cannot train through a grouped "
+                               "convolution other than a depthwise one", status=409)
+            out.append((w_name, self.depthwise_weight_grad(xp, grad, weight.shape, strides,
+                                                           hx + pads[0] + pads[2],
+                                                           wx + pads[1] + pads[3])))
+        else:
+            out.append((w_name, self.dense_weight_grad(xp, grad, weight.shape, strides,
+                                                       in_c, hy, wy)))
         if x != self.start:
             extra = [hx - ((hy - 1) * strides[0] - pads[0] - pads[2] + k),
                      wx - ((wy - 1) * strides[1] - pads[1] - pads[3] + kw)]
@@ -316,3 +297,43 @@ class _Backward:
                                     strides=strides, pads=pads, output_padding=extra,
                                     kernel_shape=[k, kw])))
         return out
+
+    def depthwise_weight_grad(self, xp: str, grad: str, shape: tuple[int, ...],
+                              strides: list[int], hp: int, wp: int) -> str:
+        """dW[c] = Σ_n correlation of the padded input's channel c with the grad's."""
+        # One convolution with a group per channel, each over the batch's N images: the
+        # input (1, C·N, Hp, Wp), the output gradient as its kernel (C, N, Hy, Wy), dilated
+        # by the stride. Per kernel offset, a slice, product and sum over the whole batch
+        # cost 5-6 times as much (most of a backward step through depthwise blocks).
+        channels, _, k, kw = shape
+        rows = self.add("Reshape", [self.add("Transpose", [xp], "dwx", perm=[1, 0, 2, 3]),
+                                    self.const([1, -1, hp, wp], "shape")], "dwx")
+        kernel = self.add("Transpose", [grad], "dwg", perm=[1, 0, 2, 3])
+        dw = self.add("Conv", [rows, kernel], "dw", group=channels, dilations=strides)
+        dw = self.add("Slice", [dw, self.const([0, 0], "starts"), self.const([k, kw], "ends"),
+                                self.const([2, 3], "axes")], "dw")  # rows the stride skipped
+        return self.add("Reshape", [dw, self.const(list(shape), "shape")], "dw")
+
+    def dense_weight_grad(self, xp: str, grad: str, shape: tuple[int, ...],
+                          strides: list[int], in_c: int, hy: int, wy: int) -> str:
+        """dW of an ungrouped convolution: per kernel offset, grad rows times shifted input."""
+        out_c, _, k, kw = shape
+        per_offset = []
+        grad_rows = self.add("Reshape", [grad, self.const([-1, out_c, hy * wy], "shape")],
+                             "rows")  # (N, O, HW) for MatMuls over positions
+        for a in range(k):
+            for b in range(kw):
+                shifted = xp
+                if (k, kw, *strides) != (1, 1, 1, 1):
+                    shifted = self.add("Slice", [xp, self.const([a, b], "starts"), self.const(
+                        [a + (hy - 1) * strides[0] + 1, b + (wy - 1) * strides[1] + 1], "ends"),
+                        self.const([2, 3], "axes"), self.const(strides, "steps")], "shift")
+                cols = self.add("Transpose", [self.add("Reshape", [shifted, self.const(
+                    [-1, in_c, hy * wy], "shape")], "cols")], "cols", perm=[0, 2, 1])
+                per_offset.append(self.add("ReduceSum", [self.add(
+                    "MatMul", [grad_rows, cols], "dw"), self.const([0], "axes")], "dw",
+                    keepdims=0))  # (O, I)
+        stacked = per_offset[0] if len(per_offset) == 1 else self.add(
+            "Concat", [self.add("Unsqueeze", [p, self.const([-1], "axes")], "dw")
+                       for p in per_offset], "dw", axis=-1)
+        return self.add("Reshape", [stacked, self.const(list(shape), "shape")], "dw")

@@ -22,7 +22,7 @@ from service.errors import ApiError
 from service.training import backprop
 
 TOP = "top"
-# A GraphTail step costs 20-40 ms per image where the numpy tail's costs about 2: each epoch
+# A GraphTail step costs 10-30 times what the numpy tail's does per image: each epoch
 # sees one of each image's views (they take turns) instead of all of them, for more epochs
 # and smaller batches (about as many steps as the tail path). The blocks' rate ramps up over
 # the first two epochs, while the new head is still close to random, so that its first
