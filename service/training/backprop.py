@@ -290,7 +290,12 @@ class _Backward:
         else:
             out.append((w_name, self.dense_weight_grad(xp, grad, weight.shape, strides,
                                                        in_c, hy, wy)))
-        if x != self.start:
+        if x != self.start and (k, kw, group, *strides, *pads) == (1, 1, 1, 1, 1, 0, 0, 0, 0):
+            # A pointwise convolution's input gradient is the pointwise convolution by the
+            # transposed kernel: onnxruntime runs that as one GEMM, faster than ConvTranspose.
+            out.append((x, self.add("Conv", [grad, self.add("Transpose", [w_name], "wt",
+                                                            perm=[1, 0, 2, 3])], "dx")))
+        elif x != self.start:
             extra = [hx - ((hy - 1) * strides[0] - pads[0] - pads[2] + k),
                      wx - ((wy - 1) * strides[1] - pads[1] - pads[3] + kw)]
             out.append((x, self.add("ConvTranspose", [grad, w_name], "dx", group=group,
@@ -319,8 +324,10 @@ class _Backward:
         """dW of an ungrouped convolution: per kernel offset, grad rows times shifted input."""
         out_c, _, k, kw = shape
         per_offset = []
-        grad_rows = self.add("Reshape", [grad, self.const([-1, out_c, hy * wy], "shape")],
-                             "rows")  # (N, O, HW) for MatMuls over positions
+        # (O, N·HW) times (N·HW, I): one GEMM per offset that sums over the batch too (a
+        # batched MatMul per image, then a sum, wrote an (N, O, I) array first).
+        grad_rows = self.add("Reshape", [self.add("Transpose", [grad], "rows", perm=[
+            1, 0, 2, 3]), self.const([out_c, -1], "shape")], "rows")
         for a in range(k):
             for b in range(kw):
                 shifted = xp
@@ -328,11 +335,9 @@ class _Backward:
                     shifted = self.add("Slice", [xp, self.const([a, b], "starts"), self.const(
                         [a + (hy - 1) * strides[0] + 1, b + (wy - 1) * strides[1] + 1], "ends"),
                         self.const([2, 3], "axes"), self.const(strides, "steps")], "shift")
-                cols = self.add("Transpose", [self.add("Reshape", [shifted, self.const(
-                    [-1, in_c, hy * wy], "shape")], "cols")], "cols", perm=[0, 2, 1])
-                per_offset.append(self.add("ReduceSum", [self.add(
-                    "MatMul", [grad_rows, cols], "dw"), self.const([0], "axes")], "dw",
-                    keepdims=0))  # (O, I)
+                cols = self.add("Reshape", [self.add("Transpose", [shifted], "cols", perm=[
+                    0, 2, 3, 1]), self.const([-1, in_c], "shape")], "cols")
+                per_offset.append(self.add("MatMul", [grad_rows, cols], "dw"))  # (O, I)
         stacked = per_offset[0] if len(per_offset) == 1 else self.add(
             "Concat", [self.add("Unsqueeze", [p, self.const([-1], "axes")], "dw")
                        for p in per_offset], "dw", axis=-1)
