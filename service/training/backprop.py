@@ -10,9 +10,10 @@ GlobalAveragePool; Flatten), and run with onnxruntime (`build`, then `StepRunner
   the backward pass needs as an extra output;
 - the backward graph: those tensors, the weights and the gradient of the embedding in, the
   gradient of each weight out. A convolution's input gradient is a ConvTranspose with the
-  same kernel; its weight gradient correlates the input with the output gradient: for full
-  convolutions a MatMul over positions per kernel offset, for depthwise ones a single
-  convolution with a group per channel over the batch's images.
+  same kernel (a Conv by the transposed kernel for pointwise ones); its weight gradient
+  correlates the input with the output gradient: for full convolutions a MatMul over
+  positions per kernel offset, for depthwise ones a single convolution with a group per
+  channel over the batch's images.
 
 Shapes must be static except the batch: the graphs are built for one input size.
 """
@@ -290,18 +291,19 @@ class _Backward:
         else:
             out.append((w_name, self.dense_weight_grad(xp, grad, weight.shape, strides,
                                                        in_c, hy, wy)))
-        if x != self.start and (k, kw, group, *strides, *pads) == (1, 1, 1, 1, 1, 0, 0, 0, 0):
+        if x == self.start:
+            return out
+        if (k, kw, group, *strides, *pads) == (1, 1, 1, 1, 1, 0, 0, 0, 0):
             # A pointwise convolution's input gradient is the pointwise convolution by the
             # transposed kernel: onnxruntime runs that as one GEMM, faster than ConvTranspose.
-            out.append((x, self.add("Conv", [grad, self.add("Transpose", [w_name], "wt",
-                                                            perm=[1, 0, 2, 3])], "dx")))
-        elif x != self.start:
+            dx = self.add("Conv", [grad, self.add("Transpose", [w_name], "wt",
+                                                  perm=[1, 0, 2, 3])], "dx")
+        else:
             extra = [hx - ((hy - 1) * strides[0] - pads[0] - pads[2] + k),
                      wx - ((wy - 1) * strides[1] - pads[1] - pads[3] + kw)]
-            out.append((x, self.add("ConvTranspose", [grad, w_name], "dx", group=group,
-                                    strides=strides, pads=pads, output_padding=extra,
-                                    kernel_shape=[k, kw])))
-        return out
+            dx = self.add("ConvTranspose", [grad, w_name], "dx", group=group, strides=strides,
+                          pads=pads, output_padding=extra, kernel_shape=[k, kw])
+        return [*out, (x, dx)]
 
     def depthwise_weight_grad(self, xp: str, grad: str, shape: tuple[int, ...],
                               strides: list[int], hp: int, wp: int) -> str:
