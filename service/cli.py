@@ -394,6 +394,8 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
         k_values = tuple(sorted({int(k) for k in ks.split(",")}))
     except ValueError as exc:
         raise click.BadParameter("--k takes comma-separated integers") from exc
+    if k_values[0] < 1:
+        raise click.BadParameter("--k takes positive integers")
     app = create_app()
     with app.app_context(), session_scope() as session:
         name = model or app.config["DEFAULT_MODEL"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from flask import Blueprint, request
 from pydantic import BaseModel, Field
@@ -26,7 +26,8 @@ class EvaluationRequest(BaseModel):
 
     collection: str = Field(max_length=128)
     label_key: str = Field(default="label", min_length=1, max_length=256)
-    ks: list[int] = Field(default=[1, 5, 10, 100], min_length=1, max_length=10)
+    ks: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(default=[1, 5, 10, 100],
+                                                             min_length=1, max_length=10)
     sample: int | None = Field(default=None, ge=1, le=100_000)
     model: str | None = Field(default=None, max_length=128)
     method: str | None = Field(default=None, pattern="^(index|exact)$")
@@ -55,7 +56,7 @@ def create() -> tuple[dict[str, Any], int]:
     """Queue an evaluation of a labelled collection (mAP, P@k, R@k; search path vs exact)."""
     body: EvaluationRequest = request.context.json  # type: ignore[attr-defined]
     params = body.model_dump()
-    params["ks"] = sorted({k for k in params["ks"] if 0 < k <= 10_000}) or [10]
+    params["ks"] = sorted(set(params["ks"]))
     with session_scope() as session:
         params["model"] = params["model"] or default_model(session=session)
         out = run_json(evaluation.create_run(params, session=session))

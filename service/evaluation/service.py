@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel, ImageEmbedding
@@ -71,19 +71,37 @@ def load_labelled(*, session: Session, collection: str, label_key: str,
     rows = session.execute(
         select(Image.id, Image.meta[label_key].astext, ImageEmbedding.vector)
         .join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
-        .where(Image.collection == collection, Image.status == "ready",
-               ImageEmbedding.model_id == model.id, Image.meta.has_key(label_key))
-        .order_by(Image.id)
+        .where(*_labelled(collection, label_key, model)).order_by(Image.id)
     ).all()
-    if not rows:
-        raise ApiError("no_labelled_images",
-                       f"no ready images in {collection!r} carry the metadata key {label_key!r}")
     labels = np.asarray([r[1] for r in rows])
-    if len(set(labels.tolist())) < 2:
-        raise ApiError("one_class", f"{label_key!r} has a single value in {collection!r}: "
-                       "evaluation needs at least two classes")
+    _require_classes(len(rows), len(set(labels.tolist())), collection, label_key)
     vectors = np.asarray([np.asarray(r[2], dtype=np.float32) for r in rows])
     return LabelledSet(ids=[r[0] for r in rows], labels=labels, vectors=vectors)
+
+
+def check_labelled(*, session: Session, collection: str, label_key: str,
+                   model: EmbeddingModel) -> None:
+    """Raise the errors that `load_labelled` would, from two counts (no vectors read)."""
+    images, classes = session.execute(
+        select(func.count(), func.count(distinct(Image.meta[label_key].astext)))
+        .select_from(Image).join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
+        .where(*_labelled(collection, label_key, model))
+    ).one()
+    _require_classes(images, classes, collection, label_key)
+
+
+def _labelled(collection: str, label_key: str, model: EmbeddingModel) -> tuple[Any, ...]:
+    return (Image.collection == collection, Image.status == "ready",
+            ImageEmbedding.model_id == model.id, Image.meta.has_key(label_key))
+
+
+def _require_classes(images: int, classes: int, collection: str, label_key: str) -> None:
+    if not images:
+        raise ApiError("no_labelled_images",
+                       f"no ready images in {collection!r} carry the metadata key {label_key!r}")
+    if classes < 2:
+        raise ApiError("one_class", f"{label_key!r} has a single value in {collection!r}: "
+                       "evaluation needs at least two classes")
 
 
 def _pr_curve(rankings: list[np.ndarray], totals: list[int]) -> list[tuple[float, float]]:
@@ -153,9 +171,13 @@ def create_run(params: dict[str, Any], *, session: Session) -> Any:
     from service.embedding.service import find_model
     from service.evaluation.models import EvaluationRun
 
-    if find_model(params["model"], session=session) is None:
+    model = find_model(params["model"], session=session)
+    if model is None:
         raise ApiError("unknown_model",
                        f"no images have been embedded with model {params['model']!r}")
+    # A collection that cannot be evaluated is refused now, not queued to fail later.
+    check_labelled(session=session, collection=params["collection"],
+                   label_key=params["label_key"], model=model)
     run = EvaluationRun(params=params, status="queued")
     session.add(run)
     session.commit()

@@ -100,3 +100,34 @@ def test_evaluation_job_over_http(app: Flask, labelled: list[str]) -> None:
     bad = client.post("/api/v1/evaluations", json={"collection": COLLECTION, "model": "nope"})
     assert bad.status_code == 400 and bad.get_json()["error"]["code"] == "unknown_model"
     assert client.get("/api/v1/evaluations/not-an-id").status_code == 404
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"collection": COLLECTION, "label_key": "colour"}, "no_labelled_images"),
+    ({"collection": "t-eval-nothing-here"}, "no_labelled_images"),
+    ({"collection": COLLECTION, "ks": [0]}, "invalid_request"),
+    ({"collection": COLLECTION, "ks": [10, 20_000]}, "invalid_request"),
+])
+def test_an_evaluation_that_cannot_run_is_refused_at_once(
+        app: Flask, labelled: list[str], body: dict, code: str) -> None:
+    from sqlalchemy import func, select
+
+    from service.evaluation.models import EvaluationRun
+
+    with app.app_context(), session_scope() as session:
+        before = session.scalar(select(func.count()).select_from(EvaluationRun))
+    resp = app.test_client().post("/api/v1/evaluations", json=body)
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json()["error"]["code"] == code
+    with app.app_context(), session_scope() as session:  # nothing queued
+        assert session.scalar(select(func.count()).select_from(EvaluationRun)) == before
+
+
+def test_one_class_is_refused_at_once(app: Flask, labelled: list[str]) -> None:
+    client = app.test_client()
+    image_id = labelled[0]
+    assert client.patch(f"/api/v1/images/{image_id}", json={"metadata": {
+        "label": "Shoes", "only": "x"}}).status_code == 200
+    resp = client.post("/api/v1/evaluations", json={"collection": COLLECTION,
+                                                    "label_key": "only"})
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "one_class"
