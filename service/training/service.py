@@ -189,6 +189,10 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     """
     if tune is not None and tune not in TUNES:
         raise ApiError("bad_request", f"unknown --tune {tune!r}; choose from {TUNES}")
+    for option, value, least in (("shots", shots, 1), ("dim", dim, 1), ("epochs", epochs, 1),
+                                 ("hidden", hidden, 0)):
+        if value is not None and value < least:
+            raise ApiError("bad_request", f"--{option} must be at least {least}, not {value}")
     model_row = find_model(base, session=session)
     if model_row is None:
         raise ApiError("unknown_model", f"no images have been embedded with model {base!r}")

@@ -156,6 +156,17 @@ def test_finetune_retrains_the_top_blocks_through_onnx_graphs(app: Flask, labell
     assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
 
 
+@pytest.mark.parametrize("option", [{"shots": 0}, {"shots": -3}, {"dim": 0}, {"epochs": 0},
+                                    {"epochs": -1}, {"hidden": -1}])
+def test_bad_sizes_are_refused(app: Flask, labelled, models: Path, option: dict) -> None:
+    # Before this check, epochs 0 fell back to the default and -1 trained nothing.
+    name = next(iter(option))
+    with app.app_context(), session_scope() as session, \
+            pytest.raises(ApiError, match=f"--{name} must be at least"):
+        finetune(session=session, collection=COLLECTION, label_key="label",
+                 base="efficientnet-lite0", model_dir=models, **option)
+
+
 def test_bad_labels_and_splits(app: Flask, labelled, models: Path) -> None:
     with app.app_context(), session_scope() as session:
         with pytest.raises(ApiError, match="carry the metadata key 'nope'"):
