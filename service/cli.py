@@ -214,12 +214,15 @@ def models_add(name: str, onnx_file: str, size: int, resize: int | None, mean: s
 
 @models.command("default")
 @click.argument("name")
-def models_default(name: str) -> None:
+@click.option("--force", is_flag=True, help="Switch even though some ready images have no "
+              "vector of NAME yet (search misses them until they are reindexed).")
+def models_default(name: str, force: bool) -> None:
     """Make NAME the default model of search and new uploads, for every process at once."""
     from service.app import create_app
     from service.db import session_scope
     from service.embedding import registry
     from service.embedding.defaults import set_default_model
+    from service.embedding.reindex import unindexed
     from service.embedding.service import ensure_model_row
 
     app = create_app()
@@ -228,7 +231,16 @@ def models_default(name: str) -> None:
     except registry.ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     with app.app_context(), session_scope() as session:
-        ensure_model_row(info, session=session)
+        row = ensure_model_row(info, session=session)
+        # The default is global: a collection not reindexed yet would lose its search.
+        gaps = unindexed(row.id, session=session)
+        if gaps and not force:
+            listed = ", ".join(f"{c!r} ({n})" for c, n in list(gaps.items())[:10])
+            more = f" and {len(gaps) - 10} more collections" if len(gaps) > 10 else ""
+            raise click.ClickException(
+                f"{sum(gaps.values())} ready images have no {name} vector yet: {listed}"
+                f"{more}. Run `lookalike reindex --collection C --model {name}` for each, "
+                "or pass --force.")
         set_default_model(name, session=session)
     click.echo(f"default model: {name}")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Integer, String, Text, delete, func, select, text
+from sqlalchemy import DateTime, Integer, String, Text, delete, exists, func, select, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -134,6 +134,16 @@ def progress(run_id: uuid.UUID, *, session: Session) -> ReindexProgress:
         _missing(run.collection, model.id).subquery())) if model else run.total
     return ReindexProgress(status=run.status, total=run.total,
                            done=max(0, run.total - int(missing or 0)), failed=run.failed)
+
+
+def unindexed(model_id: int, *, session: Session) -> dict[str, int]:
+    """Ready images that have no vector of the model, counted per collection."""
+    vector = exists().where(ImageEmbedding.image_id == Image.id,
+                            ImageEmbedding.model_id == model_id)
+    rows = session.execute(select(Image.collection, func.count())
+                           .where(Image.status == "ready", ~vector)
+                           .group_by(Image.collection).order_by(Image.collection)).all()
+    return {collection: int(count) for collection, count in rows}
 
 
 def drop_model(name: str, *, session: Session) -> int:

@@ -10,13 +10,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 from flask import Flask
 from sqlalchemy import delete
 
 from service.db import session_scope
 from service.embedding import registry
-from service.embedding.defaults import ServiceSetting, default_model, set_default_model
-from service.embedding.reindex import drop_model, progress, start_reindex
+from service.embedding.defaults import ServiceSetting, default_model
+from service.embedding.reindex import drop_model, progress, start_reindex, unindexed
+from service.embedding.service import find_model
 from service.errors import ApiError
 from service.queue import enqueue
 from tests.conftest import wait_for_status
@@ -34,7 +36,16 @@ def tiny_model(settings: dict, tmp_path: Path):
     shutil.rmtree(Path(settings["MODEL_DIR"]) / name, ignore_errors=True)
 
 
-def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path],
+def cli_default(settings: dict, name: str, *flags: str) -> Result:
+    """`lookalike models default NAME` against the test services."""
+    from service.cli import main
+    from tests.conftest import worker_env
+
+    return CliRunner().invoke(main, ["models", "default", name, *flags],
+                              env=worker_env(settings))
+
+
+def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path], settings: dict,
                                            tiny_model: str) -> None:
     client = app.test_client()
     collection = f"t-reindex-{uuid.uuid4().hex[:6]}"
@@ -58,6 +69,12 @@ def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path],
             if r.status_code != 200 or not r.get_json()["results"]:
                 errors.append(f"{r.status_code} {r.get_json()}")
 
+    # Not reindexed yet: switching the global default would leave this collection unsearchable.
+    refused = cli_default(settings, tiny_model)
+    assert refused.exit_code == 1 and f"{collection!r} (10)" in refused.output
+    with app.app_context(), session_scope() as session:
+        assert default_model(session=session) != tiny_model
+
     thread = threading.Thread(target=searcher)
     thread.start()
     try:
@@ -79,11 +96,16 @@ def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path],
         thread.join()
     assert errors == []
     assert (state.status, state.done, state.total, state.failed) == ("done", 10, 10, 0)
+    with app.app_context(), session_scope() as session:
+        row = find_model(tiny_model, session=session)
+        assert row is not None and collection not in unindexed(row.id, session=session)
 
     with app.app_context(), session_scope() as session:
         old = default_model(session=session)
         try:
-            set_default_model(tiny_model, session=session)
+            # --force: other test collections may still lack this model's vectors.
+            assert cli_default(settings, tiny_model, "--force").exit_code == 0
+            session.expire_all()
             resp = client.post("/api/v1/search", json={"image_id": ids[0], "k": 3,
                                                        "collection": collection})
             assert resp.status_code == 200 and resp.get_json()["model"] == tiny_model
