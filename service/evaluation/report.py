@@ -15,6 +15,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from service.evaluation.service import Evaluation  # noqa: E402
 
+# Bars in the per-class chart; report.json keeps every class's AP.
+MAX_BARS = 40
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
 
 def write_report(evaluation: Evaluation, folder: Path,
                  thumbnails: dict[str, bytes] | None = None) -> Path:
@@ -26,18 +33,23 @@ def write_report(evaluation: Evaluation, folder: Path,
     fig, ax = plt.subplots(figsize=(5, 4))
     recall, precision = zip(*evaluation.pr_curve, strict=True)
     ax.plot(recall, precision, marker="o")
-    ax.set(xlabel="recall", ylabel="interpolated precision", xlim=(0, 1), ylim=(0, 1.02),
-           title=f"{evaluation.model} on {evaluation.collection}")
+    ax.set(xlabel="recall", ylabel="interpolated precision", xlim=(0, 1), ylim=(0, 1.02))
+    # Names and labels are user text: never parsed as matplotlib's math ($...$).
+    ax.set_title(_short(f"{evaluation.model} on {evaluation.collection}", 60), parse_math=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(folder / "pr_curve.png", dpi=120)
     plt.close(fig)
 
-    classes = list(evaluation.per_class_ap)
+    ap = evaluation.per_class_ap
+    classes = sorted(ap, key=lambda c: (ap[c], c))[:MAX_BARS]  # the weakest, when many
+    title = ("Average precision per class" if len(ap) <= MAX_BARS else
+             f"Average precision: the {MAX_BARS} lowest of {len(ap)} classes")
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(classes) + 2), 4))
-    ax.bar(classes, [evaluation.per_class_ap[c] for c in classes], color="#4c72b0")
-    ax.set(ylabel="AP (exact)", ylim=(0, 1), title="Average precision per class")
-    ax.tick_params(axis="x", rotation=60)
+    ax.bar(range(len(classes)), [ap[c] for c in classes], color="#4c72b0")
+    ax.set_xticks(range(len(classes)), [_short(c, 30) for c in classes], rotation=60,
+                  ha="right", parse_math=False)
+    ax.set(ylabel="AP (exact)", ylim=(0, 1), title=title)
     fig.tight_layout()
     fig.savefig(folder / "per_class_ap.png", dpi=120)
     plt.close(fig)
