@@ -138,7 +138,7 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
         total = int((data.labels == data.labels[qi]).sum()) - 1
         result = search_vectors(data.vectors[qi], session=session, model=model, k=n - 1,
                                 collection=collection, exclude_id=data.ids[qi],
-                                force_method=method)
+                                force_method=method, ids_only=True)
         got = [index_of[h.image.id] for h in result.hits if h.image.id in index_of]
         relevant = data.labels[got] == data.labels[qi]
         service_rankings.append(relevant)

@@ -15,7 +15,7 @@ from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.embedding.registry import ModelInfo
 from service.embedding.service import ensure_model_row, save_vectors
 from service.images.models import Image
-from service.search.service import Cursor, SearchResult, search_vectors
+from service.search.service import Cursor, ImageRef, SearchResult, search_vectors
 
 VECTORS = {
     "a": [1.0, 0.0, 0.0],
@@ -72,6 +72,21 @@ def test_order_is_by_cosine_distance(app: Flask, tiny, method: str) -> None:
         result = search_vectors(np.array([0.0, 1.0, 0.1]), session=session, model=model, k=2,
                                 force_method=method)
         assert names(result, ids) == ["d", "c"]
+
+
+@pytest.mark.parametrize("method", ["index", "exact"])
+def test_ids_only_ranks_the_same_and_filters_the_same(app: Flask, tiny, method: str) -> None:
+    model, ids = tiny
+    query = np.array([1.0, 0.05, 0.0])
+    with app.app_context(), session_scope() as session:
+        for options in ({}, {"filter_doc": {"group": "y"}}, {"exclude_id": ids["a"]}):
+            full = search_vectors(query, session=session, model=model, k=4,
+                                  force_method=method, **options)
+            bare = search_vectors(query, session=session, model=model, k=4,
+                                  force_method=method, ids_only=True, **options)
+            assert names(bare, ids) == names(full, ids) and len(bare.hits) >= 2
+            assert [h.distance for h in bare.hits] == [h.distance for h in full.hits]
+            assert all(isinstance(h.image, ImageRef) for h in bare.hits)
 
 
 @pytest.mark.parametrize("metric,query,expected", [
