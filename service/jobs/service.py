@@ -140,13 +140,31 @@ def create_archive_job(stream: IO[bytes], *, session: Session, storage_dir: str 
         else:
             index = _metadata_index(extracted.metadata, extracted.metadata_name)
             meta_dir = extracted.metadata_dir
-        items = [_archive_item(e, index, meta_dir) for e in extracted.entries]
+        items = [_archive_item(e, index, meta_dir) for e in extracted.entries
+                 if not _is_the_metadata(e.name, e.path, metadata)]
         return _record(_typed_items(items, max_metadata_bytes=max_metadata_bytes),
                        session=session, job_id=job_id, collection=collection, kind="archive",
                        source=filename)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _is_the_metadata(name: str, path: Path | None,
+                     metadata: tuple[bytes, str | None] | None) -> bool:
+    """The metadata file sent beside the files, found among them too (same name and bytes)."""
+    # `lookalike ingest DIR --metadata DIR/labels.csv` sends the file both ways; as an item
+    # it could only fail ("not an image").
+    if metadata is None or not metadata[1] or path is None:
+        return False
+    data, filename = metadata
+    parts = normalise_key(name).split("/")
+    if parts[-1] != filename or len(parts) > 2:
+        return False
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _archive_item(entry: Entry, index: MetadataIndex, meta_dir: str) -> NewItem:
@@ -175,7 +193,7 @@ def create_path_job(path: str, *, session: Session, roots: list[str], collection
     index = _metadata_index(*metadata) if metadata is not None else MetadataIndex({})
     items = []
     for rel, full, problem in _walk(root, max_entries=max_entries):
-        if rel in METADATA_NAMES:
+        if rel in METADATA_NAMES or _is_the_metadata(rel, full, metadata):
             continue
         items.append(NewItem(rel, None, error=problem) if problem
                      else NewItem(rel, str(full), index.lookup(rel)))

@@ -59,3 +59,19 @@ def test_ingest_reads_server_paths_uploads_the_rest_and_fails_on_bad_items(
 
     queued = ingest(str(outside), "--collection", "c-cli", "--url", api_url, "--no-wait")
     assert queued.returncode == 0 and len(queued.stdout.strip()) == 36
+
+
+@pytest.mark.usefixtures("jobs_worker")
+def test_a_metadata_file_inside_the_directory_is_not_an_item(
+        api_url: str, photos: list[Path], ingest_root: Path, tmp_path: Path) -> None:
+    # Both ways in: the server reads the directory, or the client uploads it as a tar.
+    for folder in (ingest_root / "with-labels", tmp_path / "with-labels"):
+        folder.mkdir()
+        for p in photos[5:7]:
+            (folder / p.name).write_bytes(p.read_bytes() + folder.parent.name.encode())
+        (folder / "labels.csv").write_text(f"file,label\n{photos[5].name},Shirt\n")
+        (folder / "notes.txt").write_text("not an image, and not the metadata")
+        done = ingest(str(folder), "--collection", "c-cli-labels", "--url", api_url,
+                      "--metadata", str(folder / "labels.csv"))
+        assert "2 new, 0 duplicates, 1 failed" in done.stdout, done.stderr + done.stdout
+        assert "failed notes.txt:" in done.stdout and "labels.csv" not in done.stdout
