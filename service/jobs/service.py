@@ -193,7 +193,7 @@ def create_path_job(path: str, *, session: Session, roots: list[str], collection
     index = _metadata_index(*metadata) if metadata is not None else MetadataIndex({})
     items = []
     for rel, full, problem in _walk(root, max_entries=max_entries):
-        if rel in METADATA_NAMES or _is_the_metadata(rel, full, metadata):
+        if rel in METADATA_NAMES or (problem is None and _is_the_metadata(rel, full, metadata)):
             continue
         items.append(NewItem(rel, None, error=problem) if problem
                      else NewItem(rel, str(full), index.lookup(rel)))
