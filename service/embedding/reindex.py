@@ -137,12 +137,13 @@ def progress(run_id: uuid.UUID, *, session: Session) -> ReindexProgress:
 
 
 def unindexed(model_id: int, *, session: Session) -> dict[str, int]:
-    """Ready images that have no vector of the model, counted per collection."""
+    """Ready images that have no vector of the model, per collection, most first."""
     vector = exists().where(ImageEmbedding.image_id == Image.id,
                             ImageEmbedding.model_id == model_id)
     rows = session.execute(select(Image.collection, func.count())
                            .where(Image.status == "ready", ~vector)
-                           .group_by(Image.collection).order_by(Image.collection)).all()
+                           .group_by(Image.collection)
+                           .order_by(func.count().desc(), Image.collection)).all()
     return {collection: int(count) for collection, count in rows}
 
 

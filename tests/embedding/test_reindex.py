@@ -71,9 +71,11 @@ def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path], setti
 
     # Not reindexed yet: switching the global default would leave this collection unsearchable.
     refused = cli_default(settings, tiny_model)
-    assert refused.exit_code == 1 and f"{collection!r} (10)" in refused.output
+    assert refused.exit_code == 1 and "ready images have no" in refused.output
     with app.app_context(), session_scope() as session:
         assert default_model(session=session) != tiny_model
+        row = find_model(tiny_model, session=session)
+        assert row is not None and unindexed(row.id, session=session)[collection] == 10
 
     thread = threading.Thread(target=searcher)
     thread.start()
