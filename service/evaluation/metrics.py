@@ -31,27 +31,47 @@ def average_precision(relevant: np.ndarray) -> float:
     return float(precision_at_hits.mean())
 
 
+class RankingAccumulator:
+    """Scores rankings one at a time, keeping per-query figures only (not the rankings)."""
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10, 100)) -> None:
+        self.ks = ks
+        self.aps: list[float] = []
+        self.precision: dict[int, list[float]] = {k: [] for k in ks}
+        self.recall: dict[int, list[float]] = {k: [] for k in ks}
+
+    def add(self, relevant: np.ndarray, total: int | None = None) -> float | None:
+        """Score one ranking; its AP, or None when the query has no relevant item."""
+        rel = np.asarray(relevant, dtype=bool)
+        total = int(rel.sum()) if total is None else total
+        if total == 0:
+            return None
+        hits = np.flatnonzero(rel)
+        ap = float((np.arange(1, hits.size + 1) / (hits + 1)).sum() / total)
+        self.aps.append(ap)
+        for k in self.ks:
+            found = int(rel[:k].sum())
+            self.precision[k].append(found / k)
+            self.recall[k].append(found / total)
+        return ap
+
+    def scores(self) -> RetrievalScores:
+        """Means over the queries added so far."""
+        return RetrievalScores(
+            mean_ap=float(np.mean(self.aps)) if self.aps else 0.0,
+            precision={k: float(np.mean(v)) for k, v in self.precision.items() if v},
+            recall={k: float(np.mean(v)) for k, v in self.recall.items() if v},
+            queries=len(self.aps),
+        )
+
+
 def evaluate_rankings(rankings: list[np.ndarray], ks: tuple[int, ...] = (1, 5, 10, 100),
                       totals: list[int] | None = None) -> RetrievalScores:
     """Scores from boolean relevance arrays (full rankings, query excluded)."""
-    aps, precision, recall = [], {k: [] for k in ks}, {k: [] for k in ks}
+    scores = RankingAccumulator(ks)
     for i, rel in enumerate(rankings):
-        rel = np.asarray(rel, dtype=bool)
-        total = totals[i] if totals is not None else int(rel.sum())
-        if total == 0:
-            continue
-        hits = np.flatnonzero(rel)
-        aps.append(float((np.arange(1, hits.size + 1) / (hits + 1)).sum() / total))
-        for k in ks:
-            found = int(rel[:k].sum())
-            precision[k].append(found / k)
-            recall[k].append(found / total)
-    return RetrievalScores(
-        mean_ap=float(np.mean(aps)) if aps else 0.0,
-        precision={k: float(np.mean(v)) for k, v in precision.items() if v},
-        recall={k: float(np.mean(v)) for k, v in recall.items() if v},
-        queries=len(aps),
-    )
+        scores.add(rel, totals[i] if totals is not None else None)
+    return scores.scores()
 
 
 def exact_cosine_scores(vectors: np.ndarray, labels: list[str],

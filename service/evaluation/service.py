@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError
-from service.evaluation.metrics import RetrievalScores, evaluate_rankings
+from service.evaluation.metrics import RankingAccumulator, RetrievalScores
 from service.images.models import Image
 from service.search.service import search_vectors
 
@@ -104,20 +104,16 @@ def _require_classes(images: int, classes: int, collection: str, label_key: str)
                        "evaluation needs at least two classes")
 
 
-def _pr_curve(rankings: list[np.ndarray], totals: list[int]) -> list[tuple[float, float]]:
-    """Interpolated precision at 11 recall levels, averaged over queries."""
-    levels = np.linspace(0, 1, 11)
-    curves = []
-    for rel, total in zip(rankings, totals, strict=True):
-        hits = np.cumsum(rel)
-        precision = hits / np.arange(1, len(rel) + 1)
-        recall = hits / max(total, 1)
-        # Interpolated: the best precision at any recall at least this level.
-        best = np.maximum.accumulate(precision[::-1])[::-1]
-        curves.append([float(best[recall >= r][0]) if np.any(recall >= r) else 0.0
-                       for r in levels])
-    mean = np.mean(curves, axis=0) if curves else np.zeros(len(levels))
-    return [(float(r), float(p)) for r, p in zip(levels, mean, strict=True)]
+LEVELS = np.linspace(0, 1, 11)  # recall levels of the precision-recall curve
+
+
+def _interpolated_precision(rel: np.ndarray, total: int) -> list[float]:
+    """One query's best precision at any recall at least each of LEVELS."""
+    hits = np.cumsum(rel)
+    precision = hits / np.arange(1, len(rel) + 1)
+    recall = hits / max(total, 1)
+    best = np.maximum.accumulate(precision[::-1])[::-1] if len(rel) else precision
+    return [float(best[recall >= r][0]) if np.any(recall >= r) else 0.0 for r in LEVELS]
 
 
 def evaluate_collection(*, session: Session, collection: str, label_key: str,
@@ -133,36 +129,36 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
         rng.choice(n, sample, replace=False))
     index_of = {image_id: i for i, image_id in enumerate(data.ids)}
     unit = data.vectors / np.maximum(np.linalg.norm(data.vectors, axis=1, keepdims=True), 1e-12)
-    service_rankings, exact_rankings, totals, outcomes = [], [], [], []
+    # Per-query figures only: a full ranking per query would grow with queries × images.
+    service, exact = RankingAccumulator(ks), RankingAccumulator(ks)
+    curves, outcomes, per_class = [], [], {}
     for qi in queries:
+        label = str(data.labels[qi])
         total = int((data.labels == data.labels[qi]).sum()) - 1
         result = search_vectors(data.vectors[qi], session=session, model=model, k=n - 1,
                                 collection=collection, exclude_id=data.ids[qi],
                                 force_method=method, ids_only=True)
         got = [index_of[h.image.id] for h in result.hits if h.image.id in index_of]
         relevant = data.labels[got] == data.labels[qi]
-        service_rankings.append(relevant)
+        ap = service.add(relevant, total)
+        curves.append(_interpolated_precision(relevant, total))
         sims = unit @ unit[qi]
         sims[qi] = -np.inf
         order = np.argsort(-sims, kind="stable")[:-1]
-        exact_rankings.append(data.labels[order] == data.labels[qi])
-        totals.append(total)
-        ap = evaluate_rankings([relevant], ks=(1,), totals=[total]).mean_ap
+        exact_ap = exact.add(data.labels[order] == data.labels[qi], total)
+        per_class.setdefault(label, []).append(exact_ap or 0.0)
         outcomes.append(QueryOutcome(
-            image_id=str(data.ids[qi]), label=str(data.labels[qi]), ap=ap,
+            image_id=str(data.ids[qi]), label=label, ap=ap or 0.0,
             top=[{"id": str(data.ids[j]), "label": str(data.labels[j])} for j in got[:8]]))
-    service = evaluate_rankings(service_rankings, ks, totals)
-    exact = evaluate_rankings(exact_rankings, ks, totals)
-    per_class: dict[str, list[float]] = {}
-    for rel, total, qi in zip(exact_rankings, totals, queries, strict=True):
-        per_class.setdefault(str(data.labels[qi]), []).append(
-            evaluate_rankings([rel], ks=(1,), totals=[total]).mean_ap)
+        outcomes = sorted(outcomes, key=lambda o: o.ap)[:worst]
+    mean_curve = np.mean(curves, axis=0) if curves else np.zeros(len(LEVELS))
     return Evaluation(
         collection=collection, model=model.name, label_key=label_key, images=n,
-        classes=len(set(data.labels.tolist())), service=service, exact=exact,
+        classes=len(set(data.labels.tolist())), service=service.scores(),
+        exact=exact.scores(),
         per_class_ap={k: float(np.mean(v)) for k, v in sorted(per_class.items())},
-        pr_curve=_pr_curve(service_rankings, totals),
-        worst=sorted(outcomes, key=lambda o: o.ap)[:worst],
+        pr_curve=[(float(r), float(p)) for r, p in zip(LEVELS, mean_curve, strict=True)],
+        worst=outcomes,
     )
 
 
