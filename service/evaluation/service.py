@@ -112,7 +112,7 @@ def _interpolated_precision(rel: np.ndarray, total: int) -> list[float]:
     hits = np.cumsum(rel)
     precision = hits / np.arange(1, len(rel) + 1)
     recall = hits / max(total, 1)
-    best = np.maximum.accumulate(precision[::-1])[::-1] if len(rel) else precision
+    best = np.maximum.accumulate(precision[::-1])[::-1]  # interpolated: best to the right
     return [float(best[recall >= r][0]) if np.any(recall >= r) else 0.0 for r in LEVELS]
 
 
