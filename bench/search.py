@@ -59,8 +59,12 @@ def assign_metadata(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return members
 
 
-def load(url: str, vectors: np.ndarray, members: dict[str, np.ndarray]) -> tuple[int, list]:
-    """COPY images and vectors in; returns the model id and the image ids."""
+def load(url: str, vectors: np.ndarray, members: dict[str, np.ndarray],
+         metadata: list[dict[str, Any]] | None = None) -> tuple[int, list]:
+    """COPY images and vectors in; returns the model id and the image ids.
+
+    Each image's metadata is {key: true} for the `members` masks it is in, or `metadata[i]`.
+    """
     ids = [uuid.uuid4() for _ in range(len(vectors))]
     with psycopg.connect(url) as conn:
         register_vector(conn)
@@ -71,7 +75,8 @@ def load(url: str, vectors: np.ndarray, members: dict[str, np.ndarray]) -> tuple
                 "COPY images (id, collection, sha256, mime, format, width, height, bytes, "
                 "metadata, status) FROM STDIN") as copy:
             for i, image_id in enumerate(ids):
-                meta = {key: True for key, mask in members.items() if mask[i]}
+                meta = metadata[i] if metadata is not None else {
+                    key: True for key, mask in members.items() if mask[i]}
                 copy.write_row((image_id, "bench", f"{i:064x}", "image/jpeg", "JPEG", 1, 1, 1,
                                 json.dumps(meta), "ready"))
         with conn.cursor().copy("COPY image_embeddings (image_id, model_id, vector) FROM STDIN "
