@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Integer, String, Text, delete, exists, func, select, text
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    delete,
+    exists,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -50,10 +61,14 @@ class ReindexProgress:
     failed: int
 
 
+def _lacks_vector(model_id: int) -> ColumnElement[bool]:
+    """A ready image without a vector of the model."""
+    return (Image.status == "ready") & ~exists().where(ImageEmbedding.image_id == Image.id,
+                                                       ImageEmbedding.model_id == model_id)
+
+
 def _missing(collection: str, model_id: int) -> select:
-    have = select(ImageEmbedding.image_id).where(ImageEmbedding.model_id == model_id)
-    return (select(Image.id).where(Image.collection == collection, Image.status == "ready",
-                                   Image.id.not_in(have)))
+    return select(Image.id).where(Image.collection == collection, _lacks_vector(model_id))
 
 
 def start_reindex(collection: str, model_name: str, *, session: Session,
@@ -138,10 +153,8 @@ def progress(run_id: uuid.UUID, *, session: Session) -> ReindexProgress:
 
 def unindexed(model_id: int, *, session: Session) -> dict[str, int]:
     """Ready images that have no vector of the model, per collection, most first."""
-    vector = exists().where(ImageEmbedding.image_id == Image.id,
-                            ImageEmbedding.model_id == model_id)
     rows = session.execute(select(Image.collection, func.count())
-                           .where(Image.status == "ready", ~vector)
+                           .where(_lacks_vector(model_id))
                            .group_by(Image.collection)
                            .order_by(func.count().desc(), Image.collection)).all()
     return {collection: int(count) for collection, count in rows}
