@@ -389,10 +389,12 @@ def ingest(path: Path, metadata: Path | None, collection: str, url: str | None,
 @click.option("--model", help="Model name (default: DEFAULT_MODEL).")
 @click.option("--method", type=click.Choice(["auto", "index", "exact"]), default="auto",
               show_default=True, help="auto plans as the API does; index forces HNSW.")
+@click.option("--rerank", type=click.Choice(["none", "aqe"]), default="none", show_default=True,
+              help="aqe: expand each query by its top neighbours, as search's rerank does.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Write report.json, PNG charts and index.html here.")
 def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model: str | None,
-             method: str, report_dir: str | None) -> None:
+             method: str, rerank: str, report_dir: str | None) -> None:
     """mAP, P@k and R@k of a labelled collection: the search path against brute force."""
     from service.app import create_app
     from service.db import session_scope
@@ -418,11 +420,13 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
             result = evaluate_collection(session=session, collection=collection,
                                          label_key=label_key, model=row, ks=k_values,
                                          sample=sample, method=None if method == "auto"
-                                         else method)
+                                         else method,
+                                         rerank=None if rerank == "none" else rerank)
         except ApiError as exc:
             raise click.ClickException(exc.message) from exc
         click.echo(f"{collection}: {result.images} images, {result.classes} classes, "
-                   f"{result.service.queries} queries, model {row.name}")
+                   f"{result.service.queries} queries, model {row.name}"
+                   + (f", re-ranked by {result.rerank}" if result.rerank else ""))
         click.echo(f"{'':24s} {'mAP':>7s}" + "".join(f" {'P@' + str(k):>7s} {'R@' + str(k):>7s}"
                                                    for k in k_values))
         for label, scores in (("service (SQL + HNSW)", result.service),

@@ -31,6 +31,8 @@ class EvaluationRequest(BaseModel):
     sample: int | None = Field(default=None, ge=1, le=100_000)
     model: str | None = Field(default=None, max_length=128)
     method: str | None = Field(default=None, pattern="^(index|exact)$")
+    rerank: str | None = Field(default=None, pattern="^aqe$",
+                               description="Expand each query as search's `rerank: aqe` does.")
 
 
 class EvaluationOut(BaseModel):

@@ -13,8 +13,13 @@ from sqlalchemy.orm import Session
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError
 from service.evaluation.metrics import RankingAccumulator, RetrievalScores
+from service.graph.reranking import AQE_NEIGHBOURS, alpha_query_expansion, rerank_hits
 from service.images.models import Image
-from service.search.service import search_vectors
+from service.search.service import SearchResult, search_vectors
+
+# Re-rankings an evaluation can apply: each must order the whole collection, which rules
+# out diffusion (it ranks only the images its walk reaches).
+RERANKINGS = ("aqe",)
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Evaluation:
     per_class_ap: dict[str, float]
     pr_curve: list[tuple[float, float]]
     worst: list[QueryOutcome]
+    rerank: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -58,7 +64,8 @@ class Evaluation:
                     "queries": s.queries}
         return {
             "collection": self.collection, "model": self.model, "label_key": self.label_key,
-            "images": self.images, "classes": self.classes, "service": scores(self.service),
+            "rerank": self.rerank, "images": self.images, "classes": self.classes,
+            "service": scores(self.service),
             "exact": scores(self.exact), "map_gap": self.exact.mean_ap - self.service.mean_ap,
             "per_class_ap": self.per_class_ap, "pr_curve": self.pr_curve,
             "worst": [q.__dict__ for q in self.worst],
@@ -119,8 +126,14 @@ def _interpolated_precision(rel: np.ndarray, total: int) -> list[float]:
 def evaluate_collection(*, session: Session, collection: str, label_key: str,
                         model: EmbeddingModel, ks: tuple[int, ...] = (1, 5, 10, 100),
                         sample: int | None = None, seed: int = 0, worst: int = 8,
-                        method: str | None = None) -> Evaluation:
-    """Each (sampled) image queries the rest through search_vectors and by brute force."""
+                        method: str | None = None, rerank: str | None = None) -> Evaluation:
+    """Each (sampled) image queries the rest through search_vectors and by brute force.
+
+    With `rerank="aqe"`, both sides expand each query as search's `rerank: "aqe"` does:
+    the search path through the same function, brute force from exact neighbours.
+    """
+    if rerank is not None and rerank not in RERANKINGS:
+        raise ApiError("invalid_request", f"evaluation re-ranks by {RERANKINGS}, not {rerank!r}")
     data = load_labelled(session=session, collection=collection, label_key=label_key,
                          model=model)
     n = len(data.ids)
@@ -135,9 +148,19 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
     for qi in queries:
         label = str(data.labels[qi])
         total = int((data.labels == data.labels[qi]).sum()) - 1
-        result = search_vectors(data.vectors[qi], session=session, model=model, k=n - 1,
-                                collection=collection, exclude_id=data.ids[qi],
-                                force_method=method, ids_only=True)
+
+        def ranked(vector: np.ndarray, k: int, qi: int = int(qi)) -> SearchResult:
+            return search_vectors(vector, session=session, model=model, k=k,
+                                  collection=collection, exclude_id=data.ids[qi],
+                                  force_method=method, ids_only=True)
+
+        if rerank is None:
+            result = ranked(data.vectors[qi], n - 1)
+        else:
+            result = rerank_hits(rerank, data.vectors[qi],
+                                 ranked(data.vectors[qi], AQE_NEIGHBOURS), session=session,
+                                 model=model, search=ranked, k=n - 1, collection=collection,
+                                 exclude_id=data.ids[qi])
         got = [index_of[h.image.id] for h in result.hits if h.image.id in index_of]
         relevant = data.labels[got] == data.labels[qi]
         ap = service.add(relevant, total)
@@ -145,6 +168,10 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
         sims = unit @ unit[qi]
         sims[qi] = -np.inf
         order = np.argsort(-sims, kind="stable")[:-1]
+        if rerank is not None:
+            sims = unit @ alpha_query_expansion(unit[qi], unit[order[:AQE_NEIGHBOURS]])
+            sims[qi] = -np.inf
+            order = np.argsort(-sims, kind="stable")[:-1]
         exact_ap = exact.add(data.labels[order] == data.labels[qi], total)
         per_class.setdefault(label, []).append(exact_ap or 0.0)
         outcomes.append(QueryOutcome(
@@ -158,7 +185,7 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
         exact=exact.scores(),
         per_class_ap={k: float(np.mean(v)) for k, v in sorted(per_class.items())},
         pr_curve=[(float(r), float(p)) for r, p in zip(LEVELS, mean_curve, strict=True)],
-        worst=outcomes,
+        worst=outcomes, rerank=rerank,
     )
 
 
@@ -200,7 +227,7 @@ def execute_run(run_id: uuid.UUID, *, session: Session) -> str:
         result = evaluate_collection(session=session, collection=p["collection"],
                                      label_key=p["label_key"], model=model,
                                      ks=tuple(p["ks"]), sample=p.get("sample"),
-                                     method=p.get("method"))
+                                     method=p.get("method"), rerank=p.get("rerank"))
         run.result, run.status = result.summary(), "done"
     except ApiError as exc:
         session.rollback()

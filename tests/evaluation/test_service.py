@@ -56,6 +56,25 @@ def test_service_path_matches_brute_force(app: Flask, labelled: list[str], metho
     assert set(result.per_class_ap) == {"Shoes", "Hat", "Dress", "Longsleeve"}
 
 
+@pytest.mark.parametrize("method", ["index", "exact"])
+def test_query_expansion_through_the_search_path_matches_brute_force(
+        app: Flask, labelled: list[str], method: str) -> None:
+    with app.app_context(), session_scope() as session:
+        model = find_model("efficientnet-lite0", session=session)
+        plain = evaluate_collection(session=session, collection=COLLECTION, label_key="label",
+                                    model=model, ks=(1, 5), method=method)
+        expanded = evaluate_collection(session=session, collection=COLLECTION,
+                                       label_key="label", model=model, ks=(1, 5),
+                                       method=method, rerank="aqe")
+    assert expanded.rerank == "aqe" and expanded.summary()["rerank"] == "aqe"
+    assert abs(expanded.service.mean_ap - expanded.exact.mean_ap) < 0.01
+    # The expansion re-orders the rankings: their AP is not the plain one.
+    assert expanded.exact.mean_ap != plain.exact.mean_ap
+    with app.app_context(), session_scope() as session, pytest.raises(ApiError, match="aqe"):
+        evaluate_collection(session=session, collection=COLLECTION, label_key="label",
+                            model=model, rerank="diffusion")
+
+
 def test_bad_labels_are_clear_errors(app: Flask, labelled: list[str]) -> None:
     with app.app_context(), session_scope() as session:
         model = find_model("efficientnet-lite0", session=session)
@@ -69,12 +88,14 @@ def test_cli_report(settings: dict, labelled: list[str], tmp_path: Path) -> None
 
     result = CliRunner().invoke(
         __import__("service.cli", fromlist=["main"]).main,
-        ["eval", "--collection", COLLECTION, "--k", "1,5", "--report", str(tmp_path)],
+        ["eval", "--collection", COLLECTION, "--k", "1,5", "--rerank", "aqe",
+         "--report", str(tmp_path)],
         env=worker_env(settings))
     assert result.exit_code == 0, result.output
-    assert "exact brute force" in result.output
+    assert "exact brute force" in result.output and "re-ranked by aqe" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["images"] == 24 and 0 <= report["service"]["map"] <= 1
+    assert report["images"] == 24 and report["rerank"] == "aqe"
+    assert 0 <= report["service"]["map"] <= 1
     for name in ("pr_curve.png", "per_class_ap.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "index.html").read_text()
@@ -85,7 +106,8 @@ def test_evaluation_job_over_http(app: Flask, labelled: list[str]) -> None:
     import time
 
     client = app.test_client()
-    resp = client.post("/api/v1/evaluations", json={"collection": COLLECTION, "ks": [1, 5]})
+    resp = client.post("/api/v1/evaluations",
+                       json={"collection": COLLECTION, "ks": [1, 5], "rerank": "aqe"})
     assert resp.status_code == 202, resp.get_json()
     run_id = resp.get_json()["id"]
     deadline = time.monotonic() + 60
@@ -97,6 +119,7 @@ def test_evaluation_job_over_http(app: Flask, labelled: list[str]) -> None:
         time.sleep(0.3)
     assert body["status"] == "done", body
     assert body["result"]["images"] == 24 and 0.5 < body["result"]["exact"]["map"] <= 1
+    assert body["result"]["rerank"] == "aqe"
     bad = client.post("/api/v1/evaluations", json={"collection": COLLECTION, "model": "nope"})
     assert bad.status_code == 400 and bad.get_json()["error"]["code"] == "unknown_model"
     assert client.get("/api/v1/evaluations/not-an-id").status_code == 404
@@ -107,6 +130,7 @@ def test_evaluation_job_over_http(app: Flask, labelled: list[str]) -> None:
     ({"collection": "t-eval-nothing-here"}, "no_labelled_images"),
     ({"collection": COLLECTION, "ks": [0]}, "invalid_request"),
     ({"collection": COLLECTION, "ks": [10, 20_000]}, "invalid_request"),
+    ({"collection": COLLECTION, "rerank": "diffusion"}, "invalid_request"),
 ])
 def test_an_evaluation_that_cannot_run_is_refused_at_once(
         app: Flask, labelled: list[str], body: dict, code: str) -> None:
