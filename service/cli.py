@@ -449,7 +449,10 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
 @main.command("finetune")
 @click.option("--collection", required=True)
 @click.option("--label-key", default="label", show_default=True)
-@click.option("--from", "base", default="efficientnet-lite0", show_default=True)
+@click.option("--from", "base", default="efficientnet-lite0", show_default=True,
+              help="The backbone; or several, comma-separated (e.g. efficientnet-lite0,"
+              "efficientnet-lite2): a head on each, joined into one model. The first must "
+              "have embedded the collection.")
 @click.option("--dim", default=256, show_default=True, help="Output size of --unsupervised.")
 @click.option("--split-key", help="Metadata key that keeps a group (e.g. a person) on one side.")
 @click.option("--shots", type=int, help="Train on only this many images per class.")

@@ -51,7 +51,7 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
         ]
         features = "head_hidden"
     if head.cosine or head.mix is not None:
-        nodes += _unit_nodes(features, "head_hidden_unit")
+        nodes += unit_nodes(features, "head_hidden_unit")
     if head.mix is not None:
         consts["head_mix"] = np.array([head.mix], np.float32)
     last = "head_linear" if head.softmax else "head_out"
@@ -63,7 +63,7 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
     if head.softmax:
         nodes.append(helper.make_node("Softmax", [last], ["head_out"], axis=1))
     if head.mix is not None:
-        nodes += _unit_nodes("head_out", "head_out_unit")
+        nodes += unit_nodes("head_out", "head_out_unit")
         nodes += [
             helper.make_node("Mul", ["head_out_unit", "head_mix"], ["head_out_mixed"]),
             helper.make_node("Concat", ["head_hidden_unit", "head_out_mixed"], [output],
@@ -81,7 +81,7 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
     return model
 
 
-def _unit_nodes(source: str, target: str) -> list[onnx.NodeProto]:
+def unit_nodes(source: str, target: str) -> list[onnx.NodeProto]:
     """Nodes dividing each row by its L2 norm plus NORM_EPS (as heads._unit does)."""
     return [
         helper.make_node("ReduceL2", [source], [f"{target}_norm"], axes=[1], keepdims=1),

@@ -20,8 +20,8 @@ from service.embedding.service import find_model
 from service.embedding.session import get_embedder
 from service.embedding.transforms import Preprocessing
 from service.errors import ApiError
-from service.evaluation.metrics import exact_cosine_scores
-from service.evaluation.service import load_labelled
+from service.evaluation.metrics import RetrievalScores, exact_cosine_scores
+from service.evaluation.service import LabelledSet, load_labelled
 from service.images.models import Image
 from service.images.storage import ContentStore
 from service.training.augment import VIEWS, embed_views
@@ -31,6 +31,7 @@ from service.training.heads import (
     fit_cosine_head,
     fit_pca_whitening,
 )
+from service.training.joined import join, resized_input
 from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
 from service.training.tail import DEPTHS, Tail
@@ -193,9 +194,15 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
                                  ("hidden", hidden, 0)):
         if value is not None and value < least:
             raise ApiError("bad_request", f"--{option} must be at least {least}, not {value}")
-    model_row = find_model(base, session=session)
+    bases = [b.strip() for b in base.split(",") if b.strip()]
+    if len(bases) > 1:
+        _check_joinable(bases, unsupervised=unsupervised, head_kind=head_kind, store=store,
+                        tune=tune)
+    # Several backbones: the first one's stored vectors give the images and the raw figures.
+    model_row = find_model(bases[0], session=session)
     if model_row is None:
-        raise ApiError("unknown_model", f"no images have been embedded with model {base!r}")
+        raise ApiError("unknown_model",
+                       f"no images have been embedded with model {bases[0]!r}")
     data = load_labelled(session=session, collection=collection, label_key=label_key,
                          model=model_row)
     values = split_values(session=session, ids=data.ids, split_key=split_key)
@@ -211,45 +218,30 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     test_labels = data.labels[test_idx].tolist()
     raw = exact_cosine_scores(data.vectors[test_idx], test_labels, ks=(10,))
 
+    if len(bases) > 1:
+        return _finetune_joined(
+            session=session, collection=collection, label_key=label_key, bases=bases,
+            model_dir=model_dir, split_key=split_key, shots=shots, seed=seed, name=name,
+            store=store, max_pixels=max_pixels, hidden=hidden, epochs=epochs,
+            tune=tune or "last-conv", progress=progress, data=data, values=values,
+            train_idx=train_idx, test_idx=test_idx, classes=classes, raw=raw)
+    base = bases[0]
     base_info = registry.verify(model_dir, base)
     backbone = onnx.load_model(registry.model_path(model_dir, base) / "model.onnx")
     head: Head
     if unsupervised:
         head = fit_pca_whitening(data.vectors[train_idx], dim=dim)
+        test_features = head.transform(data.vectors[test_idx])
     else:
-        features, run, tail = data.vectors, None, None
         if tune is None:
             tune = "last-conv" if (store is not None and head_kind == "cosine"
                                     and len(data.ids) <= MAX_TUNE_IMAGES) else "none"
-        if tune != "none":
-            if store is None or head_kind != "cosine":
-                raise ApiError("bad_request", f"--tune {tune} needs the cosine head and the "
-                               "stored originals (augmentation on)")
-            if len(data.ids) > MAX_TUNE_IMAGES:
-                raise ApiError("too_many_images", f"--tune {tune} keeps feature maps of at "
-                               f"most {MAX_TUNE_IMAGES} labelled images in memory; this "
-                               f"collection has {len(data.ids)}: use --tune none")
-            runner = MapRunner(backbone, base_info.input_name, base_info.outputs[0], tune)
-            tail, run = runner.tail, runner.run
-            features = centre_maps(
-                stored_originals(session=session, store=store, ids=data.ids,
-                                 stage="feature maps", progress=progress),
-                runner, base_info.preprocessing, max_pixels=max_pixels)
-
-        def views_of(rows: np.ndarray) -> np.ndarray:
-            assert store is not None
-            # Pooled features from the cached embedder, or the tail's input maps.
-            view_run = run or (lambda b: get_embedder(model_dir, base).run(b).vectors)
-            return augmented_rows(session=session, ids=[data.ids[i] for i in rows],
-                                  store=store, run=view_run, prep=base_info.preprocessing,
-                                  max_pixels=max_pixels, progress=progress)
-
-        head = train_head(features, data.labels, values, train_idx, classes,
-                          validate=not shots, head_kind=head_kind,
-                          views_of=views_of if store is not None else None, hidden=hidden,
-                          epochs=epochs, seed=seed, tail=tail, progress=progress)
-    test_features = (head.transform(data.vectors[test_idx]) if head.tail is None
-                     else head.transform_maps(features[test_idx]))
+        head, test_features = _fit_branch(
+            session=session, backbone=backbone, info=base_info, prep=base_info.preprocessing,
+            data=data, values=values, train_idx=train_idx, test_idx=test_idx,
+            classes=classes, validate=not shots, head_kind=head_kind, store=store,
+            max_pixels=max_pixels, hidden=hidden, epochs=epochs, seed=seed, tune=tune,
+            progress=progress, embedder=lambda b: get_embedder(model_dir, base).run(b).vectors)
     tuned = exact_cosine_scores(test_features, test_labels, ks=(10,))
     model = append_head(backbone, head)
     record = {
@@ -263,6 +255,119 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
         model_dir, base), "version": "1", "dim": head.dim, "sha256": "",
         "source": f"{base} + {head.kind} head fitted on {collection!r}",
         "extra": {"training": record}})
+    registry.write_model(model_dir, model, info)
+    return TrainingOutcome(model=info.name, train_images=int(len(train_idx)),
+                           test_images=int(len(test_idx)), raw_test_map=raw.mean_ap,
+                           raw_test_p10=raw.precision[10], head_test_map=tuned.mean_ap,
+                           head_test_p10=tuned.precision[10], record=record)
+
+
+def _fit_branch(*, session: Session, backbone: onnx.ModelProto, info: registry.ModelInfo,
+                prep: Preprocessing, data: LabelledSet, values: list[str],
+                train_idx: np.ndarray, test_idx: np.ndarray, classes: list[str],
+                validate: bool, head_kind: str, store: ContentStore | None, max_pixels: int,
+                hidden: int | None, epochs: int | None, seed: int, tune: str,
+                progress: Progress | None,
+                embedder: Callable[[np.ndarray], np.ndarray] | None = None
+                ) -> tuple[Head, np.ndarray]:
+    """Fit a labelled head on one backbone (re-training its tail unless `tune` is "none");
+    the head and the test rows' embeddings. With tune "none" the features are the stored
+    vectors, and `embedder` gives the augmentation views' pooled features."""
+    features, run, tail = data.vectors, embedder, None
+    if tune != "none":
+        if store is None or head_kind != "cosine":
+            raise ApiError("bad_request", f"--tune {tune} needs the cosine head and the "
+                           "stored originals (augmentation on)")
+        if len(data.ids) > MAX_TUNE_IMAGES:
+            raise ApiError("too_many_images", f"--tune {tune} keeps feature maps of at "
+                           f"most {MAX_TUNE_IMAGES} labelled images in memory; this "
+                           f"collection has {len(data.ids)}: use --tune none")
+        runner = MapRunner(backbone, info.input_name, info.outputs[0], tune)
+        tail, run = runner.tail, runner.run
+        features = centre_maps(
+            stored_originals(session=session, store=store, ids=data.ids,
+                             stage="feature maps", progress=progress),
+            runner, prep, max_pixels=max_pixels)
+
+    def views_of(rows: np.ndarray) -> np.ndarray:
+        assert store is not None and run is not None
+        # Pooled features from the embedder, or the tail's input maps.
+        return augmented_rows(session=session, ids=[data.ids[i] for i in rows],
+                              store=store, run=run, prep=prep,
+                              max_pixels=max_pixels, progress=progress)
+
+    head = train_head(features, data.labels, values, train_idx, classes,
+                      validate=validate, head_kind=head_kind,
+                      views_of=views_of if store is not None else None, hidden=hidden,
+                      epochs=epochs, seed=seed, tail=tail, progress=progress)
+    test_features = (head.transform(data.vectors[test_idx]) if head.tail is None
+                     else head.transform_maps(features[test_idx]))
+    return head, test_features
+
+
+def _check_joinable(bases: list[str], *, unsupervised: bool, head_kind: str,
+                    store: ContentStore | None, tune: str | None) -> None:
+    """Refuse what a model of several backbones cannot be, before any work."""
+    if unsupervised or head_kind != "cosine" or store is None or tune == "none":
+        raise ApiError("bad_request", "several backbones (--from a,b) re-train each one's "
+                       "last layers: they need the cosine head, augmentation and a --tune "
+                       "other than none")
+    if len(set(bases)) != len(bases):
+        raise ApiError("bad_request", f"--from names a backbone twice: {','.join(bases)}")
+
+
+def _finetune_joined(*, session: Session, collection: str, label_key: str, bases: list[str],
+                     model_dir: Path, split_key: str | None, shots: int | None, seed: int,
+                     name: str | None, store: ContentStore | None,
+                     max_pixels: int, hidden: int | None, epochs: int | None,
+                     tune: str, progress: Progress | None, data: LabelledSet,
+                     values: list[str], train_idx: np.ndarray, test_idx: np.ndarray,
+                     classes: list[str],
+                     raw: RetrievalScores) -> TrainingOutcome:
+    """A head per backbone, each re-training its backbone's tail on the same images, joined
+    into one model whose embedding is theirs side by side (docs/training.md)."""
+    infos = [registry.verify(model_dir, b) for b in bases]
+    if any((i.mean, i.std) != (infos[0].mean, infos[0].std) for i in infos):
+        raise ApiError("bad_request", "the backbones normalise their input differently")
+    # The largest input is the model's: the others see it resized inside the graph.
+    primary = max(range(len(infos)), key=lambda i: infos[i].input_size)
+    prep = infos[primary].preprocessing
+    heads, branches, parts = [], [], []
+    for b, info in zip(bases, infos, strict=True):
+        backbone = resized_input(
+            onnx.load_model(registry.model_path(model_dir, b) / "model.onnx"),
+            info.input_name, prep.size, info.input_size)
+        head, test_features = _fit_branch(
+            session=session, backbone=backbone, info=info, prep=prep, data=data,
+            values=values, train_idx=train_idx, test_idx=test_idx, classes=classes,
+            validate=not shots, head_kind="cosine", store=store, max_pixels=max_pixels,
+            hidden=hidden, epochs=epochs, seed=seed, tune=tune, progress=progress)
+        heads.append(head)
+        branches.append(append_head(backbone, head))
+        parts.append(test_features / np.maximum(
+            np.linalg.norm(test_features, axis=1, keepdims=True), 1e-12))
+    test_labels = data.labels[test_idx].tolist()
+    tuned = exact_cosine_scores(np.concatenate(parts, axis=1), test_labels, ks=(10,))
+    kept = infos[primary].outputs[1:2]
+    model = join(branches, infos[0].input_name,
+                 keep=(primary, kept[0]) if kept else None)
+    joined = "+".join(bases)
+    record = {
+        "base": joined, "bases": bases, "collection": collection, "label_key": label_key,
+        "split_key": split_key, "shots": shots, "head": heads[0].kind,
+        "branches": [{"base": b, "dim": h.dim, **h.record}
+                     for b, h in zip(bases, heads, strict=True)],
+        "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
+        "test_map_raw": raw.mean_ap, "test_map": tuned.mean_ap,
+        "test_p10": tuned.precision[10],
+    }
+    info = registry.ModelInfo(**{
+        **asdict(infos[primary]), "name": name or next_head_name(model_dir, joined),
+        "version": "1", "dim": sum(h.dim for h in heads), "sha256": "",
+        "outputs": ["embedding", *kept], "input_name": infos[0].input_name,
+        "licence": ", ".join(sorted({i.licence for i in infos})),
+        "source": f"{' + '.join(bases)}, each with a {heads[0].kind} head fitted on "
+                  f"{collection!r}, embeddings joined", "extra": {"training": record}})
     registry.write_model(model_dir, model, info)
     return TrainingOutcome(model=info.name, train_images=int(len(train_idx)),
                            test_images=int(len(test_idx)), raw_test_map=raw.mean_ap,

@@ -18,8 +18,9 @@ from service.db import session_scope
 from service.embedding import registry
 from service.embedding.session import Embedder
 from service.errors import ApiError
+from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS
-from service.training.service import finetune
+from service.training.service import _side, finetune
 from service.training.tail import find_tail
 from service.training.top import TOP_SCHEDULE, find_top, top_tail
 from tests.conftest import wait_for_status
@@ -154,6 +155,50 @@ def test_finetune_retrains_the_top_blocks_through_onnx_graphs(app: Flask, labell
     embedder = Embedder(info, models / out.model / "model.onnx")
     result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
     assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
+
+
+def test_finetune_joins_two_backbones_into_one_model(app: Flask, labelled, models: Path,
+                                                     clothing: Path) -> None:
+    registry.install("efficientnet-lite2", models)
+    bases = "efficientnet-lite0,efficientnet-lite2"
+    store = app.extensions["content_store"]
+    with app.app_context(), session_scope() as session:
+        out = finetune(session=session, collection=COLLECTION, label_key="label", base=bases,
+                       model_dir=models, split_key="sender_id", hidden=16, epochs=2,
+                       store=store, tune=None)  # None: last-conv, as the CLI's default
+        for bad, match in (({"tune": "none"}, "need the cosine head"),
+                           ({"store": None}, "need the cosine head"),
+                           ({"head_kind": "linear"}, "need the cosine head"),
+                           ({"base": "efficientnet-lite0,efficientnet-lite0"}, "twice")):
+            with pytest.raises(ApiError, match=match):
+                finetune(session=session, collection=COLLECTION, label_key="label",
+                         model_dir=models, **{"base": bases, "store": store, "tune": None, **bad})
+    assert out.model == "efficientnet-lite0+efficientnet-lite2+head-1"
+    info = registry.verify(models, out.model)
+    record = info.extra["training"]
+    assert record["bases"] == bases.split(",") and len(record["branches"]) == 2
+    # lite2's input is the model's; lite0 sees it resized to 224 inside the graph.
+    assert (info.input_size, info.resize, info.outputs) == (260, 297, ["embedding", "logits"])
+    assert info.dim == sum(b["dim"] for b in record["branches"]) == 2 * (16 + 4)
+    assert all(b["tail"]["layers"] for b in record["branches"])
+    # The installed graph reproduces what training scored: each test photo through it.
+    with (clothing / "labels.csv").open() as fh:
+        sender = {r["file"]: r["sender_id"] for r in csv.DictReader(fh)}
+    test = [(f, lab) for (_, f), lab in zip(labelled, _labels(clothing, labelled), strict=True)
+            if _side(sender[f])]
+    embedder = Embedder(info, models / out.model / "model.onnx")
+    vectors = embedder.embed_bytes([(clothing / f).read_bytes() for f, _ in test],
+                                   max_pixels=10**8).vectors
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    scored = exact_cosine_scores(vectors, [lab for _, lab in test], ks=(10,))
+    assert len(test) == out.test_images
+    assert scored.mean_ap == pytest.approx(out.head_test_map, abs=0.005)
+
+
+def _labels(clothing: Path, labelled: list[tuple[str, str]]) -> list[str]:
+    with (clothing / "labels.csv").open() as fh:
+        label = {r["file"]: r["label"] for r in csv.DictReader(fh)}
+    return [label[f] for _, f in labelled]
 
 
 @pytest.mark.parametrize("option", [{"shots": 0}, {"shots": -3}, {"dim": 0}, {"epochs": 0},
