@@ -69,28 +69,33 @@ def clothing_views(model_name: str, rows: list[dict[str, str]]) -> np.ndarray:
     return cached(f"views-{model_name}", rows, compute).astype(np.float32)
 
 
-def clothing_maps(model_name: str, rows: list[dict[str, str]],
-                  depth: str) -> tuple[np.ndarray, np.ndarray, Tail | GraphTail]:
+def clothing_maps(model_name: str, rows: list[dict[str, str]], depth: str,
+                  at: str | None = None) -> tuple[np.ndarray, np.ndarray, Tail | GraphTail]:
     """Input maps of the backbone's tail, of every photo (N, C, H, W) and of its views
-    (N, views, C·H·W), cached as float16; and the pretrained tail."""
+    (N, views, C·H·W), cached as float16; and the pretrained tail. With `at`, the backbone
+    sees that model's input, resized inside its graph (as in a joined model)."""
     import onnx
 
     from service.config import settings_from_env
     from service.embedding import registry
+    from service.training.joined import resized_input
     from service.training.maps import MapRunner, centre_maps
 
     model_dir = Path(settings_from_env()["MODEL_DIR"])
     info = registry.verify(model_dir, model_name)
-    runner = MapRunner(onnx.load_model(registry.model_path(model_dir, model_name) /
-                                       "model.onnx"), info.input_name, info.outputs[0], depth)
+    prep = registry.verify(model_dir, at).preprocessing if at else info.preprocessing
+    backbone = resized_input(onnx.load_model(registry.model_path(model_dir, model_name) /
+                                             "model.onnx"), info.input_name, prep.size,
+                             info.input_size)
+    runner = MapRunner(backbone, info.input_name, info.outputs[0], depth)
 
     def photos() -> Iterator[bytes]:
         return ((CLOTHING / r["file"]).read_bytes() for r in rows)
 
-    maps = cached(f"{depth}-maps-{model_name}", rows, lambda: centre_maps(
-        photos(), runner, info.preprocessing, max_pixels=10**8))
-    views = cached(f"{depth}-views-{model_name}", rows, lambda: embed_views(
-        photos(), runner.run, info.preprocessing, max_pixels=10**8))
+    name = f"{depth}-maps-{model_name}" + (f"-at-{at}" if at and at != model_name else "")
+    maps = cached(name, rows, lambda: centre_maps(photos(), runner, prep, max_pixels=10**8))
+    views = cached(name.replace("-maps-", "-views-"), rows, lambda: embed_views(
+        photos(), runner.run, prep, max_pixels=10**8))
     return maps, views, runner.tail
 
 
@@ -121,7 +126,14 @@ def main() -> None:
                              "query expansion, two backbones, ensembles).")
     parser.add_argument("--ensemble", action="store_true",
                         help="Only the two backbones' re-trained-conv heads, concatenated.")
+    parser.add_argument("--joined", action="store_true",
+                        help="Only `finetune --from efficientnet-lite0,efficientnet-lite2` "
+                             "(lite0 at lite2's input) with shots, with and without AQE.")
     args = parser.parse_args()
+    if args.joined:
+        append_results("Retrieval heads: lite0 and lite2 joined, with shots",
+                       joined(tuple(int(v) for v in args.shots.split(",") if v)))
+        return
     if args.ensemble:
         append_results("Retrieval heads: two backbones with re-trained last convs",
                        tuned_ensemble())
@@ -334,6 +346,72 @@ def tuned_ensemble() -> str:
     (a, am), (b, bm) = embeddings
     add("lite0 ⊕ lite2 concatenated", np.concatenate([a, b], axis=1))
     add("lite0 ⊕ lite2 concatenated, mirrored", np.concatenate([a + am, b + bm], axis=1))
+    return "\n".join(lines)
+
+
+def joined(shots: tuple[int, ...]) -> str:
+    """What `finetune --from efficientnet-lite0,efficientnet-lite2 --shots n` fits: a head on
+    each backbone (re-trained last conv, aug) on the same shots, lite0 fed lite2's crop
+    resized in its graph; unit embeddings side by side; scored plain and with search's AQE."""
+    from service.graph.reranking import AQE_ALPHA, AQE_NEIGHBOURS, alpha_query_expansion
+
+    rows = clothing_labels()
+    labels, senders, train_idx, test_idx, classes, test_labels = sender_split(rows)
+    branches = {"lite0": clothing_maps("efficientnet-lite0", rows, "last-conv",
+                                       at="efficientnet-lite2"),
+                "lite2": clothing_maps("efficientnet-lite2", rows, "last-conv")}
+    lines = ["Test split as above; each head: cosine + aug + re-trained last conv on the "
+             "same shots; `joined`: both unit embeddings side by side (what `finetune --from "
+             "efficientnet-lite0,efficientnet-lite2` installs; lite0 sees lite2's 260-pixel "
+             f"crop resized to 224 in its graph); `+ AQE`: α-query expansion as search's and "
+             f"eval's `rerank aqe` ({AQE_NEIGHBOURS} neighbours, α = {AQE_ALPHA:g}), exact. "
+             f"Mean of {SEEDS} draws of the shots (min–max of mAP).", "",
+             "| shots | embedding | test mAP | test P@10 | + AQE mAP | + AQE P@10 |",
+             "|---|---|---|---|---|---|"]
+
+    def expanded(feats: np.ndarray) -> np.ndarray:
+        unit = _unit(feats)
+        sims = unit @ unit.T
+        np.fill_diagonal(sims, -np.inf)
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :AQE_NEIGHBOURS]
+        return np.stack([alpha_query_expansion(unit[i], unit[top[i]])
+                         for i in range(len(unit))])
+
+    def aqe_scores(feats: np.ndarray) -> tuple[float, float]:
+        # Queries expanded, the database as it is: each expanded query ranks the others.
+        queries, unit = expanded(feats), _unit(feats)
+        label_arr = np.asarray(test_labels)
+        from service.evaluation.metrics import RankingAccumulator
+
+        acc = RankingAccumulator((10,))
+        for i, q in enumerate(queries):
+            sims = unit @ q
+            sims[i] = -np.inf
+            acc.add(label_arr[np.argsort(-sims, kind="stable")[:-1]] == label_arr[i],
+                    int((label_arr == label_arr[i]).sum()) - 1)
+        s = acc.scores()
+        return s.mean_ap, s.precision[10]
+
+    for count in shots:
+        figures: dict[str, list[tuple[float, float, float, float]]] = {}
+        for seed in range(SEEDS):
+            fit_idx = pick_shots(labels, train_idx, classes, count, seed)
+            parts = {}
+            for name, (maps, views, tail) in branches.items():
+                head = train_head(maps, labels, senders, fit_idx, classes, validate=False,
+                                  views_of=lambda r, v=views: v[r], seed=seed, tail=tail)
+                parts[name] = _unit(head.transform_maps(maps[test_idx]))
+            parts["joined"] = np.concatenate([parts["lite0"], parts["lite2"]], axis=1)
+            for name, feats in parts.items():
+                plain = exact_cosine_scores(feats, test_labels, ks=(10,))
+                figures.setdefault(name, []).append(
+                    (plain.mean_ap, plain.precision[10], *aqe_scores(feats)))
+        for name, values in figures.items():
+            v = np.array(values)
+            lines.append(f"| {count} | {name} | {v[:, 0].mean():.3f} ({v[:, 0].min():.3f}–"
+                         f"{v[:, 0].max():.3f}) | {v[:, 1].mean():.3f} | {v[:, 2].mean():.3f} "
+                         f"({v[:, 2].min():.3f}–{v[:, 2].max():.3f}) | {v[:, 3].mean():.3f} |")
+            print(lines[-1], flush=True)
     return "\n".join(lines)
 
 

@@ -489,6 +489,7 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
         bar.update(done - bar.n)
         if done == total:
             bar.close()
+            bars.pop(stage)  # a stage may come again (a second backbone): a new bar
 
     app = create_app()
     with app.app_context(), session_scope() as session:

@@ -305,6 +305,11 @@ def _fit_branch(*, session: Session, backbone: onnx.ModelProto, info: registry.M
     return head, test_features
 
 
+def _branch_progress(progress: Progress, branch: str, stage: str, done: int,
+                     total: int) -> None:
+    progress(f"{branch}: {stage}", done, total)
+
+
 def _check_joinable(bases: list[str], *, unsupervised: bool, head_kind: str,
                     store: ContentStore | None, tune: str | None) -> None:
     """Refuse what a model of several backbones cannot be, before any work."""
@@ -341,7 +346,8 @@ def _finetune_joined(*, session: Session, collection: str, label_key: str, bases
             session=session, backbone=backbone, info=info, prep=prep, data=data,
             values=values, train_idx=train_idx, test_idx=test_idx, classes=classes,
             validate=not shots, head_kind="cosine", store=store, max_pixels=max_pixels,
-            hidden=hidden, epochs=epochs, seed=seed, tune=tune, progress=progress)
+            hidden=hidden, epochs=epochs, seed=seed, tune=tune,
+            progress=progress and partial(_branch_progress, progress, b))
         heads.append(head)
         branches.append(append_head(backbone, head))
         parts.append(test_features / np.maximum(

@@ -162,10 +162,12 @@ def test_finetune_joins_two_backbones_into_one_model(app: Flask, labelled, model
     registry.install("efficientnet-lite2", models)
     bases = "efficientnet-lite0,efficientnet-lite2"
     store = app.extensions["content_store"]
+    reports: list[tuple[str, int, int]] = []
     with app.app_context(), session_scope() as session:
         out = finetune(session=session, collection=COLLECTION, label_key="label", base=bases,
                        model_dir=models, split_key="sender_id", hidden=16, epochs=2,
-                       store=store, tune=None)  # None: last-conv, as the CLI's default
+                       store=store, tune=None,  # None: last-conv, as the CLI's default
+                       progress=lambda *report: reports.append(report))
         for bad, match in (({"tune": "none"}, "need the cosine head"),
                            ({"store": None}, "need the cosine head"),
                            ({"head_kind": "linear"}, "need the cosine head"),
@@ -181,6 +183,10 @@ def test_finetune_joins_two_backbones_into_one_model(app: Flask, labelled, model
     assert (info.input_size, info.resize, info.outputs) == (260, 297, ["embedding", "logits"])
     assert info.dim == sum(b["dim"] for b in record["branches"]) == 2 * (16 + 4)
     assert all(b["tail"]["layers"] for b in record["branches"])
+    # Each backbone reports its own stages, so that the CLI draws a bar for each.
+    assert {stage for stage, _, _ in reports} == {
+        f"{b}: {stage}" for b in bases.split(",")
+        for stage in ("feature maps", "augmentation views", "epochs")}
     # The installed graph reproduces what training scored: each test photo through it.
     with (clothing / "labels.csv").open() as fh:
         sender = {r["file"]: r["sender_id"] for r in csv.DictReader(fh)}
