@@ -187,6 +187,8 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     feed them (docs/training.md); None: "last-conv"
     when it can (a store, the cosine head, at most MAX_TUNE_IMAGES labelled images), else
     "none". `progress` hears about the feature maps, the augmentation views and the epochs.
+    `base` may name several backbones, comma-separated: a head on each, joined into one
+    model (_finetune_joined).
     """
     if tune is not None and tune not in TUNES:
         raise ApiError("bad_request", f"unknown --tune {tune!r}; choose from {TUNES}")
