@@ -353,6 +353,7 @@ def joined(shots: tuple[int, ...]) -> str:
     """What `finetune --from efficientnet-lite0,efficientnet-lite2 --shots n` fits: a head on
     each backbone (re-trained last conv, aug) on the same shots, lite0 fed lite2's crop
     resized in its graph; unit embeddings side by side; scored plain and with search's AQE."""
+    from service.evaluation.metrics import RankingAccumulator
     from service.graph.reranking import AQE_ALPHA, AQE_NEIGHBOURS, alpha_query_expansion
 
     rows = clothing_labels()
@@ -381,8 +382,6 @@ def joined(shots: tuple[int, ...]) -> str:
         # Queries expanded, the database as it is: each expanded query ranks the others.
         queries, unit = expanded(feats), _unit(feats)
         label_arr = np.asarray(test_labels)
-        from service.evaluation.metrics import RankingAccumulator
-
         acc = RankingAccumulator((10,))
         for i, q in enumerate(queries):
             sims = unit @ q

@@ -24,17 +24,17 @@ def resized_input(model: onnx.ModelProto, input_name: str, from_size: int,
     inner = f"{input_name}_resized"
     for node in graph.node:
         node.input[:] = [inner if i == input_name else i for i in node.input]
+    r = "lookalike_resize_"  # names of their own, apart from the backbone's
     graph.initializer.extend([
-        numpy_helper.from_array(np.array([0], np.int64), "resize_start"),
-        numpy_helper.from_array(np.array([2], np.int64), "resize_stop"),
-        numpy_helper.from_array(np.array([to_size, to_size], np.int64), "resize_hw"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{r}start"),
+        numpy_helper.from_array(np.array([2], np.int64), f"{r}stop"),
+        numpy_helper.from_array(np.array([to_size, to_size], np.int64), f"{r}hw"),
     ])
     nodes = [  # sizes = (N, C) of the input, then the backbone's own height and width
-        helper.make_node("Shape", [input_name], ["resize_shape"]),
-        helper.make_node("Slice", ["resize_shape", "resize_start", "resize_stop"],
-                         ["resize_nc"]),
-        helper.make_node("Concat", ["resize_nc", "resize_hw"], ["resize_sizes"], axis=0),
-        helper.make_node("Resize", [input_name, "", "", "resize_sizes"], [inner],
+        helper.make_node("Shape", [input_name], [f"{r}shape"]),
+        helper.make_node("Slice", [f"{r}shape", f"{r}start", f"{r}stop"], [f"{r}nc"]),
+        helper.make_node("Concat", [f"{r}nc", f"{r}hw"], [f"{r}sizes"], axis=0),
+        helper.make_node("Resize", [input_name, "", "", f"{r}sizes"], [inner],
                          mode="linear", coordinate_transformation_mode="half_pixel"),
     ]
     for n in reversed(nodes):
@@ -57,7 +57,8 @@ def join(models: list[onnx.ModelProto], input_name: str, *, embedding: str = "em
     inits = [numpy_helper.from_array(np.array([NORM_EPS], np.float32), "head_eps")]
     parts, dim = [], 0
     for i, m in enumerate(prefixed):
-        nodes.append(helper.make_node("Identity", [input_name], [f"b{i}_{input_name}"]))
+        own = models[i].graph.input[0].name  # each branch keeps its own input's name
+        nodes.append(helper.make_node("Identity", [input_name], [f"b{i}_{own}"]))
         nodes.extend(m.graph.node)
         inits.extend(m.graph.initializer)
         nodes += unit_nodes(f"b{i}_{embedding}", f"joined_unit_{i}")

@@ -10,14 +10,14 @@ from onnx import TensorProto, helper, numpy_helper
 from service.training.joined import join, resized_input
 
 
-def _toy(size: int, scale: float) -> onnx.ModelProto:
+def _toy(size: int, scale: float, name: str = "image") -> onnx.ModelProto:
     """A stand-in backbone: embedding = scale × the mean of each channel; logits = the same."""
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["image"], ["pooled"], axes=[2, 3], keepdims=0),
+        [helper.make_node("ReduceMean", [name], ["pooled"], axes=[2, 3], keepdims=0),
          helper.make_node("Mul", ["pooled", "scale"], ["embedding"]),
          helper.make_node("Identity", ["pooled"], ["logits"])],
         "toy",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3]),
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
         [numpy_helper.from_array(np.array([scale], np.float32), "scale")])
@@ -39,7 +39,8 @@ def test_resized_input_takes_the_larger_crop() -> None:
 
 
 def test_join_puts_unit_embeddings_side_by_side_and_keeps_an_output() -> None:
-    models = [resized_input(_toy(4, 2.0), "image", 8, 4), _toy(8, -3.0)]
+    # The second branch names its input otherwise: the joined input feeds it all the same.
+    models = [resized_input(_toy(4, 2.0), "image", 8, 4), _toy(8, -3.0, name="pixels")]
     joined = join(models, "image", keep=(1, "logits"))
     assert [o.name for o in joined.graph.output] == ["embedding", "logits"]
     assert joined.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 6
