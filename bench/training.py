@@ -129,10 +129,12 @@ def main() -> None:
     parser.add_argument("--joined", action="store_true",
                         help="Only `finetune --from efficientnet-lite0,efficientnet-lite2` "
                              "(lite0 at lite2's input) with shots, with and without AQE.")
+    parser.add_argument("--draws", type=int, default=SEEDS,
+                        help="Draws of the shots that --joined averages.")
     args = parser.parse_args()
     if args.joined:
         append_results("Retrieval heads: lite0 and lite2 joined, with shots",
-                       joined(tuple(int(v) for v in args.shots.split(",") if v)))
+                       joined(tuple(int(v) for v in args.shots.split(",") if v), args.draws))
         return
     if args.ensemble:
         append_results("Retrieval heads: two backbones with re-trained last convs",
@@ -349,7 +351,7 @@ def tuned_ensemble() -> str:
     return "\n".join(lines)
 
 
-def joined(shots: tuple[int, ...]) -> str:
+def joined(shots: tuple[int, ...], draws: int = SEEDS) -> str:
     """What `finetune --from efficientnet-lite0,efficientnet-lite2 --shots n` fits: a head on
     each backbone (re-trained last conv, aug) on the same shots, lite0 fed lite2's crop
     resized in its graph; unit embeddings side by side; scored plain and with search's AQE."""
@@ -366,7 +368,7 @@ def joined(shots: tuple[int, ...]) -> str:
              "efficientnet-lite0,efficientnet-lite2` installs; lite0 sees lite2's 260-pixel "
              f"crop resized to 224 in its graph); `+ AQE`: α-query expansion as search's and "
              f"eval's `rerank aqe` ({AQE_NEIGHBOURS} neighbours, α = {AQE_ALPHA:g}), exact. "
-             f"Mean of {SEEDS} draws of the shots (min–max of mAP).", "",
+             f"Mean of {draws} draws of the shots (min–max of mAP).", "",
              "| shots | embedding | test mAP | test P@10 | + AQE mAP | + AQE P@10 |",
              "|---|---|---|---|---|---|"]
 
@@ -393,7 +395,7 @@ def joined(shots: tuple[int, ...]) -> str:
 
     for count in shots:
         figures: dict[str, list[tuple[float, float, float, float]]] = {}
-        for seed in range(SEEDS):
+        for seed in range(draws):
             fit_idx = pick_shots(labels, train_idx, classes, count, seed)
             parts = {}
             for name, (maps, views, tail) in branches.items():
