@@ -24,19 +24,16 @@ def resized_input(model: onnx.ModelProto, input_name: str, from_size: int,
     inner = f"{input_name}_resized"
     for node in graph.node:
         node.input[:] = [inner if i == input_name else i for i in node.input]
-    r = "lookalike_resize_"  # names of their own, apart from the backbone's
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([0], np.int64), f"{r}start"),
-        numpy_helper.from_array(np.array([2], np.int64), f"{r}stop"),
-        numpy_helper.from_array(np.array([to_size, to_size], np.int64), f"{r}hw"),
-    ])
-    nodes = [  # sizes = (N, C) of the input, then the backbone's own height and width
-        helper.make_node("Shape", [input_name], [f"{r}shape"]),
-        helper.make_node("Slice", [f"{r}shape", f"{r}start", f"{r}stop"], [f"{r}nc"]),
-        helper.make_node("Concat", [f"{r}nc", f"{r}hw"], [f"{r}sizes"], axis=0),
-        helper.make_node("Resize", [input_name, "", "", f"{r}sizes"], [inner],
-                         mode="linear", coordinate_transformation_mode="half_pixel"),
-    ]
+    # Constant scales, not sizes computed from the input's shape: shape inference then knows
+    # the branch's sizes (--tune top needs them). The scale is nudged up until the output
+    # size, floor(from_size × scale), is exactly to_size in float32.
+    scale = np.float32(to_size / from_size)
+    while int(np.float32(from_size) * scale) < to_size:
+        scale = np.nextafter(scale, np.float32(2))
+    graph.initializer.append(numpy_helper.from_array(
+        np.array([1, 1, scale, scale], np.float32), "lookalike_resize_scales"))
+    nodes = [helper.make_node("Resize", [input_name, "", "lookalike_resize_scales"], [inner],
+                              mode="linear", coordinate_transformation_mode="half_pixel")]
     for n in reversed(nodes):
         graph.node.insert(0, n)
     for value in graph.input:

@@ -157,6 +157,22 @@ def test_finetune_retrains_the_top_blocks_through_onnx_graphs(app: Flask, labell
     assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()
 
 
+def test_joined_backbones_retrain_their_top_blocks(app: Flask, labelled, models: Path,
+                                                   clothing: Path) -> None:
+    registry.install("efficientnet-lite2", models)
+    with app.app_context(), session_scope() as session:
+        out = finetune(session=session, collection=COLLECTION, label_key="label",
+                       base="efficientnet-lite0,efficientnet-lite2", model_dir=models,
+                       split_key="sender_id", hidden=16, epochs=1, tune="top",
+                       store=app.extensions["content_store"])
+    info = registry.verify(models, out.model)
+    record = info.extra["training"]
+    assert all(b["rows_per_epoch"] == b["fit_images"] for b in record["branches"])
+    embedder = Embedder(info, models / out.model / "model.onnx")
+    result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
+    assert result.vectors.shape == (1, info.dim) and np.isfinite(result.vectors).all()
+
+
 def test_finetune_joins_two_backbones_into_one_model(app: Flask, labelled, models: Path,
                                                      clothing: Path) -> None:
     registry.install("efficientnet-lite2", models)
