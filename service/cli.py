@@ -456,6 +456,8 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
 @click.option("--dim", default=256, show_default=True, help="Output size of --unsupervised.")
 @click.option("--split-key", help="Metadata key that keeps a group (e.g. a person) on one side.")
 @click.option("--shots", type=int, help="Train on only this many images per class.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which images are the shots, and the head's initial weights.")
 @click.option("--unsupervised", is_flag=True, help="PCA whitening instead of a labelled head.")
 @click.option("--name", help="Name of the new model (default <from>+head-N).")
 @click.option("--head", "head_kind", type=click.Choice(["cosine", "linear"]), default="cosine",
@@ -471,7 +473,8 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
               "downsampling on (default: last-conv with --head cosine and --augment, up to "
               "10,000 labelled images; else none).")
 def finetune(collection: str, label_key: str, base: str, dim: int, split_key: str | None,
-             shots: int | None, unsupervised: bool, name: str | None, head_kind: str,
+             shots: int | None, seed: int, unsupervised: bool, name: str | None,
+             head_kind: str,
              augment: bool, hidden: int | None, epochs: int | None,
              tune: str | None) -> None:
     """Fit a retrieval head on a labelled collection and install backbone+head as a model."""
@@ -496,7 +499,8 @@ def finetune(collection: str, label_key: str, base: str, dim: int, split_key: st
         try:
             out = run_finetune(session=session, collection=collection, label_key=label_key,
                                base=base, model_dir=Path(app.config["MODEL_DIR"]),
-                               split_key=split_key, shots=shots, unsupervised=unsupervised,
+                               split_key=split_key, shots=shots, seed=seed,
+                               unsupervised=unsupervised,
                                dim=dim, name=name, head_kind=head_kind, hidden=hidden,
                                epochs=epochs, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]),
                                tune=tune, progress=progress,

@@ -362,7 +362,7 @@ def _finetune_joined(*, session: Session, collection: str, label_key: str, bases
     joined = "+".join(bases)
     record = {
         "base": joined, "bases": bases, "collection": collection, "label_key": label_key,
-        "split_key": split_key, "shots": shots, "head": heads[0].kind,
+        "split_key": split_key, "shots": shots, "seed": seed, "head": heads[0].kind,
         "branches": [{"base": b, "dim": h.dim, **h.record}
                      for b, h in zip(bases, heads, strict=True)],
         "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),

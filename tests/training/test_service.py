@@ -217,6 +217,27 @@ def test_finetune_joins_two_backbones_into_one_model(app: Flask, labelled, model
     assert scored.mean_ap == pytest.approx(out.head_test_map, abs=0.005)
 
 
+def test_cli_finetune_draws_the_shots_of_its_seed(settings: dict, labelled,
+                                                  models: Path) -> None:
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from tests.conftest import worker_env
+
+    env = {**worker_env(settings), "LOOKALIKE_MODEL_DIR": str(models)}
+    args = ["finetune", "--collection", COLLECTION, "--split-key", "sender_id", "--shots", "3",
+            "--no-augment", "--epochs", "2"]
+    for seed in ("0", "7"):
+        result = CliRunner().invoke(main, [*args, "--seed", seed], env=env)
+        assert result.exit_code == 0, result.output
+    first, second = (registry.verify(models, f"efficientnet-lite0+head-{n}").extra["training"]
+                     for n in (1, 2))
+    assert (first["seed"], second["seed"]) == (0, 7)
+    assert first["shots"] == second["shots"] == 3 and first["fit_images"] == 4 * 3
+    refused = CliRunner().invoke(main, [*args, "--seed", "-1"], env=env)
+    assert refused.exit_code == 2 and "--seed" in refused.output
+
+
 def _labels(clothing: Path, labelled: list[tuple[str, str]]) -> list[str]:
     with (clothing / "labels.csv").open() as fh:
         label = {r["file"]: r["label"] for r in csv.DictReader(fh)}
