@@ -35,8 +35,8 @@ def main() -> None:
         DIFFUSION_ALPHA,
         DIFFUSION_GAMMA,
         DIFFUSION_SEEDS,
-        alpha_query_expansion,
         diffusion_scores,
+        expanded_order,
     )
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -65,10 +65,7 @@ def main() -> None:
         aps["plain"].append(average_precision(order, relevant))
 
         t0 = time.perf_counter()
-        expanded = alpha_query_expansion(x[qi], x[order[:AQE_NEIGHBOURS]])
-        s = x @ expanded
-        s[qi] = -np.inf
-        aqe_order = np.argsort(-s, kind="stable")[:-1]
+        aqe_order = expanded_order(x, qi, order)
         ms["aqe"].append((time.perf_counter() - t0) * 1000)
         aps["aqe"].append(average_precision(aqe_order, relevant))
 

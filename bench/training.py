@@ -356,7 +356,7 @@ def joined(shots: tuple[int, ...], draws: int = SEEDS) -> str:
     each backbone (re-trained last conv, aug) on the same shots, lite0 fed lite2's crop
     resized in its graph; unit embeddings side by side; scored plain and with search's AQE."""
     from service.evaluation.metrics import RankingAccumulator
-    from service.graph.reranking import AQE_ALPHA, AQE_NEIGHBOURS, alpha_query_expansion
+    from service.graph.reranking import AQE_ALPHA, AQE_NEIGHBOURS, expanded_order
 
     rows = clothing_labels()
     labels, senders, train_idx, test_idx, classes, test_labels = sender_split(rows)
@@ -372,24 +372,15 @@ def joined(shots: tuple[int, ...], draws: int = SEEDS) -> str:
              "| shots | embedding | test mAP | test P@10 | + AQE mAP | + AQE P@10 |",
              "|---|---|---|---|---|---|"]
 
-    def expanded(feats: np.ndarray) -> np.ndarray:
-        unit = _unit(feats)
-        sims = unit @ unit.T
-        np.fill_diagonal(sims, -np.inf)
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :AQE_NEIGHBOURS]
-        return np.stack([alpha_query_expansion(unit[i], unit[top[i]])
-                         for i in range(len(unit))])
-
     def aqe_scores(feats: np.ndarray) -> tuple[float, float]:
         # Queries expanded, the database as it is: each expanded query ranks the others.
-        queries, unit = expanded(feats), _unit(feats)
-        label_arr = np.asarray(test_labels)
+        unit, label_arr = _unit(feats), np.asarray(test_labels)
+        sims = unit @ unit.T
+        np.fill_diagonal(sims, -np.inf)
         acc = RankingAccumulator((10,))
-        for i, q in enumerate(queries):
-            sims = unit @ q
-            sims[i] = -np.inf
-            acc.add(label_arr[np.argsort(-sims, kind="stable")[:-1]] == label_arr[i],
-                    int((label_arr == label_arr[i]).sum()) - 1)
+        for i, row in enumerate(sims):
+            order = expanded_order(unit, i, np.argsort(-row, kind="stable")[:-1])
+            acc.add(label_arr[order] == label_arr[i], int((label_arr == label_arr[i]).sum()) - 1)
         s = acc.scores()
         return s.mean_ap, s.precision[10]
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError
 from service.evaluation.metrics import RankingAccumulator, RetrievalScores
-from service.graph.reranking import AQE_NEIGHBOURS, alpha_query_expansion, rerank_hits
+from service.graph.reranking import AQE_NEIGHBOURS, expanded_order, rerank_hits
 from service.images.models import Image
 from service.search.service import SearchResult, search_vectors
 
@@ -169,9 +169,7 @@ def evaluate_collection(*, session: Session, collection: str, label_key: str,
         sims[qi] = -np.inf
         order = np.argsort(-sims, kind="stable")[:-1]
         if rerank is not None:
-            sims = unit @ alpha_query_expansion(unit[qi], unit[order[:AQE_NEIGHBOURS]])
-            sims[qi] = -np.inf
-            order = np.argsort(-sims, kind="stable")[:-1]
+            order = expanded_order(unit, int(qi), order)
         exact_ap = exact.add(data.labels[order] == data.labels[qi], total)
         per_class.setdefault(label, []).append(exact_ap or 0.0)
         outcomes.append(QueryOutcome(

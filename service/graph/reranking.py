@@ -46,6 +46,14 @@ def alpha_query_expansion(query: np.ndarray, neighbours: np.ndarray,
     return unit(q + weights @ nb)
 
 
+def expanded_order(unit_rows: np.ndarray, qi: int, order: np.ndarray) -> np.ndarray:
+    """Every row but `qi`, best first for its alpha-expanded query: exact, for evaluation and
+    the benches (`order`: the rows by plain similarity to row qi, best first)."""
+    sims = unit_rows @ alpha_query_expansion(unit_rows[qi], unit_rows[order[:AQE_NEIGHBOURS]])
+    sims[qi] = -np.inf
+    return np.argsort(-sims, kind="stable")[:-1]
+
+
 def diffusion_scores(n: int, sources: np.ndarray, targets: np.ndarray, similarity: np.ndarray,
                      seeds: np.ndarray, seed_weights: np.ndarray,
                      alpha: float = DIFFUSION_ALPHA, gamma: float = DIFFUSION_GAMMA,

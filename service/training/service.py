@@ -249,14 +249,24 @@ def finetune(*, session: Session, collection: str, label_key: str, base: str,
     record = {
         "base": base, "collection": collection, "label_key": label_key,
         "split_key": split_key, "shots": shots, "head": head.kind, **head.record,
-        "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
-        "test_map_raw": raw.mean_ap, "test_map": tuned.mean_ap,
-        "test_p10": tuned.precision[10],
     }
-    info = registry.ModelInfo(**{**asdict(base_info), "name": name or next_head_name(
-        model_dir, base), "version": "1", "dim": head.dim, "sha256": "",
-        "source": f"{base} + {head.kind} head fitted on {collection!r}",
-        "extra": {"training": record}})
+    return _install(model_dir, model, base_info, {
+        "name": name or next_head_name(model_dir, base), "dim": head.dim,
+        "source": f"{base} + {head.kind} head fitted on {collection!r}"},
+        record, raw=raw, tuned=tuned, train_idx=train_idx, test_idx=test_idx)
+
+
+def _install(model_dir: Path, model: onnx.ModelProto, base_info: registry.ModelInfo,
+             changes: dict[str, Any], record: dict[str, Any], *, raw: RetrievalScores,
+             tuned: RetrievalScores, train_idx: np.ndarray,
+             test_idx: np.ndarray) -> TrainingOutcome:
+    """Write the model, described as its base with `changes`, and its training record (to
+    which the split's sizes and the test figures are added)."""
+    record.update(train_images=int(len(train_idx)), test_images=int(len(test_idx)),
+                  test_map_raw=raw.mean_ap, test_map=tuned.mean_ap,
+                  test_p10=tuned.precision[10])
+    info = registry.ModelInfo(**{**asdict(base_info), "version": "1", "sha256": "",
+                                 **changes, "extra": {"training": record}})
     registry.write_model(model_dir, model, info)
     return TrainingOutcome(model=info.name, train_images=int(len(train_idx)),
                            test_images=int(len(test_idx)), raw_test_map=raw.mean_ap,
@@ -365,22 +375,14 @@ def _finetune_joined(*, session: Session, collection: str, label_key: str, bases
         "split_key": split_key, "shots": shots, "seed": seed, "head": heads[0].kind,
         "branches": [{"base": b, "dim": h.dim, **h.record}
                      for b, h in zip(bases, heads, strict=True)],
-        "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
-        "test_map_raw": raw.mean_ap, "test_map": tuned.mean_ap,
-        "test_p10": tuned.precision[10],
     }
-    info = registry.ModelInfo(**{
-        **asdict(infos[primary]), "name": name or next_head_name(model_dir, joined),
-        "version": "1", "dim": sum(h.dim for h in heads), "sha256": "",
+    return _install(model_dir, model, infos[primary], {
+        "name": name or next_head_name(model_dir, joined), "dim": sum(h.dim for h in heads),
         "outputs": ["embedding", *kept], "input_name": infos[0].input_name,
         "licence": ", ".join(sorted({i.licence for i in infos})),
         "source": f"{' + '.join(bases)}, each with a {heads[0].kind} head fitted on "
-                  f"{collection!r}, embeddings joined", "extra": {"training": record}})
-    registry.write_model(model_dir, model, info)
-    return TrainingOutcome(model=info.name, train_images=int(len(train_idx)),
-                           test_images=int(len(test_idx)), raw_test_map=raw.mean_ap,
-                           raw_test_p10=raw.precision[10], head_test_map=tuned.mean_ap,
-                           head_test_p10=tuned.precision[10], record=record)
+                  f"{collection!r}, embeddings joined"},
+        record, raw=raw, tuned=tuned, train_idx=train_idx, test_idx=test_idx)
 
 
 def cosine_schedule(images: int, epochs: int | None = None,
