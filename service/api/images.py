@@ -130,25 +130,25 @@ def delete_image(image_id: str) -> tuple[str, int]:
 
 
 @bp.get("/<image_id>/file")
-@spec.validate(resp=Resp(HTTP_404=ErrorResponse), tags=TAGS)
+@spec.validate(resp=Resp(HTTP_404=ErrorResponse, HTTP_410=ErrorResponse), tags=TAGS)
 def image_file(image_id: str) -> Response:
     """The original bytes."""
     with session_scope() as session:
         image = images.get_image(image_id, session=session)
-        data = content_store().get(image.sha256)
+        data = images.original(image, session=session, store=content_store())
         return Response(data, mimetype=image.mime, headers={
             "Cache-Control": "private, max-age=31536000, immutable",
             "X-Content-Type-Options": "nosniff"})
 
 
 @bp.get("/<image_id>/thumbnail")
-@spec.validate(resp=Resp(HTTP_404=ErrorResponse), tags=TAGS)
+@spec.validate(resp=Resp(HTTP_404=ErrorResponse, HTTP_410=ErrorResponse), tags=TAGS)
 def image_thumbnail(image_id: str) -> Response:
     """A JPEG of at most 256 px."""
     with session_scope() as session:
         image = images.get_image(image_id, session=session)
         try:
-            data = images.thumbnail(image, store=content_store(),
+            data = images.thumbnail(image, session=session, store=content_store(),
                                     max_pixels=int(current_app.config["MAX_IMAGE_PIXELS"]))
         except ImageDecodeError as exc:
             raise ApiError(exc.code, exc.message, status=422) from exc

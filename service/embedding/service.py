@@ -30,7 +30,7 @@ from service.embedding.registry import ModelInfo
 from service.embedding.session import get_embedder
 from service.embedding.transforms import ImageDecodeError
 from service.images.models import Image
-from service.images.storage import ContentStore
+from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
         return "ready"
     try:
         data = store.get(image.sha256)
-    except FileNotFoundError as exc:
-        raise PermanentEmbedError("the original file is missing from the store") from exc
+    except ContentMissing as exc:
+        raise PermanentEmbedError(MISSING_ORIGINAL) from exc
     try:
         result = embedder.embed_bytes([data], max_pixels=max_pixels)
     except ImageDecodeError as exc:

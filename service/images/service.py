@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from service.embedding.transforms import ImageDecodeError, open_image, to_rgb
 from service.errors import ApiError, NotFound, parse_uuid
 from service.images.models import STATUSES, Image
-from service.images.storage import ContentStore
+from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ MAX_COLLECTION_LENGTH = 128
 MAX_METADATA_DEPTH = 32
 MAX_TAGS = 100
 MAX_TAG_CHARS = 100
+# The namespace of the advisory locks that serialise writers and removers of one digest; the
+# two-key form keeps them apart from the single-key locks used elsewhere.
+CONTENT_LOCK_SPACE = 0x1_00C
 
 
 @dataclass
@@ -123,6 +126,7 @@ def store_image(
     fmt = img.format or "JPEG"
     # Size before draft decoding, so the reported size is the original's.
     width, height = PILImage.open(io.BytesIO(data)).size
+    lock_content([digest], session=session)
     created_file = store.put(digest, data)
     row = image_row(collection=collection, digest=digest, filename=filename, fmt=fmt,
                     width=width, height=height, size=len(data), metadata=metadata)
@@ -136,7 +140,7 @@ def store_image(
     except BaseException:
         session.rollback()
         if created_file:
-            _remove_if_unreferenced(digest, session=session, store=store)
+            remove_if_unreferenced(digest, session=session, store=store)
         raise
     if inserted is None:
         # A concurrent upload of the same bytes won the race.
@@ -183,6 +187,7 @@ def store_images(new: list[NewImage], *, session: Session, store: ContentStore,
     if not new:
         return {}
     rows = {}
+    lock_content([item.digest for item in new], session=session)
     for item in new:
         store.put(item.digest, item.data)
         rows.setdefault(item.digest, image_row(
@@ -202,16 +207,34 @@ def store_images(new: list[NewImage], *, session: Session, store: ContentStore,
     return out
 
 
-def _remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> None:
+def lock_content(digests: list[str], *, session: Session) -> None:
+    """Hold the digests' content locks until the transaction ends.
+
+    A writer holds them from before it writes the bytes until its rows commit, and a remover
+    while it checks for rows and deletes; so no file is removed that a committed or in-flight
+    row still needs. Taken in sorted order so that batches cannot deadlock each other.
+    """
+    keys = sorted({int.from_bytes(bytes.fromhex(d[:8]), "big", signed=True) for d in digests})
+    if keys:
+        key = func.unnest(keys).table_valued("k").render_derived()
+        session.execute(select(func.pg_advisory_xact_lock(CONTENT_LOCK_SPACE, key.c.k))
+                        .order_by(key.c.k))
+
+
+def remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> None:
+    """Delete a digest's bytes unless a row in any collection still references them; commits."""
     try:
+        session.rollback()
+        lock_content([digest], session=session)
         # Every collection counts, whichever ones the caller may see.
         still_used = session.scalar(select(Image.id).where(Image.sha256 == digest).limit(1),
                                     execution_options={"all_collections": True})
+        if still_used is None:
+            store.delete(digest)
+        session.commit()
     except Exception:  # The database may be what failed; keeping a file is the safe side.
+        session.rollback()
         log.exception("could not check references of %s", digest)
-        return
-    if still_used is None:
-        store.delete(digest)
 
 
 def get_image(image_id: str | uuid.UUID, *, session: Session) -> Image:
@@ -228,7 +251,7 @@ def delete_image(image_id: str | uuid.UUID, *, session: Session, store: ContentS
     digest = image.sha256
     session.execute(delete(Image).where(Image.id == image.id))
     session.commit()
-    _remove_if_unreferenced(digest, session=session, store=store)
+    remove_if_unreferenced(digest, session=session, store=store)
 
 
 def replace_metadata(image_id: str | uuid.UUID, metadata: Any, *, session: Session,
@@ -258,12 +281,23 @@ def list_images(*, session: Session, collection: str | None, status: str | None,
     return list(session.scalars(query))
 
 
-def thumbnail(image: Image, *, store: ContentStore, max_pixels: int) -> bytes:
+def original(image: Image, *, session: Session, store: ContentStore) -> bytes:
+    """The stored bytes; gone for good, the image is failed with the reason and this is a 410."""
+    try:
+        return store.get(image.sha256)
+    except ContentMissing as exc:
+        mark_failed(image.id, MISSING_ORIGINAL, session=session)
+        raise ApiError("original_missing", f"{MISSING_ORIGINAL}; upload the file again",
+                       status=410) from exc
+
+
+def thumbnail(image: Image, *, session: Session, store: ContentStore, max_pixels: int) -> bytes:
     """A JPEG of at most 256 px on its longer side, cached beside the original."""
     path = store.thumbnail_path(image.sha256)
     if path.exists():
         return path.read_bytes()
-    img = open_image(store.get(image.sha256), max_pixels=max_pixels, draft_size=THUMBNAIL_SIZE)
+    img = open_image(original(image, session=session, store=store), max_pixels=max_pixels,
+                     draft_size=THUMBNAIL_SIZE)
     img = to_rgb(img)
     img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), PILImage.Resampling.LANCZOS)
     out = io.BytesIO()

@@ -10,6 +10,13 @@ from pathlib import Path
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+MISSING_ORIGINAL = "the original file is missing from the store"
+
+
+class ContentMissing(FileNotFoundError):
+    """The store is reachable but holds no bytes for this digest: they are gone for good."""
+
+
 class ContentStore:
     """Files named by the sha256 of their bytes, under `root/ab/cd/<sha256>`."""
 
@@ -48,8 +55,14 @@ class ContentStore:
         return True
 
     def get(self, sha256: str) -> bytes:
-        """The stored bytes."""
-        return self.path(sha256).read_bytes()
+        """The stored bytes; `ContentMissing` only when the store itself is reachable."""
+        try:
+            return self.path(sha256).read_bytes()
+        except FileNotFoundError:
+            # An unmounted or vanished root is an outage to retry, not lost content.
+            if not self.root.is_dir():
+                raise
+            raise ContentMissing(f"no stored bytes for {sha256}") from None
 
     def delete(self, sha256: str) -> None:
         """Remove the bytes (and the derived thumbnail) if present."""
