@@ -23,7 +23,7 @@ from service.embedding.session import Embedder, Embeddings
 from service.embedding.transforms import ALLOWED_FORMATS, ImageDecodeError, batch, preprocess
 from service.hashing.service import encode_images
 from service.images.models import Image
-from service.images.service import NewImage, _remove_if_unreferenced, store_images
+from service.images.service import NewImage, remove_if_unreferenced, store_images
 from service.images.storage import ContentStore
 from service.jobs.models import ACTIVE_JOB_STATUSES, IngestItem, IngestJob
 from service.jobs.service import finish_if_complete, lock_job, readable_source
@@ -208,7 +208,7 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
     for i in errors:
         digest = to_embed[i][2]
         if created.get(digest):
-            _remove_if_unreferenced(digest, session=session, store=store)
+            remove_if_unreferenced(digest, session=session, store=store)
     # Each new image with its row in `embedded` (vectors, and logits for automatic tags).
     new: list[tuple[ClaimedItem, NewImage, int]] = []
     row = -1
