@@ -10,6 +10,7 @@ import service.embedding.models  # noqa: F401
 import service.embedding.reindex  # noqa: F401
 import service.evaluation.models  # noqa: F401
 import service.images.models  # noqa: F401
+import service.signing  # noqa: F401
 from service.config import load_settings
 from service.db import Base, make_engine, sqlalchemy_url
 

@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "RATE_LIMIT_ENABLED": True,
     "RATE_LIMIT_DEFAULT": "600/minute",
     "RATE_LIMIT_UPLOAD": "120/minute",
+    # Signs cursors; empty: a key generated at first start and kept in the database.
+    "SECRET_KEY": "",
 }
 
 # Plain names that deployments conventionally set without a prefix.
