@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
@@ -53,6 +53,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> ResponseReturnValue:
         limit = app.config["MAX_UPLOAD_BYTES"]
+        size = request.content_length
+        if size is not None and size <= limit:
+            # Werkzeug raises the same error for a form of too many parts.
+            parts = request.max_form_parts
+            return error_response("too_many_parts",
+                                  f"the form has more than {parts} parts", 413)
         return error_response("payload_too_large",
                               f"the request body is larger than {limit} bytes", 413)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from flask import Blueprint, request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response as Resp
 
 from service.api.openapi import spec
@@ -23,6 +23,8 @@ RUN_EVALUATION = "lookalike.run_evaluation"
 
 class EvaluationRequest(BaseModel):
     """What to evaluate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     collection: str = Field(max_length=128)
     label_key: str = Field(default="label", min_length=1, max_length=256)

@@ -22,6 +22,8 @@ class ExplainQuery(BaseModel):
 class ExplainForm(BaseModel):
     """An uploaded query photo and the result to explain."""
 
+    model_config = ConfigDict(extra="forbid")
+
     file: BaseFile
     result_id: str = Field(max_length=64)
     model: str | None = Field(default=None, max_length=128)

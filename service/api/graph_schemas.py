@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class CodeSetCreate(BaseModel):
     """A code set to fit: an encoder of one model's vectors into `bits` bits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")
     method: Literal["lsh", "spectral", "itq"] = "itq"
@@ -144,7 +144,7 @@ class RelatedList(BaseModel):
 class GraphRebuild(BaseModel):
     """A collection whose graph is recomputed in a task."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     collection: str = Field(default="default", max_length=128)
     model: str | None = Field(default=None, max_length=128)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+from flask import request
 from spectree import SpecTree
 
 from service.api.schemas import ErrorResponse
@@ -16,6 +18,17 @@ def _raise_validation_error(req: Any, resp: Any, error: Exception | None, instan
     """Turn spectree's validation failure into our error shape, naming the offending field."""
     if error is None:
         return
+    body = (request.get_data(cache=True) if request.method in ("POST", "PUT", "PATCH")
+            and request.mimetype != "multipart/form-data" else b"")
+    if body:
+        # Without this, an unparsable body reads as "field required" for every field.
+        if not request.is_json:
+            raise ApiError("unsupported_media_type", "send a JSON body with Content-Type: "
+                           "application/json", status=415)
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise ApiError("invalid_json", f"the body is not valid JSON: {exc}") from exc
     details = []
     for item in getattr(error, "errors", lambda: [])():
         where = ".".join(str(p) for p in item.get("loc", ())) or "body"

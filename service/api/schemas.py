@@ -64,6 +64,8 @@ class ListQuery(BaseModel):
 class UploadForm(BaseModel):
     """Multipart upload of one image."""
 
+    model_config = ConfigDict(extra="forbid")
+
     file: BaseFile
     metadata: str | None = Field(default=None, description="a JSON object")
     collection: str | None = Field(default=None, max_length=128)
@@ -72,7 +74,7 @@ class UploadForm(BaseModel):
 class MetadataPatch(BaseModel):
     """Replacement metadata."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     metadata: dict[str, Any]
 
@@ -80,7 +82,8 @@ class MetadataPatch(BaseModel):
 class SearchQuery(BaseModel):
     """A search: by stored image, by raw vector, or (multipart) by uploaded file."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON `true` is not k = 1, nor "10" a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image_id: str | None = Field(default=None, max_length=64)
     vector: list[float] | None = Field(default=None, max_length=65536)
@@ -114,6 +117,8 @@ class SearchQuery(BaseModel):
 
 class SearchForm(BaseModel):
     """Multipart search by an uploaded photo; other fields as JSON in `query`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     file: BaseFile
     query: str | None = Field(default=None, description="SearchQuery fields as a JSON object")

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from spectree import Response as Resp
 
 from service.api.openapi import spec
+from service.api.paging import seal, unseal
 from service.api.schemas import ErrorResponse, SearchForm, SearchQuery, SearchResponse
 from service.db import session_scope
 from service.embedding.defaults import default_model
@@ -50,7 +51,7 @@ def search() -> dict[str, Any]:
                        "send JSON or multipart/form-data with a 'file' field", status=415)
     req = SearchRequest(k=query.k, image_id=query.image_id, vector=query.vector, file=data,
                         collection=query.collection, filter_doc=query.filter, model=query.model,
-                        metric=query.metric, min_score=query.min_score, cursor=query.cursor,
+                        metric=query.metric, min_score=query.min_score, cursor=unseal(query.cursor),
                         explain=query.explain, index=query.index, code=query.code,
                         rerank=query.rerank, text=query.text, text_mode=query.text_mode,
                         text_weight=query.text_weight)
@@ -69,7 +70,7 @@ def search() -> dict[str, Any]:
     body: dict[str, Any] = {
         "results": results, "model": outcome.model, "metric": outcome.metric,
         "took_ms": round((time.perf_counter() - started) * 1000, 2),
-        "next_cursor": result.next_cursor,
+        "next_cursor": seal(result.next_cursor),
     }
     if query.explain:
         body["explain"] = asdict(result.plan)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -120,6 +121,8 @@ class Cursor:
             distance, image_id, offset, ef, fp = json.loads(raw)
             cursor = cls(float(distance), uuid.UUID(image_id), int(offset),
                          max(1, min(MAX_EF_SEARCH, int(ef))), str(fp))
+            if cursor.offset < 0 or not math.isfinite(cursor.distance):
+                raise ValueError("out of range")
         except (ValueError, TypeError) as exc:
             raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
         if cursor.fingerprint != fingerprint:
