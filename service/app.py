@@ -62,6 +62,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     spec.register(app)
     from service.api.auth import init_auth  # Issue 9: API keys, isolation, rate limits.
+    from service.api.edge import init_edge
 
+    init_edge(app)  # before authentication: a foreign Host or Origin gets no further
     init_auth(app)
     return app

@@ -21,6 +21,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_BYTES": 50 * 1024 * 1024,
     # Decompression-bomb guard: a tiny file may claim billions of pixels.
     "MAX_IMAGE_PIXELS": 64_000_000,
+    # Memory one decode may allocate (pixels x Pillow's bytes per pixel: 4 for RGB(A), CMYK,
+    # float; 2 for 16-bit grey), and decodes one process runs at once (API threads wait).
+    "MAX_DECODED_BYTES": 256 * 1024 * 1024,
+    "MAX_CONCURRENT_DECODES": 2,
     "MAX_METADATA_BYTES": 64 * 1024,
     "SEARCH_MAX_K": 1000,
     # Link each new image into the kNN graph as it is embedded (off: rebuild the graph later).
@@ -58,6 +62,12 @@ DEFAULTS: dict[str, Any] = {
     "RATE_LIMIT_UPLOAD": "120/minute",
     # Signs cursors; empty: a key generated at first start and kept in the database.
     "SECRET_KEY": "",
+    # Host names served besides loopback ones ("photos.lan", ".example.org" for a domain and
+    # its subdomains); without keys, other Hosts are refused (DNS rebinding).
+    "ALLOWED_HOSTS": [],
+    # Proxies in front whose X-Forwarded-For/-Proto to believe (`lookalike run` sets 1 when
+    # its nginx is the only way in); 0 when clients reach gunicorn directly.
+    "TRUSTED_PROXIES": 0,
 }
 
 # Plain names that deployments conventionally set without a prefix.
