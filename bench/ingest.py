@@ -193,7 +193,7 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
         env = dict(os.environ, **urls, LOOKALIKE_STORAGE_DIR=str(storage),
                    LOOKALIKE_JOB_BATCH_SIZE=str(batch_size),
                    LOOKALIKE_INGEST_ROOTS=json.dumps([str(source.parent.resolve())]),
-                   # Loopback: keys are not required (issue 9), as under `make run`.
+                   # Loopback: keys are not required, as under `make run`.
                    LOOKALIKE_BIND_HOST="127.0.0.1",
                    # Several processes on few cores: one ORT thread each, no oversubscription.
                    LOOKALIKE_ORT_INTRA_OP_THREADS="1" if workers > 1 else "0")

@@ -1,7 +1,7 @@
 """Oracle, not a product path: how far does fine-tuning the whole backbone go on the clothing set?
 
 The product fine-tunes in numpy (the head, and the backbone's last conv or last block). This
-script asks whether re-training deeper layers would reach issue 7's targets at all, with
+script asks whether re-training deeper layers would reach the training targets at all, with
 PyTorch (the CPU build that the reference tests install, or a GPU where one is lent; about
 37 minutes per lite0 run on this 2-core machine). PyTorch is never a service dependency.
 It runs the same ONNX graph that the service runs (read node by node into torch ops), the

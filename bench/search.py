@@ -200,7 +200,7 @@ def start_api(urls: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     """gunicorn with the service's app against the bench database, as `make run` starts it."""
     from service.services.ports import wait_for_port
 
-    # Loopback: keys are not required (issue 9), as under `make run`.
+    # Loopback: keys are not required, as under `make run`.
     env = dict(os.environ, **urls, LOOKALIKE_BIND_HOST="127.0.0.1")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "service.wsgi:app",
                              "-b", f"127.0.0.1:{port}", "-w", "2", "--threads", "4"], env=env)

@@ -4,4 +4,4 @@ from service.api.auth import announce_auth
 from service.app import create_app
 
 app = create_app()
-announce_auth(app)  # Issue 9: whether API keys are required, in the server's log
+announce_auth(app)  # whether API keys are required, in the server's log

@@ -8,7 +8,7 @@ flask_app = create_app()
 celery_app = flask_app.extensions["celery"]
 celery_app.conf.update(include=["workers.tasks"])
 
-# Issue 5: the sweeper recovers job items whose worker died or whose message Redis lost.
+# The sweeper recovers job items whose worker died or whose message Redis lost.
 _sweep_every = float(flask_app.config["JOB_SWEEP_INTERVAL"])
 celery_app.conf.beat_schedule = {
     "sweep-jobs": {"task": "lookalike.sweep_jobs", "schedule": _sweep_every,

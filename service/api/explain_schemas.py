@@ -1,4 +1,4 @@
-"""Request and response models of the match explanation (issue 10)."""
+"""Request and response models of the match explanation."""
 
 from __future__ import annotations
 

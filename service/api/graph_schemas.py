@@ -1,4 +1,4 @@
-"""Request and response models of the hashing and graph endpoints (issue 6)."""
+"""Request and response models of the hashing and graph endpoints."""
 
 from __future__ import annotations
 

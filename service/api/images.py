@@ -41,7 +41,7 @@ def image_json(image: Image, *, duplicate: bool | None = None) -> dict[str, Any]
         "height": image.height, "format": image.format, "mime": image.mime,
         "bytes": image.bytes, "sha256": image.sha256, "filename": image.filename,
         "created_at": image.created_at.isoformat(),
-        "auto_tags": image.auto_tags or [],  # Issue 10: the classifier's top-5 classes
+        "auto_tags": image.auto_tags or [],  # the classifier's top-5 classes
     }
     if duplicate is not None:
         out["duplicate"] = duplicate

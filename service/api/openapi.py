@@ -50,7 +50,7 @@ spec = SpecTree(
 )
 
 
-# Issue 9: routes reachable without an API key (service/api/auth.py OPEN_ENDPOINTS).
+# Routes reachable without an API key (service/api/auth.py OPEN_ENDPOINTS).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 AUTH_RESPONSES = {
     "401": "No API key, or one that is unknown or revoked",

@@ -98,7 +98,7 @@ class SearchQuery(BaseModel):
     min_score: float | None = Field(default=None, allow_inf_nan=False)
     cursor: str | None = Field(default=None, max_length=512)
     explain: bool = False
-    # Issue 6 (hashing): "hash" searches a code set's binary codes (service/hashing).
+    # "hash" searches a code set's binary codes (service/hashing).
     index: Literal["hnsw", "hash"] = "hnsw"
     code: str | None = Field(default=None, max_length=128, description="code set for 'hash'")
     rerank: bool | Literal["aqe", "diffusion"] = Field(
@@ -107,7 +107,7 @@ class SearchQuery(BaseModel):
     query_crops: bool = Field(
         default=False, description="also match crops of the query and images the query is a "
                                    "crop of (needs the model's @centre70 companion)")
-    # Issue 10: search by words, alone or fused with an image query (docs/search.md).
+    # Search by words, alone or fused with an image query (docs/search.md).
     text: str | None = Field(default=None, max_length=1000,
                              description="words: web-search syntax in fulltext mode")
     text_mode: Literal["fulltext", "semantic", "clip"] = "fulltext"

@@ -76,7 +76,7 @@ def start_reindex(collection: str, model_name: str, *, session: Session,
     """Register the model (and its index) and record a run over the collection's images."""
     from service.features.models import derived_info, is_derived
 
-    # Issue 6: hand-crafted and region models are computed, not loaded from an ONNX file.
+    # Hand-crafted and region models are computed, not loaded from an ONNX file.
     info = (derived_info(model_name, model_dir=model_dir) if is_derived(model_name)
             else get_embedder(model_dir, model_name).info)
     ensure_model_row(info, session=session)
@@ -103,7 +103,7 @@ def reindex_step(run_id: uuid.UUID, *, session: Session, store: ContentStore,
         return False
     from service.features.models import is_derived, reindex_derived
 
-    if is_derived(run.model):  # Issue 6: hand-crafted features and region vectors.
+    if is_derived(run.model):  # hand-crafted features and region vectors
         return reindex_derived(run_id, session=session, store=store, model_dir=model_dir,
                                max_pixels=max_pixels, batch_size=batch_size,
                                max_batches=max_batches)

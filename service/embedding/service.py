@@ -109,7 +109,7 @@ def save_vectors(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]
     if not pairs:
         return
     tags: dict[uuid.UUID, list[dict[str, object]]] = {}
-    if logits is not None:  # Issue 10: class probabilities and automatic tags, same rows.
+    if logits is not None:  # class probabilities and automatic tags, same rows
         from service.text.labels import save_labels
 
         tags = save_labels(model, [(image_id, row) for (image_id, _), row
@@ -159,7 +159,7 @@ def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
         raise PermanentEmbedError(exc.message) from exc
     save_vectors(model, [(image.id, result.vectors[0])], session=session,
                  logits=result.logits)
-    # Issue 6: vectors of enabled hand-crafted and region models, in the same transaction,
+    # Vectors of enabled hand-crafted and region models, in the same transaction,
     # so that a ready image has them all.
     from service.features.models import save_derived
 
@@ -173,7 +173,7 @@ def embed_query(data: bytes, *, model_dir: str | Path, model_name: str,
     """Embed an uploaded query image in this process."""
     from service.features.models import derived_query_vector, is_derived
 
-    if is_derived(model_name):  # Issue 6: hand-crafted features and region vectors.
+    if is_derived(model_name):  # hand-crafted features and region vectors
         return derived_query_vector(model_name, data, model_dir=model_dir, max_pixels=max_pixels)
     embedder = get_embedder(model_dir, model_name)
     return embedder.info, embedder.embed_bytes([data], max_pixels=max_pixels).vectors[0]

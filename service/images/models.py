@@ -26,7 +26,7 @@ from service.db import Base
 
 STATUSES = ("pending", "ready", "failed")
 
-# Issue 10: the full-text document of an image (migration 0007 holds the same expression).
+# The full-text document of an image (migration 0007 holds the same expression).
 # User tags weigh most (A), then the classifier's automatic tags (B), the file name (C) and
 # the other string metadata values (D).
 SEARCH_TEXT_SQL = (
@@ -76,7 +76,7 @@ class Image(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now(), onupdate=func.now()
     )
-    # Issue 10: the default model's top-5 ImageNet classes, [{"label", "p"}], best first.
+    # The default model's top-5 ImageNet classes, [{"label", "p"}], best first.
     auto_tags: Mapped[list[dict[str, Any]]] = mapped_column(
         JSONB, nullable=False, server_default=text("'[]'::jsonb")
     )

@@ -27,7 +27,7 @@ MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "
         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif"}
 THUMBNAIL_SIZE = 256
 MAX_COLLECTION_LENGTH = 128
-# Issue 9: deeper metadata is refused (filters may only reach depth 8 anyway).
+# Deeper metadata is refused (filters may only reach depth 8 anyway).
 MAX_METADATA_DEPTH = 32
 MAX_TAGS = 100
 MAX_TAG_CHARS = 100
@@ -84,7 +84,7 @@ def validate_metadata(meta: Any, *, max_bytes: int) -> dict[str, Any]:
     if "\\u0000" in text:
         raise ApiError("invalid_metadata", "metadata must not contain NUL characters")
     tags = meta.get("tags")
-    # Issue 10: user tags are full-text searched (weight A); keep them a list of words.
+    # User tags are full-text searched (weight A); keep them a list of words.
     if tags is not None and (not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(
             isinstance(t, str) and 0 < len(t) <= MAX_TAG_CHARS for t in tags)):
         raise ApiError("invalid_metadata", f"metadata.tags must be a list of at most {MAX_TAGS} "

@@ -78,7 +78,7 @@ METRICS: dict[str, Metric] = {
     "l1": Metric("l1", lambda v, q: v.l1_distance(q), "halfvec_l1_ops", _inverse),
     "chebyshev": Metric("chebyshev", lambda v, q: cast(_chebyshev(v, q), Float), None,
                         _inverse),
-    # Issue 6: histograms (hsv-hist) and perceptual hashes (phash), service/features.
+    # Histograms (hsv-hist) and perceptual hashes (phash), service/features.
     "chi2": Metric("chi2", lambda v, q: cast(_chi_square(v, q), Float), None, _inverse,
                    candidates="l1"),
     "hamming": Metric("hamming", _hamming, "bit_hamming_ops", _inverse,

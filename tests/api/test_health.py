@@ -38,7 +38,7 @@ def test_openapi_describes_every_route(app: Any, client: FlaskClient) -> None:
     for rule in app.url_map.iter_rules():
         if rule.endpoint in ("static", "health.openapi") or rule.rule.startswith("/apidoc"):
             continue
-        if rule.endpoint.startswith("web."):  # Issue 8: HTML pages and their static files.
+        if rule.endpoint.startswith("web."):  # HTML pages and their static files
             continue
         path = rule.rule.replace("<", "{").replace(">", "}")
         for method in rule.methods - {"HEAD", "OPTIONS"}:

@@ -1,4 +1,4 @@
-"""Bulk ingestion computes the enabled hand-crafted models' vectors too (issue 6)."""
+"""Bulk ingestion computes the enabled hand-crafted models' vectors too."""
 
 from __future__ import annotations
 

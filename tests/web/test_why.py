@@ -1,4 +1,4 @@
-"""The "why?" link under a result shows the match explanation (issue 10)."""
+"""The "why?" link under a result shows the match explanation."""
 
 from __future__ import annotations
 
