@@ -148,3 +148,159 @@ def test_animated_images_use_their_first_frame(fmt: str) -> None:
     img = to_rgb(open_image(out.getvalue(), max_pixels=10_000))
     r, _, b = np.asarray(img)[10, 10]
     assert r > 200 and b < 60
+
+
+# --- Hostile images: decoded memory, concurrent decodes, size lies, orientation -------------
+
+PEAK_SCRIPT = """
+import resource, sys
+from service.embedding.transforms import Preprocessing, preprocess
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+preprocess(data, Preprocessing(224, 256, (0.5,) * 3, (0.5,) * 3), max_pixels=64_000_000)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def hostile(mode: str, side: int) -> tuple[bytes, str]:
+    """A small file of `side`^2 pixels in a wide mode (uniform, so it compresses to little)."""
+    if mode == "I;16":
+        return encode(Image.fromarray(np.full((side, side), 1000, np.uint16)), "PNG"), "PNG"
+    if mode == "F":
+        return encode(Image.new("F", (side, side), 0.5), "TIFF",
+                      compression="tiff_adobe_deflate"), "TIFF"
+    return encode(Image.new(mode, (side, side), (10, 20, 30, 40)), "PNG"), "PNG"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "F", "I;16"])
+def test_decoding_a_wide_image_costs_about_its_decoded_bytes(mode: str, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from service.config import PROJECT_ROOT
+
+    side = 4000
+    data, _ = hostile(mode, side)
+    path = tmp_path / "wide.img"
+    path.write_bytes(data)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, check=True)
+    grown = int(out.stdout.split()[-1])
+    decoded = side * side * (2 if mode == "I;16" else 4)
+    # Before: copies for orientation, alpha compositing and float scaling cost 4-8x.
+    assert grown < 1.25 * decoded + 8 * 1024**2, (grown, decoded)
+
+
+def test_decoded_bytes_beyond_the_limit_are_refused_before_decoding() -> None:
+    from service.embedding.transforms import decode
+
+    data, _ = hostile("RGBA", 1000)
+    assert decode(data, max_pixels=10**7).image.size == (1000, 1000)
+    with pytest.raises(ImageDecodeError) as err:
+        decode(data, max_pixels=10**7, max_decoded_bytes=3_000_000)
+    assert err.value.code == "image_too_large" and "4000000 bytes" in err.value.message
+    # 16-bit grey needs half of what RGBA does.
+    grey, _ = hostile("I;16", 1000)
+    assert decode(grey, max_pixels=10**7, max_decoded_bytes=3_000_000).width == 1000
+
+
+def test_decodes_in_one_process_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from PIL import ImageFile
+
+    from service.config import DEFAULTS
+
+    data = encode(Image.new("RGB", (300, 300), (1, 2, 3)), "PNG")
+    running, most = 0, 0
+    lock = threading.Lock()
+    load = ImageFile.ImageFile.load
+
+    def counted(self: ImageFile.ImageFile) -> object:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        try:
+            return load(self)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    start = threading.Barrier(8)
+
+    def one() -> None:
+        start.wait()
+        preprocess(data, PREP, max_pixels=10**6)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= most <= DEFAULTS["MAX_CONCURRENT_DECODES"]
+
+
+def lying_jpeg(side: int = 8000, **save: object) -> bytes:
+    """A 16x16 JPEG whose frame header claims side x side pixels."""
+    import struct
+
+    data = bytearray(encode(Image.new("RGB", (16, 16), (200, 100, 50)), "JPEG", **save))
+    sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+    data[sof + 5:sof + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("draft", [None, 256])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_claiming_more_pixels_than_it_holds_is_refused(draft: int | None,
+                                                             progressive: bool) -> None:
+    data = lying_jpeg(progressive=progressive)
+    assert len(data) < 1000 and Image.open(io.BytesIO(data)).size == (8000, 8000)
+    with pytest.raises(ImageDecodeError) as err:
+        open_image(data, max_pixels=64_000_000, draft_size=draft)
+    assert err.value.code == "truncated_image"
+
+
+@pytest.mark.parametrize("save", [{"optimize": True}, {"progressive": True, "optimize": True}])
+def test_large_plain_jpeg_decodes_in_draft_and_reports_its_real_size(save: dict) -> None:
+    from service.embedding.transforms import decode
+
+    # A uniform grey image is the least scan data a real JPEG of this size can have.
+    data = encode(Image.new("L", (8000, 6000), 255), "JPEG", **save)
+    decoded = decode(data, max_pixels=64_000_000, draft_size=256)
+    assert (decoded.format, decoded.width, decoded.height) == ("JPEG", 8000, 6000)
+    assert 256 <= min(decoded.image.size) < 512
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_reported_size_is_after_exif_orientation(fmt: str, orientation: int) -> None:
+    from service.embedding.transforms import decode, image_header
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img = Image.new("RGB", (600, 300), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 300, 300))
+    data = encode(img, fmt, exif=exif if fmt == "TIFF" else exif.tobytes())
+    assert image_header(data) == (fmt, 300, 600)
+    for draft in (None, 100):
+        decoded = decode(data, max_pixels=10**6, draft_size=draft)
+        assert (decoded.width, decoded.height) == (300, 600)
+        pixels = to_rgb(decoded.image)
+        w, h = pixels.size
+        assert h == 2 * w  # the pixels turned once, not twice
+        # ROTATE_270 (6) puts the red left half on top; ROTATE_90 (8) at the bottom.
+        red_row = h // 4 if orientation == 6 else 3 * h // 4
+        assert tuple(np.asarray(pixels)[red_row, w // 2])[0] > 200
+
+
+def test_multipage_tiff_decodes_its_first_page_only() -> None:
+    pages = [Image.new("RGB", (20, 20), (255, 0, 0)), Image.new("RGB", (4000, 4000))]
+    out = io.BytesIO()
+    pages[0].save(out, "TIFF", save_all=True, append_images=pages[1:])
+    img = to_rgb(open_image(out.getvalue(), max_pixels=1000))
+    assert img.size == (20, 20) and np.asarray(img)[10, 10][0] == 255
