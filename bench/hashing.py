@@ -50,8 +50,9 @@ def service_rows(app: Any, model_id: int, ids: list[Any], unit: np.ndarray, vect
 
     from service.db import session_scope
     from service.embedding.models import EmbeddingModel
+    from service.hashing.models import code_index_name
     from service.hashing.search import hash_search
-    from service.hashing.service import code_index_name, create_code_set, fit_code_set
+    from service.hashing.service import create_code_set, fit_code_set
     from service.search.service import search_vectors
 
     id_index = {image_id: i for i, image_id in enumerate(ids)}

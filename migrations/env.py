@@ -5,17 +5,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-import service.embedding.defaults  # noqa: F401  (registers tables on Base.metadata)
-import service.embedding.models  # noqa: F401
-import service.embedding.reindex  # noqa: F401
-import service.evaluation.models  # noqa: F401
-import service.images.models  # noqa: F401
-import service.signing  # noqa: F401
 from service.config import load_settings
-from service.db import Base, make_engine, sqlalchemy_url
+from service.db import make_engine, sqlalchemy_url
+from service.schema import include_object, metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def database_url() -> str:
@@ -28,7 +23,8 @@ def database_url() -> str:
 
 def run_migrations_offline() -> None:
     """Emit SQL without a database connection."""
-    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True)
+    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True,
+                      include_object=include_object)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -37,7 +33,8 @@ def run_migrations_online() -> None:
     """Apply migrations over a live connection."""
     engine = make_engine(database_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata)
+        context.configure(connection=connection, target_metadata=target_metadata,
+                          include_object=include_object)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -5,12 +5,28 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pgvector.sqlalchemy import HALFVEC
-from sqlalchemy import DateTime, ForeignKey, Integer, String, UniqueConstraint, func
+from pgvector.sqlalchemy import BIT, HALFVEC
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    cast,
+    func,
+    literal_column,
+)
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base
+
+INDEX_OPS = {"cosine": "halfvec_cosine_ops", "l1": "halfvec_l1_ops", "hamming": "bit_hamming_ops"}
+HNSW_BUILD = {"m": 16, "ef_construction": 64}
 
 
 class EmbeddingModel(Base):
@@ -48,3 +64,31 @@ class ImageEmbedding(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+
+
+def hnsw_index_name(model_id: int, metric: str) -> str:
+    """Name of the partial HNSW index of one model and metric."""
+    return f"ix_image_embeddings_hnsw_{metric}_m{int(model_id)}"
+
+
+def hnsw_index(model_id: int, dim: int, metric: str) -> Index:
+    """One model's partial HNSW index; the model's rows share the table with other dimensions.
+
+    Declared per model row rather than on the table, since each model has its own dimension
+    and ids are only known at run time. Hamming indexes the sign bits of the stored 0/1 vector
+    as bit(d), so a 64-bit pHash is searched as a bit(64).
+    """
+    vector = cast(_RUNTIME.c.vector, HALFVEC(int(dim)))
+    if metric == "hamming":
+        vector = cast(func.binary_quantize(vector), BIT(int(dim)))
+    # A literal, so the planner matches the index for queries that name the model inline.
+    where = _RUNTIME.c.model_id == literal_column(str(int(model_id)))
+    return Index(hnsw_index_name(model_id, metric), vector.label("v"),
+                 postgresql_using="hnsw", postgresql_with=HNSW_BUILD,
+                 postgresql_ops={"v": INDEX_OPS[metric]}, postgresql_where=where)
+
+
+# The table as seen by the per-model indexes, on a metadata of its own: an index declared on
+# the real table would join the schema that migrations compare and `create_all` builds.
+_RUNTIME = Table("image_embeddings", MetaData(), Column("model_id", Integer),
+                 Column("vector", HALFVEC()))

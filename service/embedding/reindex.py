@@ -21,11 +21,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.schema import DropIndex
 
 from service.db import Base
 from service.embedding.defaults import default_model
-from service.embedding.models import EmbeddingModel, ImageEmbedding
-from service.embedding.service import INDEX_OPS, ensure_model_row, index_name, save_vectors
+from service.embedding.models import INDEX_OPS, EmbeddingModel, ImageEmbedding, hnsw_index
+from service.embedding.service import ensure_model_row, save_vectors
 from service.embedding.session import get_embedder
 from service.embedding.transforms import ImageDecodeError, batch, preprocess
 from service.errors import ApiError
@@ -169,8 +170,7 @@ def drop_model(name: str, *, session: Session) -> int:
         raise ApiError("unknown_model", f"no model {name!r} is registered")
     for row in rows:
         for metric in INDEX_OPS:
-            # The name is built from an integer id, never from user text.
-            session.execute(text(f"DROP INDEX IF EXISTS {index_name(row.id, metric)}"))
+            session.execute(DropIndex(hnsw_index(row.id, row.dim, metric), if_exists=True))
         session.execute(delete(EmbeddingModel).where(EmbeddingModel.id == row.id))
     session.commit()
     return len(rows)

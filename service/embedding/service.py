@@ -17,15 +17,15 @@ from sqlalchemy import (
     func,
     literal,
     select,
-    text,
     update,
     values,
 )
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
+from sqlalchemy.schema import CreateIndex
 
-from service.embedding.models import EmbeddingModel, ImageEmbedding
+from service.embedding.models import EmbeddingModel, ImageEmbedding, hnsw_index, hnsw_index_name
 from service.embedding.registry import ModelInfo
 from service.embedding.session import get_embedder
 from service.embedding.transforms import ImageDecodeError
@@ -35,22 +35,14 @@ from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStor
 log = logging.getLogger(__name__)
 
 _FIVE_DIGITS = "%.5g".__mod__
-# pgvector operator classes per metric for the per-model HNSW indexes. CNN models get the
-# cosine one; hand-crafted models (service/features/models.py) L1 or Hamming.
-INDEX_OPS = {"cosine": "halfvec_cosine_ops", "l1": "halfvec_l1_ops", "hamming": "bit_hamming_ops"}
-# The indexed expression per metric; {d} is the model's dimension. Hamming indexes the sign
-# bits of the stored 0/1 vector as bit(d), so a 64-bit pHash is searched as a bit(64).
-INDEX_EXPRESSIONS = {"cosine": "vector::halfvec({d})", "l1": "vector::halfvec({d})",
-                     "hamming": "binary_quantize(vector::halfvec({d}))::bit({d})"}
 
 
 class PermanentEmbedError(Exception):
     """Embedding this image can never succeed (e.g. undecodable bytes)."""
 
 
-def index_name(model_id: int, metric: str) -> str:
-    """Name of the partial HNSW index of one model and metric."""
-    return f"ix_image_embeddings_hnsw_{metric}_m{int(model_id)}"
+# Callers that only need the name of a model's index.
+index_name = hnsw_index_name
 
 
 def ensure_model_row(info: ModelInfo, *, session: Session) -> EmbeddingModel:
@@ -74,17 +66,10 @@ def ensure_model_row(info: ModelInfo, *, session: Session) -> EmbeddingModel:
 
 def ensure_indexes(model: EmbeddingModel, *, session: Session) -> None:
     """Create the model's partial HNSW index (cosine, or L1/Hamming if hand-crafted)."""
-    # Identifiers and the dimension are integers from our own table, never user text.
     from service.features.models import index_metric
 
-    model_id, dim = int(model.id), int(model.dim)
-    metric = index_metric(model.name)
-    expression = INDEX_EXPRESSIONS[metric].format(d=dim)
-    session.execute(text(
-        f"CREATE INDEX IF NOT EXISTS {index_name(model_id, metric)} ON image_embeddings "
-        f"USING hnsw (({expression}) {INDEX_OPS[metric]}) WITH (m = 16, ef_construction = 64) "
-        f"WHERE model_id = {model_id}"
-    ))
+    index = hnsw_index(int(model.id), int(model.dim), index_metric(model.name))
+    session.execute(CreateIndex(index, if_not_exists=True))
 
 
 def find_model(name: str, *, session: Session) -> EmbeddingModel | None:

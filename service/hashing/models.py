@@ -7,13 +7,19 @@ from datetime import datetime
 
 from sqlalchemy import (
     CheckConstraint,
+    Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
+    MetaData,
     String,
+    Table,
     Text,
+    cast,
     func,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import BIT, UUID
 from sqlalchemy.orm import Mapped, deferred, mapped_column
@@ -59,9 +65,30 @@ class ImageCode(Base):
     """
 
     __tablename__ = "image_codes"
+    # Dropping a code set deletes its codes by code_set_id: without this each cascade scans.
+    __table_args__ = (Index("ix_image_codes_code_set_id", "code_set_id"),)
 
     image_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     code_set_id: Mapped[int] = mapped_column(
         Integer, ForeignKey("code_sets.id", ondelete="CASCADE"), primary_key=True)
     code: Mapped[str] = mapped_column(BIT(varying=True), nullable=False)
+
+
+def code_index_name(code_set_id: int) -> str:
+    """Name of the partial HNSW Hamming index of one code set."""
+    return f"ix_image_codes_hnsw_c{int(code_set_id)}"
+
+
+def code_index(code_set_id: int, bits: int) -> Index:
+    """One code set's partial HNSW index over its codes as bit(n), declared per set at run time."""
+    code = cast(_RUNTIME.c.code, BIT(int(bits))).label("c")
+    where = _RUNTIME.c.code_set_id == literal_column(str(int(code_set_id)))
+    return Index(code_index_name(code_set_id), code, postgresql_using="hnsw",
+                 postgresql_with={"m": 16, "ef_construction": 64},
+                 postgresql_ops={"c": "bit_hamming_ops"}, postgresql_where=where)
+
+
+# The table as the per-set indexes see it, apart from the schema that migrations compare.
+_RUNTIME = Table("image_codes", MetaData(), Column("code_set_id", Integer),
+                 Column("code", BIT(varying=True)))

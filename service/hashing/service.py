@@ -8,10 +8,11 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.schema import CreateIndex, DropIndex
 
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError, Conflict, NotFound
@@ -24,7 +25,7 @@ from service.hashing.encoders import (
     fit,
     to_bitstring,
 )
-from service.hashing.models import CodeSet, ImageCode
+from service.hashing.models import CodeSet, ImageCode, code_index
 from service.images.models import Image
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ INSERT_CHUNK = 5_000
 # Decoded encoders kept per process, oldest dropped first.
 PARAMS_CACHE_SIZE = 32
 _PARAMS_CACHE: dict[tuple[int, datetime], CodeParams] = {}
-
-
-def code_index_name(code_set_id: int) -> str:
-    """Name of the partial HNSW Hamming index of one code set."""
-    return f"ix_image_codes_hnsw_c{int(code_set_id)}"
 
 
 def create_code_set(name: str, *, session: Session, model: EmbeddingModel, method: str,
@@ -88,7 +84,7 @@ def count_codes(code_set_id: int, *, session: Session) -> int:
 def delete_code_set(name: str, *, session: Session) -> None:
     """Drop a code set, its codes (cascade) and its index."""
     row = get_code_set(name, session=session)
-    session.execute(text(f"DROP INDEX IF EXISTS {code_index_name(row.id)}"))
+    session.execute(DropIndex(code_index(row.id, row.bits), if_exists=True))
     session.execute(delete(CodeSet).where(CodeSet.id == row.id))
 
 
@@ -158,12 +154,8 @@ def fit_code_set(code_set_id: int, *, session: Session) -> str:
     bits = encode(params, vectors)
     session.execute(delete(ImageCode).where(ImageCode.code_set_id == code_set.id))
     _write_codes(code_set, ids, bits, session=session)
-    # Identifiers and the length are integers from our own table, never user text. Built
-    # after the bulk insert: one build is much faster than inserting into a live graph.
-    session.execute(text(
-        f"CREATE INDEX IF NOT EXISTS {code_index_name(code_set.id)} ON image_codes "
-        f"USING hnsw ((code::bit({int(code_set.bits)})) bit_hamming_ops) "
-        f"WITH (m = 16, ef_construction = 64) WHERE code_set_id = {int(code_set.id)}"))
+    # Built after the bulk insert: one build is much faster than inserting into a live graph.
+    session.execute(CreateIndex(code_index(code_set.id, code_set.bits), if_not_exists=True))
     code_set.params = params.to_bytes()
     code_set.status, code_set.error = "ready", None
     code_set.fitted_rows = len(ids)
