@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "ARCHIVE_MAX_ENTRIES": 1_000_000,
     "ARCHIVE_MAX_TOTAL_BYTES": 20 * 1024**3,
     "ARCHIVE_MAX_RATIO": 100,
+    # A JSON manifest is parsed in the request: its body and its item count are capped.
+    "MANIFEST_MAX_BYTES": 64 * 1024 * 1024,
+    "MANIFEST_MAX_ITEMS": 100_000,
     # Issue 9 (docs/security.md). "auto": API keys are required unless the API listens on a
     # loopback address; `lookalike run` passes its --host as BIND_HOST.
     "AUTH_REQUIRED": "auto",

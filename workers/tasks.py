@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from celery import shared_task
 from flask import current_app
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from service.db import session_scope
 from service.embedding import service as embedding
 from service.embedding.defaults import default_model
 from service.images import service as images
+from service.jobs.service import EXPAND_JOB, INGEST_BATCH
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+# Worth retrying: the database went away or was busy (OperationalError covers lost
+# connections, deadlocks, serialization failures and statement timeouts), a pool or socket
+# timeout. Not DBAPIError as a whole: a ProgrammingError, DataError or IntegrityError fails
+# the same way every time, and retrying it only delays the failure.
+TRANSIENT = (OperationalError, DisconnectionError, PoolTimeout, ConnectionError, TimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may succeed: TRANSIENT, or any driver error that lost its connection."""
+    return isinstance(exc, TRANSIENT) or (isinstance(exc, DBAPIError)
+                                          and bool(exc.connection_invalidated))
+
+
+def internal_reason(exc: BaseException) -> str:
+    """The reason recorded for work an unexpected error stopped (details go to the log)."""
+    return f"internal error: {type(exc).__name__}"
 
 
 @shared_task(name="lookalike.embed_image", bind=True, acks_late=True,
@@ -115,11 +133,15 @@ def reindex(self: object, run_id: str) -> str:
 # --- Issue 5: bulk ingestion jobs -----------------------------------------------------------
 
 
-@shared_task(name="lookalike.ingest_batch", bind=True, acks_late=True,
+@shared_task(name=INGEST_BATCH, bind=True, acks_late=True,
              reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
              retry_backoff_max=60, retry_jitter=True, max_retries=12)
-def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
-    """Process one batch of a job's items; a retry (same token) resumes the same claim."""
+def ingest_batch(self: Any, job_id: str, token: str) -> dict[str, object]:
+    """Process one batch of a job's items; a retry (same token) resumes the same claim.
+
+    An error that is not transient fails the batch's claimed items at once, with a reason,
+    and the job goes on: nothing waits for the sweeper's timeout.
+    """
     from service.embedding.session import get_embedder
     from service.jobs import pipeline
     from service.jobs.service import enqueue_batches
@@ -129,16 +151,23 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
         model_name = default_model(session=session)
     embedder = get_embedder(config["MODEL_DIR"], model_name,
                             threads=int(config["ORT_INTRA_OP_THREADS"]))
-    with session_scope() as session:
-        result = pipeline.process_batch(
-            uuid.UUID(job_id), uuid.UUID(token), session=session,
-            store=current_app.extensions["content_store"], embedder=embedder,
-            settings=pipeline.batch_settings(config))
-        # Binary codes of the new images were written with them (pipeline._encode_codes). Graph
-        # edges are not linked one by one here: that halved ingestion throughput
-        # (docs/benchmarks.md); the collection's graph is rebuilt in one pass after the job.
-        if result.finished == "done" and config["GRAPH_LINK_ON_EMBED"]:
-            _graph_after_job(uuid.UUID(job_id), model_name, session=session)
+    try:
+        with session_scope() as session:
+            result = pipeline.process_batch(
+                uuid.UUID(job_id), uuid.UUID(token), session=session,
+                store=current_app.extensions["content_store"], embedder=embedder,
+                settings=pipeline.batch_settings(config))
+            # Binary codes of the new images were written with them. Graph edges are not
+            # linked one by one here: that halved ingestion throughput (docs/benchmarks.md);
+            # the collection's graph is rebuilt in one pass after the job.
+            if result.finished == "done" and config["GRAPH_LINK_ON_EMBED"]:
+                _graph_after_job(uuid.UUID(job_id), model_name, session=session)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise self.retry(exc=exc, countdown=5) from exc
+        return _fail_batch(job_id, token, exc)
     if result.more:
         try:  # Each finished batch sends the next; a lost one is re-sent by the sweeper.
             enqueue_batches(job_id, 1)
@@ -146,6 +175,57 @@ def ingest_batch(self: object, job_id: str, token: str) -> dict[str, object]:
             log.exception("could not enqueue the next batch of job %s", job_id)
     return {"claimed": result.claimed, "done": result.done, "duplicates": result.duplicates,
             "failed": result.failed, "finished": result.finished}
+
+
+def _fail_batch(job_id: str, token: str, exc: Exception) -> dict[str, object]:
+    """Fail what the batch had claimed, then let the job go on or finish."""
+    from service.jobs import pipeline
+    from service.jobs.service import enqueue_batches, finish_if_complete
+
+    log.error("batch %s of job %s failed", token, job_id, exc_info=exc)
+    with session_scope() as session:
+        failed, more = pipeline.fail_claim(uuid.UUID(job_id), uuid.UUID(token),
+                                           internal_reason(exc), session=session)
+        finished = None if more else finish_if_complete(
+            uuid.UUID(job_id), session=session, storage_dir=current_app.config["STORAGE_DIR"])
+    if failed and more:
+        # Only after progress: a batch that fails before claiming anything must not loop.
+        enqueue_batches(job_id, 1)
+    return {"claimed": failed, "done": 0, "duplicates": 0, "failed": failed,
+            "finished": finished, "error": internal_reason(exc)}
+
+
+@shared_task(name=EXPAND_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
+             autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60,
+             retry_jitter=True, max_retries=8)
+def expand_job(self: Any, job_id: str) -> dict[str, object]:
+    """Extract an uploaded archive into items, then send its first batches (idempotent)."""
+    from service.jobs import expansion
+    from service.jobs.service import batches_for, enqueue_batches
+
+    config = current_app.config
+    try:
+        with session_scope() as session:
+            outcome = expansion.expand_job(uuid.UUID(job_id), session=session,
+                                           settings=expansion.expand_settings(config))
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise self.retry(exc=exc, countdown=5) from exc
+        log.error("expansion of job %s failed", job_id, exc_info=exc)
+        with session_scope() as session:
+            expansion.fail_expansion(uuid.UUID(job_id), "internal_error", internal_reason(exc),
+                                     session=session, storage_dir=config["STORAGE_DIR"])
+        return {"status": "failed", "error": internal_reason(exc)}
+    if outcome.pending:
+        try:  # The items are durable; the sweeper re-sends a stalled job's batches.
+            enqueue_batches(job_id, batches_for(outcome.pending,
+                                                batch_size=int(config["JOB_BATCH_SIZE"]),
+                                                parallelism=int(config["JOB_PARALLELISM"])))
+        except Exception:
+            log.exception("could not enqueue the batches of job %s", job_id)
+    return {"status": outcome.status, "pending": outcome.pending}
 
 
 def _graph_after_job(job_id: uuid.UUID, model_name: str, *, session: Session) -> None:
@@ -190,7 +270,8 @@ def link_job_images(self: object, job_id: str) -> int:
 @shared_task(name="lookalike.sweep_jobs", acks_late=True, reject_on_worker_lost=True)
 def sweep_jobs() -> dict[str, int]:
     """Re-enqueue stuck items and stalled jobs from PostgreSQL; close finished jobs."""
-    from service.jobs.service import enqueue_batches, sweep
+    from service.jobs.expansion import remove_stray_dirs
+    from service.jobs.service import enqueue_batches, enqueue_expansion, sweep
     from service.queue import EMBED_IMAGE, enqueue
 
     config = current_app.config
@@ -202,14 +283,23 @@ def sweep_jobs() -> dict[str, int]:
                        storage_dir=config["STORAGE_DIR"])
     for job_id, count in report.enqueue.items():
         enqueue_batches(job_id, count)
+    for job_id in report.expand:
+        enqueue_expansion(job_id)
+    with session_scope() as session:
+        strays = remove_stray_dirs(config["STORAGE_DIR"], session=session,
+                                   older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
     # Single uploads whose embed message was lost (Redis down at upload, or restarted).
     with session_scope() as session:
         stale = images.claim_stale_pending(session=session,
                                            older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
     for image_id in stale:
         enqueue(EMBED_IMAGE, str(image_id))
-    if report.reset or report.gave_up or report.enqueue or report.finished:
-        log.info("sweep: reset %d, gave up %d, re-enqueued %s, finished %d", report.reset,
-                 report.gave_up, {str(k): v for k, v in report.enqueue.items()}, report.finished)
+    if (report.reset or report.gave_up or report.enqueue or report.finished or report.expand
+            or report.abandoned or strays):
+        log.info("sweep: reset %d, gave up %d, re-enqueued %s, finished %d, re-expanding %s, "
+                 "abandoned %d, stray folders %d", report.reset, report.gave_up,
+                 {str(k): v for k, v in report.enqueue.items()}, report.finished,
+                 [str(j) for j in report.expand], report.abandoned, strays)
     return {"reset": report.reset, "gave_up": report.gave_up,
-            "enqueued": sum(report.enqueue.values()), "finished": report.finished}
+            "enqueued": sum(report.enqueue.values()), "finished": report.finished,
+            "expanding": len(report.expand), "abandoned": report.abandoned, "strays": strays}

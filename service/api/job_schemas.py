@@ -37,15 +37,26 @@ class JobCreate(BaseModel):
 
     collection: str | None = Field(default=None, max_length=128)
     source: JobSource | None = None
-    items: list[ManifestItem] | None = Field(default=None, max_length=1_000_000)
+    items: list[ManifestItem] | None = Field(
+        default=None, max_length=1_000_000,
+        description="at most MANIFEST_MAX_ITEMS (100,000) files, the body at most "
+                    "MANIFEST_MAX_BYTES (64 MiB)")
 
 
 class JobCreated(BaseModel):
-    """The accepted job."""
+    """The accepted job: an archive is `expanding` (total 0 until a worker has extracted it)."""
 
     id: str
-    status: str
+    status: str = Field(description="expanding (archives), queued, or already failed/done")
     total: int
+
+
+class JobFailure(BaseModel):
+    """Why a job failed as a whole (a damaged or refused archive), not item by item."""
+
+    code: str = Field(description="e.g. not_an_archive, corrupt_archive, zip_bomb, "
+                                  "archive_too_large, invalid_metadata, expansion_abandoned")
+    message: str
 
 
 class JobError(BaseModel):
@@ -60,7 +71,8 @@ class JobOut(BaseModel):
     """A job's state, counts, rate and ETA."""
 
     id: str
-    status: str = Field(description="queued, running, done, failed or cancelled")
+    status: str = Field(description="expanding (an archive a worker is extracting), queued, "
+                                    "running, done, failed or cancelled")
     collection: str
     kind: str = Field(description="archive, path or manifest")
     source: str | None = None
@@ -76,7 +88,9 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    errors: list[JobError] = Field(default_factory=list)
+    error: JobFailure | None = Field(default=None, description="why the whole job failed")
+    errors: list[JobError] = Field(default_factory=list,
+                                   description="the first 10 failed items")
 
 
 class JobList(BaseModel):
@@ -92,7 +106,7 @@ class JobListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: str | None = Field(default=None,
-                               pattern="^(queued|running|done|failed|cancelled)$")
+                               pattern="^(expanding|queued|running|done|failed|cancelled)$")
     collection: str | None = Field(default=None, max_length=128)
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = Field(default=None, max_length=200)

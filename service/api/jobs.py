@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import uuid
 from typing import Any
 
 from flask import Blueprint, current_app, request
 from pydantic import ValidationError
 from spectree import Response as Resp
+from werkzeug.datastructures import FileStorage, ImmutableMultiDict
+from werkzeug.formparser import parse_form_data
 
 from service.api.auth import require_collection
 from service.api.job_schemas import (
@@ -26,23 +30,29 @@ from service.api.schemas import ErrorResponse
 from service.db import session_scope
 from service.errors import ApiError
 from service.jobs import service as jobs
-from service.jobs.archives import ArchiveLimits
+from service.jobs.expansion import UploadSink, create_archive_job
 from service.jobs.models import IngestItem
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 log = logging.getLogger(__name__)
 TAGS = ["jobs"]
+# Validation errors echoed in a 400: a million bad items must not make a million messages.
+REPORTED_ERRORS = 10
 
 
 @bp.before_request
-def _archive_size_limit() -> None:
-    """Archives may be far larger than single uploads; refuse oversized ones before reading."""
+def _body_size_limit() -> None:
+    """Archives may be far larger than single uploads, manifests not; refuse before reading."""
     if request.method != "POST" or request.endpoint != "jobs.create_job":
         return
-    limit = int(current_app.config["MAX_ARCHIVE_BYTES"])
+    config = current_app.config
+    if request.mimetype == "multipart/form-data":
+        limit, what = int(config["MAX_ARCHIVE_BYTES"]), "archive"
+    else:
+        limit, what = int(config["MANIFEST_MAX_BYTES"]), "manifest"
     request.max_content_length = limit
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError("payload_too_large", f"the archive is larger than {limit} bytes",
+        raise ApiError("payload_too_large", f"the {what} is larger than {limit} bytes",
                        status=413)
 
 
@@ -60,6 +70,8 @@ def job_json(p: jobs.Progress) -> dict[str, Any]:
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "error": ({"code": job.error_code or "failed", "message": job.error}
+                  if job.error else None),
         "errors": [{"item": e.id, "name": e.name, "error": e.error} for e in p.errors],
     }
 
@@ -72,83 +84,121 @@ def item_json(item: IngestItem) -> dict[str, Any]:
             "updated_at": item.updated_at.isoformat()}
 
 
-def _limits() -> ArchiveLimits:
-    config = current_app.config
-    return ArchiveLimits(max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
-                         max_total_bytes=int(config["ARCHIVE_MAX_TOTAL_BYTES"]),
-                         max_ratio=float(config["ARCHIVE_MAX_RATIO"]),
-                         max_entry_bytes=int(config["MAX_UPLOAD_BYTES"]))
+def _parse_form(sink: UploadSink) -> tuple[ImmutableMultiDict[str, str],
+                                           ImmutableMultiDict[str, FileStorage]]:
+    """The multipart body, its file parts streamed straight into the job's folder."""
+    try:
+        _, form, files = parse_form_data(
+            request.environ, stream_factory=sink, max_content_length=request.max_content_length,
+            max_form_memory_size=request.max_form_memory_size,
+            max_form_parts=request.max_form_parts, silent=False)
+    except ValueError as exc:
+        raise ApiError("invalid_request", f"the multipart body could not be read: {exc}") from exc
+    return form, files
 
 
-def _metadata_part() -> tuple[bytes, str | None] | None:
-    """The optional `metadata` part: an uploaded file or a text field."""
-    upload = request.files.get("metadata")
+def _metadata_part(form: ImmutableMultiDict[str, str],
+                   files: ImmutableMultiDict[str, FileStorage]) -> tuple[bytes, str | None] | None:
+    """The optional `metadata` part of a server-path job: an uploaded file or a text field."""
+    upload = files.get("metadata")
     if upload is not None:
         return upload.read(), upload.filename
-    raw = request.form.get("metadata")
+    raw = form.get("metadata")
     return (raw.encode(), None) if raw else None
 
 
+def _validation_message(exc: ValidationError) -> str:
+    """The first few problems and how many there were in all, never the input itself."""
+    found = exc.errors(include_url=False, include_context=False, include_input=False)
+    shown = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                      for e in found[:REPORTED_ERRORS])
+    more = exc.error_count() - min(len(found), REPORTED_ERRORS)
+    return shown + (f"; and {more} more errors" if more > 0 else "")
+
+
 def _json_body() -> JobCreate:
-    if request.mimetype == "multipart/form-data":
-        raw = request.form.get("source")
-        try:
-            source = json.loads(raw) if raw else None
-        except ValueError as exc:
-            raise ApiError("invalid_request", f"source is not valid JSON: {exc}") from exc
-        payload: Any = {"collection": request.form.get("collection") or None, "source": source}
-    else:
-        payload = request.get_json(silent=True)
-        if not isinstance(payload, dict):
-            raise ApiError("invalid_request", "send a multipart archive (field 'file') or a "
-                           "JSON object with 'source' or 'items'")
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        raise ApiError("invalid_request", "send a multipart archive (field 'file') or a "
+                       "JSON object with 'source' or 'items'")
+    items, limit = payload.get("items"), _manifest_max_items()
+    if isinstance(items, list) and len(items) > limit:
+        raise ApiError("too_many_files", f"the manifest lists more than {limit} files")
+    return _validated(payload)
+
+
+def _validated(payload: Any) -> JobCreate:
     try:
         return JobCreate.model_validate(payload)
     except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                            for e in exc.errors())
-        raise ApiError("invalid_request", details) from exc
+        raise ApiError("invalid_request", _validation_message(exc)) from exc
 
 
-@bp.post("")
-@spec.validate(resp=Resp(HTTP_202=JobCreated, HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
-               tags=TAGS)
-def create_job() -> tuple[dict[str, Any], int]:
-    """Start a bulk ingestion job from an archive, a server directory or a manifest (202).
+def _manifest_max_items() -> int:
+    config = current_app.config
+    return min(int(config["MANIFEST_MAX_ITEMS"]), int(config["ARCHIVE_MAX_ENTRIES"]))
 
-    Multipart: `file` (.zip/.tar/.tar.gz), optional `metadata` (metadata.csv or .jsonl with a
-    `file` column) and `collection`. JSON: `{"source": {"path": ...}}` or
-    `{"items": [{"path": ..., "metadata": {...}}]}` plus `collection`; server paths must lie
-    under INGEST_ROOTS.
-    """
+
+def _create_from_form() -> tuple[dict[str, Any], int]:
+    """An archive upload (saved, then expanded by a worker) or a server path with metadata."""
+    config = current_app.config
+    job_id = uuid.uuid4()
+    folder = jobs.job_dir(config["STORAGE_DIR"], job_id)
+    committed = False
+    try:
+        form, files = _parse_form(UploadSink(folder))
+        upload = files.get("file")
+        if upload is None:
+            raw = form.get("source")
+            try:
+                source = json.loads(raw) if raw else None
+            except ValueError as exc:
+                raise ApiError("invalid_request", f"source is not valid JSON: {exc}") from exc
+            body = _validated({"collection": form.get("collection") or None, "source": source})
+            return _create_from_json(body, metadata=_metadata_part(form, files))
+        collection = require_collection(form.get("collection") or "default")
+        side = files.get("metadata")
+        text = form.get("metadata")
+        with session_scope() as session:
+            job = create_archive_job(
+                job_id, upload.stream, session=session, storage_dir=config["STORAGE_DIR"],
+                collection=collection, filename=upload.filename,
+                metadata=side.stream if side is not None else (text.encode() if text else None),
+                metadata_name=side.filename if side is not None else None)
+            session.commit()
+            committed = True
+            out = {"id": str(job.id), "status": job.status, "total": job.total}
+    finally:
+        if not committed:
+            shutil.rmtree(folder, ignore_errors=True)
+    try:
+        jobs.enqueue_expansion(job_id)
+    except Exception:  # The upload and the job are durable; the sweeper re-sends it.
+        log.exception("could not enqueue the expansion of job %s", job_id)
+    return out, 202
+
+
+def _create_from_json(body: JobCreate, *,
+                      metadata: tuple[bytes, str | None] | None) -> tuple[dict[str, Any], int]:
+    """A server directory or a manifest, expanded in the request (one stat per file)."""
     config = current_app.config
     max_meta = int(config["MAX_METADATA_BYTES"])
     roots = list(config.get("INGEST_ROOTS") or [])
-    upload = request.files.get("file") if request.mimetype == "multipart/form-data" else None
+    collection = require_collection(body.collection or "default")
     with session_scope() as session:
-        if upload is not None:
-            job = jobs.create_archive_job(
-                upload.stream, session=session, storage_dir=config["STORAGE_DIR"],
-                collection=require_collection(request.form.get("collection") or "default"),
-                filename=upload.filename, metadata=_metadata_part(), limits=_limits(),
+        if body.source is not None and body.items is None:
+            job = jobs.create_path_job(
+                body.source.path, session=session, roots=roots, collection=collection,
+                metadata=metadata, max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
+                max_metadata_bytes=max_meta)
+        elif body.items is not None and body.source is None:
+            job = jobs.create_manifest_job(
+                [(i.path, i.metadata) for i in body.items], session=session, roots=roots,
+                collection=collection, max_entries=_manifest_max_items(),
                 max_metadata_bytes=max_meta)
         else:
-            body = _json_body()
-            collection = require_collection(body.collection or "default")
-            if body.source is not None and body.items is None:
-                job = jobs.create_path_job(
-                    body.source.path, session=session, roots=roots, collection=collection,
-                    metadata=_metadata_part() if request.mimetype == "multipart/form-data"
-                    else None, max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
-                    max_metadata_bytes=max_meta)
-            elif body.items is not None and body.source is None:
-                job = jobs.create_manifest_job(
-                    [(i.path, i.metadata) for i in body.items], session=session, roots=roots,
-                    collection=collection, max_entries=int(config["ARCHIVE_MAX_ENTRIES"]),
-                    max_metadata_bytes=max_meta)
-            else:
-                raise ApiError("invalid_request", "give an archive as multipart field 'file', "
-                               "or exactly one of 'source' and 'items'")
+            raise ApiError("invalid_request", "give an archive as multipart field 'file', "
+                           "or exactly one of 'source' and 'items'")
         session.commit()
         pending = jobs.item_counts([job.id], session=session)[job.id]["pending"]
         out = {"id": str(job.id), "status": job.status, "total": job.total}
@@ -160,6 +210,24 @@ def create_job() -> tuple[dict[str, Any], int]:
         except Exception:  # The items are durable; the sweeper enqueues the stalled job.
             log.exception("could not enqueue job %s", out["id"])
     return out, 202
+
+
+@bp.post("")
+@spec.validate(resp=Resp(HTTP_202=JobCreated, HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
+               tags=TAGS)
+def create_job() -> tuple[dict[str, Any], int]:
+    """Start a bulk ingestion job from an archive, a server directory or a manifest (202).
+
+    Multipart: `file` (.zip/.tar/.tar.gz), optional `metadata` (metadata.csv or .jsonl with a
+    `file` column) and `collection`: the upload is saved and the job answered `expanding` at
+    once; a worker extracts it (poll the job: a bad archive ends it `failed` with `error`).
+    JSON: `{"source": {"path": ...}}` or `{"items": [{"path": ..., "metadata": {...}}]}` plus
+    `collection`; server paths must lie under INGEST_ROOTS; a manifest lists at most
+    MANIFEST_MAX_ITEMS files in at most MANIFEST_MAX_BYTES.
+    """
+    if request.mimetype == "multipart/form-data":
+        return _create_from_form()
+    return _create_from_json(_json_body(), metadata=None)
 
 
 @bp.get("")

@@ -2,11 +2,17 @@
 
 Every regular entry is copied to a name we generate (`files/00000001`), so no entry name is
 ever used as a path: traversal (`../x`), absolute names and links cannot write anywhere else.
-Such entries become failed items with a reason; zip bombs and non-archives are refused whole.
+Such entries become failed items with a reason, as do entries that cannot be images (empty,
+or starting like no allowed format): they are never written and cost no worker time. Zip
+bombs, non-archives and truncated or damaged archives are refused whole.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
+import io
 import lzma
 import os
 import posixpath
@@ -14,13 +20,14 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from service.errors import ApiError
 from service.jobs.metadata import METADATA_NAMES, normalise_key
+from service.jobs.signatures import image_problem
 
 COPY_CHUNK = 1024 * 1024
 # Per-entry ratio checks only apply above this size: tiny text files compress absurdly well.
@@ -28,6 +35,15 @@ RATIO_MIN_BYTES = 1024 * 1024
 METADATA_MAX_BYTES = 256 * 1024 * 1024
 IGNORED_PARTS = ("__MACOSX",)
 IGNORED_NAMES = (".DS_Store", "Thumbs.db")
+BLOCK = tarfile.BLOCKSIZE
+# Decompressors that notice a stream cut short (tarfile's own stream reader does not).
+COMPRESSORS: tuple[tuple[bytes, Callable[[IO[bytes]], IO[bytes]]], ...] = (
+    (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
+    (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb")),
+    (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb")),  # noqa: SIM115
+)
+# Bytes of decompressed stream kept behind the reader: more than tarfile reads ahead.
+TAIL_BYTES = 4 * tarfile.RECORDSIZE
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,9 @@ class Entry:
     name: str
     path: Path | None = None
     error: str | None = None
+    # Of entries refused as images whose name asked for it: to recognise a metadata file.
+    size: int | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -90,16 +109,77 @@ def _metadata_candidate(name: str) -> bool:
 
 
 def kind_of(path: Path) -> str:
-    """'zip' or 'tar', or 400 when the file is neither."""
+    """'zip' or 'tar'; 400 `not_an_archive` when the file is neither, `corrupt_archive` when
+    it is a zip whose end (the central directory) is missing."""
     if zipfile.is_zipfile(path):
         return "zip"
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            tf.next()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ApiError("not_an_archive",
-                       "the upload is not a .zip, .tar or compressed .tar archive") from exc
+    with path.open("rb") as raw:
+        if raw.read(4) == b"PK\x03\x04":
+            raise ApiError("corrupt_archive", "the zip archive is truncated or damaged: its "
+                           "central directory is missing")
+        raw.seek(0)
+        stream = _decompressed(raw)
+        try:
+            with stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+                tf.next()
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            if stream.inner is not raw:  # gzip, bzip2 or xz, cut short or damaged
+                raise ApiError("corrupt_archive", "the compressed archive is truncated or "
+                               f"damaged: {exc}") from exc
+            raise _not_an_archive() from exc
+        except tarfile.TarError as exc:
+            raise _not_an_archive() from exc
     return "tar"
+
+
+def _not_an_archive() -> ApiError:
+    return ApiError("not_an_archive", "the upload is not a .zip, .tar or compressed .tar archive")
+
+
+class _Tail(io.RawIOBase):
+    """A reader that counts what passed through it and keeps the last bytes it returned."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.position = 0
+        self.tail = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.inner is not None and not self.closed:
+            self.inner.close()
+        super().close()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.position += len(data)
+        self.tail = (self.tail + data)[-TAIL_BYTES:]
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def block_at(self, offset: int) -> bytes:
+        """The (up to) 512 bytes at `offset` of the stream, if they are still in the tail."""
+        start = self.position - len(self.tail)
+        if offset < start:
+            return b""
+        return self.tail[offset - start:offset - start + BLOCK]
+
+
+def _decompressed(raw: IO[bytes]) -> _Tail:
+    """The archive's tar stream, through a decompressor chosen by the first bytes."""
+    head = raw.read(8)
+    raw.seek(0)
+    for magic, opener in COMPRESSORS:
+        if head.startswith(magic):
+            return _Tail(opener(raw))
+    return _Tail(raw)
 
 
 class _Writer:
@@ -130,31 +210,55 @@ class _Writer:
             raise ApiError("zip_bomb", "the archive expands more than "
                            f"{self.limits.max_ratio:g} times its size")
 
-    def copy(self, stream: IO[bytes], declared: int) -> Path:
-        """Write one entry's bytes to a fresh file; never more than it declared."""
+    def copy(self, stream: IO[bytes], declared: int,
+             fingerprint: bool = False) -> tuple[Path | None, str | None, str | None]:
+        """Write one entry to a fresh file; never more, nor fewer, bytes than it declared.
+
+        Returns the path, or why the entry cannot be an image (then nothing is written), with
+        the sha256 of such an entry when `fingerprint` asks for it.
+        """
+        head = stream.read(COPY_CHUNK)
+        problem = image_problem(head)
+        if problem is not None:
+            digest = hashlib.sha256(head) if fingerprint else None
+            written = len(head)
+            while fingerprint and (chunk := stream.read(COPY_CHUNK)):
+                written += len(chunk)
+                if written > declared:
+                    raise ApiError("zip_bomb", "an archive entry is larger than it declares")
+                digest.update(chunk)  # type: ignore[union-attr]
+            return None, problem, digest.hexdigest() if digest is not None else None
         target = self.files / f"{self.count:08d}"
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         written = 0
         with os.fdopen(fd, "wb") as out:
-            while True:
-                chunk = stream.read(COPY_CHUNK)
-                if not chunk:
-                    break
+            chunk = head
+            while chunk:
                 written += len(chunk)
                 if written > declared:
                     raise ApiError("zip_bomb", "an archive entry is larger than it declares")
                 out.write(chunk)
-        return target
+                chunk = stream.read(COPY_CHUNK)
+        if written < declared:
+            raise ApiError("corrupt_archive", "the archive is truncated: an entry ends after "
+                           f"{written} of its {declared} bytes")
+        return target, None, None
 
 
-def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits) -> Extracted:
-    """Extract `archive` safely under `dest`; 400 for non-archives and bombs."""
+def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits,
+                    fingerprint: Callable[[str], bool] | None = None) -> Extracted:
+    """Extract `archive` safely under `dest`; ApiError for non-archives, bombs and damage.
+
+    `fingerprint(name)` says which entries that are not images to hash (a metadata file
+    sent beside the archive may be among them).
+    """
     kind = kind_of(archive)
     writer = _Writer(dest, limits, archive.stat().st_size)
+    wanted = fingerprint or (lambda name: False)
     try:
         if kind == "zip":
-            return _extract_zip(archive, writer)
-        return _extract_tar(archive, writer)
+            return _extract_zip(archive, writer, wanted)
+        return _extract_tar(archive, writer, wanted)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise ApiError("corrupt_archive", f"the archive could not be read: {exc}") from exc
     except OSError as exc:
@@ -180,7 +284,14 @@ def _take_metadata(out: Extracted, name: str, stream: IO[bytes], size: int) -> b
     return True
 
 
-def _extract_zip(archive: Path, writer: _Writer) -> Extracted:
+def _add(out: Extracted, name: str, copied: tuple[Path | None, str | None, str | None],
+         size: int) -> None:
+    path, problem, digest = copied
+    out.entries.append(Entry(name, path=path, error=problem,
+                             size=size if digest is not None else None, sha256=digest))
+
+
+def _extract_zip(archive: Path, writer: _Writer, fingerprint: Callable[[str], bool]) -> Extracted:
     out = Extracted()
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
@@ -221,7 +332,8 @@ def _extract_zip(archive: Path, writer: _Writer) -> Extracted:
                 if _take_metadata(out, info.filename, stream, info.file_size):
                     continue
                 writer.reserve(info.file_size)
-                out.entries.append(Entry(name, path=writer.copy(stream, info.file_size)))
+                _add(out, name, writer.copy(stream, info.file_size, fingerprint(info.filename)),
+                     info.file_size)
     return out
 
 
@@ -233,11 +345,13 @@ def _tar_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _extract_tar(archive: Path, writer: _Writer) -> Extracted:
+def _extract_tar(archive: Path, writer: _Writer, fingerprint: Callable[[str], bool]) -> Extracted:
     out = Extracted()
-    with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+    with archive.open("rb") as raw, _decompressed(raw) as stream, \
+            tarfile.open(fileobj=stream, mode="r|") as tf:
         # Stream mode: one pass, no seeking back through a compressed stream.
         for member in _tar_members(tf):
+            tf.members.clear()  # tarfile keeps every header otherwise: 1M entries, ~1 GB
             if member.isdir() or _ignored(member.name):
                 continue
             writer.count_entry()
@@ -254,12 +368,30 @@ def _extract_tar(archive: Path, writer: _Writer) -> Extracted:
             if problem is not None:
                 out.entries.append(Entry(name, error=problem))
                 continue
-            stream = tf.extractfile(member)
-            if stream is None:
+            extracted = tf.extractfile(member)
+            if extracted is None:
                 out.entries.append(Entry(name, error="not a regular file"))
                 continue
-            with stream:
-                if _take_metadata(out, member.name, stream, member.size):
+            with extracted:
+                if _take_metadata(out, member.name, extracted, member.size):
                     continue
-                out.entries.append(Entry(name, path=writer.copy(stream, member.size)))
+                _add(out, name, writer.copy(extracted, member.size, fingerprint(member.name)),
+                     member.size)
+        _check_end(tf, stream, writer)
     return out
+
+
+def _check_end(tf: tarfile.TarFile, stream: _Tail, writer: _Writer) -> None:
+    """Refuse a tar that stops without its end marker, or whose compressed stream is cut."""
+    # tarfile ends its listing silently at a missing or garbled header: only a zero block,
+    # the end-of-archive marker, means the archive really ends here.
+    block = stream.block_at(tf.offset)
+    if len(block) < BLOCK:
+        raise ApiError("corrupt_archive", "the archive is truncated: it ends at byte "
+                       f"{stream.position} of its contents, without the end-of-archive marker")
+    if block.count(0) != BLOCK:
+        raise ApiError("corrupt_archive", f"the archive is damaged: no valid header at byte "
+                       f"{tf.offset} of its contents")
+    # The decompressor checks its stream's end (and CRC) only when read to the end.
+    while chunk := stream.read(COPY_CHUNK):
+        writer.reserve(len(chunk))

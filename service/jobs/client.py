@@ -20,6 +20,8 @@ CHUNK = 1024 * 1024
 POLL_S = 0.5
 # The server refuses the path itself (not allowed there, or not a directory there): upload it.
 FALLBACK_CODES = ("path_not_allowed", "not_a_directory")
+# Job statuses that are still moving (an uploaded archive is `expanding` first).
+ACTIVE = ("expanding", "queued", "running")
 
 
 class ApiFailure(click.ClickException):
@@ -171,13 +173,16 @@ def follow(client: JobsClient, job_id: str, total: int) -> dict[str, Any]:
     """Poll a job with a progress bar (rate and ETA) until it is no longer queued or running."""
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1) as bar:
+    with tqdm(total=total or None, unit="img", dynamic_ncols=True, smoothing=0.1) as bar:
         while True:
             state = client.job(job_id)
+            if state["total"] and bar.total != state["total"]:
+                bar.total = state["total"]  # an archive's count is known once expanded
+                bar.refresh()
             processed = state["done"] + state["duplicates"] + state["failed"]
             bar.update(processed - bar.n)
             bar.set_postfix(failed=state["failed"], dup=state["duplicates"], refresh=False)
-            if state["status"] not in ("queued", "running"):
+            if state["status"] not in ACTIVE:
                 return state
             time.sleep(POLL_S)
 
@@ -188,6 +193,8 @@ def summary(state: dict[str, Any]) -> str:
     lines = [f"job {state['id']} {state['status']}: {state['done']} new, "
              f"{state['duplicates']} duplicates, {state['failed']} failed, "
              f"{state['cancelled']} cancelled of {state['total']}{rate}"]
+    if state.get("error"):
+        lines.append(f"  {state['error']['code']}: {state['error']['message']}")
     for error in state.get("errors") or []:
         lines.append(f"  failed {error['name']}: {error['error']}")
     if state["failed"] > len(state.get("errors") or []):
@@ -200,7 +207,12 @@ def run_ingest(path: Path, *, url: str, collection: str, metadata: Path | None,
     """Submit, follow and summarise; the exit status is 1 when any item failed."""
     client = JobsClient(url)
     created = submit(client, path, collection=collection, metadata=metadata)
-    click.echo(f"job {created['id']}: {created['total']} files into {collection!r}", err=True)
+    if created["status"] == "expanding":
+        click.echo(f"job {created['id']}: archive uploaded into {collection!r}; the server is "
+                   "expanding it", err=True)
+    else:
+        click.echo(f"job {created['id']}: {created['total']} files into {collection!r}",
+                   err=True)
     if not wait:
         click.echo(created["id"])
         return 0

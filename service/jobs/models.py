@@ -24,8 +24,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base
 
-JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-ACTIVE_JOB_STATUSES = ("queued", "running")
+JOB_STATUSES = ("expanding", "queued", "running", "done", "failed", "cancelled")
+# An uploaded archive waits for a worker to extract it; its items do not exist yet.
+EXPANDING = "expanding"
+# Jobs whose items batches may claim.
+BATCH_JOB_STATUSES = ("queued", "running")
+ACTIVE_JOB_STATUSES = (EXPANDING, *BATCH_JOB_STATUSES)
 ITEM_STATUSES = ("pending", "running", "done", "failed", "duplicate", "cancelled")
 TERMINAL_ITEM_STATUSES = ("done", "failed", "duplicate", "cancelled")
 JOB_KINDS = ("archive", "path", "manifest")
@@ -36,12 +40,12 @@ class IngestJob(Base):
 
     __tablename__ = "ingest_jobs"
     __table_args__ = (
-        CheckConstraint("status IN ('queued', 'running', 'done', 'failed', 'cancelled')",
-                        name="status"),
+        CheckConstraint("status IN ('expanding', 'queued', 'running', 'done', 'failed', "
+                        "'cancelled')", name="status"),
         CheckConstraint("kind IN ('archive', 'path', 'manifest')", name="kind"),
         Index("ix_ingest_jobs_created", text("created_at DESC"), text("id DESC")),
         Index("ix_ingest_jobs_active", "status",
-              postgresql_where=text("status IN ('queued', 'running')")),
+              postgresql_where=text("status IN ('expanding', 'queued', 'running')")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -49,7 +53,12 @@ class IngestJob(Base):
     kind: Mapped[str] = mapped_column(String(16), nullable=False)
     source: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    # Why the job as a whole failed (a bad archive), as an error code and a message.
+    error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    # Starts of the archive's expansion; the sweeper gives up after JOB_MAX_ATTEMPTS.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0,
+                                          server_default=text("0"))
     total: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import stat
@@ -13,19 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image as PILImage
-from sqlalchemy import BigInteger, String, Text, column, func, select, update, values
+from sqlalchemy import BigInteger, String, Text, cast, column, func, select, update, values
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
 from service.embedding.service import ensure_model_row, save_vectors
 from service.embedding.session import Embedder, Embeddings
-from service.embedding.transforms import ALLOWED_FORMATS, ImageDecodeError, batch, preprocess
+from service.embedding.transforms import ImageDecodeError, batch, image_header, preprocess
 from service.hashing.service import encode_images
 from service.images.models import Image
 from service.images.service import NewImage, remove_if_unreferenced, store_images
 from service.images.storage import ContentStore
-from service.jobs.models import ACTIVE_JOB_STATUSES, IngestItem, IngestJob
+from service.jobs.models import BATCH_JOB_STATUSES, IngestItem, IngestJob
 from service.jobs.service import finish_if_complete, lock_job, readable_source
 
 log = logging.getLogger(__name__)
@@ -76,7 +74,7 @@ def claim(job_id: uuid.UUID, token: uuid.UUID, *, session: Session,
     A redelivered or retried message (same token) gets back the items it had claimed.
     """
     job = lock_job(job_id, session=session)
-    if job is None or job.status not in ACTIVE_JOB_STATUSES:
+    if job is None or job.status not in BATCH_JOB_STATUSES:
         session.rollback()
         return []
     base = select(IngestItem.id).where(IngestItem.job_id == job_id)
@@ -158,9 +156,8 @@ def embed_valid(embedder: Embedder, datas: list[bytes], *,
 
 
 def _header(data: bytes) -> tuple[str, int, int]:
-    """Format and original size from the header (the pixels were decoded by the embedder)."""
-    with PILImage.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
-        return img.format or "JPEG", img.size[0], img.size[1]
+    """Format and size after EXIF orientation (the pixels were decoded by the embedder)."""
+    return image_header(data)
 
 
 def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, store: ContentStore,
@@ -251,7 +248,7 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
     owned = set(session.scalars(select(IngestItem.id).where(
         IngestItem.id.in_([i.id for i in items]), IngestItem.status == "running",
         IngestItem.claim_token == token).with_for_update()))
-    if job is None or job.status not in ACTIVE_JOB_STATUSES or not owned:
+    if job is None or job.status not in BATCH_JOB_STATUSES or not owned:
         # Cancelled, or the sweeper handed these items to another worker: write nothing.
         session.rollback()
         outcome.clear()
@@ -289,8 +286,10 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
                         name="states").data(
             [(item_id, e["status"], e.get("error"), e.get("image_id"))
              for item_id, e in outcome.items()])
+        # A VALUES column of only NULLs is typed text; the casts keep it the column's type.
         session.execute(update(IngestItem).where(IngestItem.id == states.c.id).values(
-            status=states.c.status, error=states.c.error, image_id=states.c.image_id,
+            status=states.c.status, error=cast(states.c.error, Text),
+            image_id=cast(states.c.image_id, PG_UUID(as_uuid=True)),
             claim_token=None, updated_at=func.now()))
     job.progress_at = session.scalar(select(func.now()))
     session.commit()
@@ -308,6 +307,30 @@ def _save_derived(new: list[tuple[ClaimedItem, NewImage, int]],
              if outcome.get(item.id, {}).get("status") == "done"]
     if pairs and save_derived(pairs, session=session, embedder=embedder, max_pixels=max_pixels):
         session.commit()
+
+
+def fail_claim(job_id: uuid.UUID, token: uuid.UUID, reason: str, *,
+               session: Session) -> tuple[int, bool]:
+    """Fail the items a batch still holds, after an error it could not handle; commits.
+
+    Returns how many it failed and whether the job has pending items left.
+    """
+    session.rollback()
+    job = lock_job(job_id, session=session)
+    if job is None or job.status not in BATCH_JOB_STATUSES:
+        session.rollback()
+        return 0, False
+    failed = session.execute(update(IngestItem).where(
+        IngestItem.job_id == job_id, IngestItem.status == "running",
+        IngestItem.claim_token == token).values(
+        status="failed", error=reason[:2000], claim_token=None,
+        updated_at=func.now())).rowcount or 0
+    if failed:
+        job.progress_at = session.scalar(select(func.now()))
+    more = bool(session.scalar(select(select(IngestItem.id).where(
+        IngestItem.job_id == job_id, IngestItem.status == "pending").exists())))
+    session.commit()
+    return failed, more
 
 
 def batch_settings(config: Any) -> BatchSettings:

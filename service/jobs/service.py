@@ -1,4 +1,8 @@
-"""Jobs domain: expansion into durable items, progress, listing, cancel and the sweeper."""
+"""Jobs domain: durable items, progress, listing, cancel and the sweeper.
+
+Archives are expanded by a worker (service/jobs/expansion.py); server directories and
+manifests are expanded here, in the request.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError, NotFound, parse_uuid
 from service.images.service import validate_collection, validate_metadata
-from service.jobs.archives import ArchiveLimits, Entry, extract_archive
 from service.jobs.metadata import METADATA_NAMES, MetadataIndex, normalise_key, parse_metadata
 from service.jobs.models import (
     ACTIVE_JOB_STATUSES,
+    BATCH_JOB_STATUSES,
+    EXPANDING,
     ITEM_STATUSES,
     JOB_STATUSES,
     IngestItem,
@@ -29,11 +34,14 @@ from service.jobs.models import (
 )
 
 INGEST_BATCH = "lookalike.ingest_batch"
+EXPAND_JOB = "lookalike.expand_job"
 SWEEP_JOBS = "lookalike.sweep_jobs"
 INSERT_CHUNK = 5_000
 FIRST_ERRORS = 10
 # Any constant works: it only has to be the same in every process that sweeps.
 SWEEP_LOCK_KEY = 0x10_0C_A1_1C
+# Likewise: the class of the per-job advisory locks that expansions hold while they run.
+EXPAND_LOCK_CLASS = 0x0E_C5_A1
 
 
 @dataclass
@@ -89,7 +97,7 @@ def _metadata_index(data: bytes | None, name: str | None) -> MetadataIndex:
     return MetadataIndex(parse_metadata(data, name) if data is not None else {})
 
 
-def _typed_items(items: list[NewItem], *, max_metadata_bytes: int) -> list[NewItem]:
+def typed_items(items: list[NewItem], *, max_metadata_bytes: int) -> list[NewItem]:
     """Items whose metadata is too large or not JSON fail alone rather than the whole job."""
     for item in items:
         if item.error is None:
@@ -100,54 +108,36 @@ def _typed_items(items: list[NewItem], *, max_metadata_bytes: int) -> list[NewIt
     return items
 
 
-def _record(items: list[NewItem], *, session: Session, job_id: uuid.UUID | None, collection: str,
-            kind: str, source: str | None) -> IngestJob:
-    """Insert the job and its items in chunks of multi-row inserts; nothing is committed."""
-    job = IngestJob(id=job_id or uuid.uuid4(), collection=collection, kind=kind,
-                    source=source[:2000] if source else None, status="queued", total=len(items))
-    session.add(job)
-    session.flush()
+def insert_items(job: IngestJob, items: list[NewItem], *, session: Session) -> int:
+    """Insert a job's items in chunks of multi-row inserts and set its total; no commit.
+
+    A job with nothing to process (empty, or every entry refused) is finished here. Returns
+    the number of pending items.
+    """
     rows = [{"job_id": job.id, "name": it.name, "source": it.source, "meta": it.metadata,
              "status": "failed" if it.error else "pending", "error": it.error}
             for it in items]
     for start in range(0, len(rows), INSERT_CHUNK):
         session.execute(insert(IngestItem), rows[start:start + INSERT_CHUNK])
-    if not any(it.error is None for it in items):
-        # Nothing to process (empty, or every entry refused): the job is finished now.
+    job.total = len(items)
+    pending = sum(1 for it in items if it.error is None)
+    if pending:
+        job.status = "queued"
+    else:
         job.status = "failed" if items else "done"
         job.started_at = job.finished_at = session.scalar(select(func.now()))
+    return pending
+
+
+def _record(items: list[NewItem], *, session: Session, collection: str, kind: str,
+            source: str | None) -> IngestJob:
+    """Insert the job and its items; nothing is committed."""
+    job = IngestJob(id=uuid.uuid4(), collection=collection, kind=kind,
+                    source=source[:2000] if source else None, status="queued", total=0)
+    session.add(job)
+    session.flush()
+    insert_items(job, items, session=session)
     return job
-
-
-def create_archive_job(stream: IO[bytes], *, session: Session, storage_dir: str | Path,
-                       collection: str, filename: str | None,
-                       metadata: tuple[bytes, str | None] | None, limits: ArchiveLimits,
-                       max_metadata_bytes: int) -> IngestJob:
-    """Save and safely extract an uploaded archive, then record one item per file."""
-    collection = validate_collection(collection)
-    job_id = uuid.uuid4()
-    folder = job_dir(storage_dir, job_id)
-    folder.mkdir(parents=True)
-    try:
-        upload = folder / "upload"
-        with upload.open("wb") as out:
-            shutil.copyfileobj(stream, out, 1024 * 1024)
-        extracted = extract_archive(upload, folder, limits)
-        upload.unlink()
-        # A metadata file sent beside the archive wins over one inside it.
-        if metadata is not None:
-            index, meta_dir = _metadata_index(*metadata), ""
-        else:
-            index = _metadata_index(extracted.metadata, extracted.metadata_name)
-            meta_dir = extracted.metadata_dir
-        items = [_archive_item(e, index, meta_dir) for e in extracted.entries
-                 if not _is_the_metadata(e.name, e.path, metadata)]
-        return _record(_typed_items(items, max_metadata_bytes=max_metadata_bytes),
-                       session=session, job_id=job_id, collection=collection, kind="archive",
-                       source=filename)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
 
 
 def _is_the_metadata(name: str, path: Path | None,
@@ -165,15 +155,6 @@ def _is_the_metadata(name: str, path: Path | None,
         return path.stat().st_size == len(data) and path.read_bytes() == data
     except OSError:
         return False
-
-
-def _archive_item(entry: Entry, index: MetadataIndex, meta_dir: str) -> NewItem:
-    if entry.error is not None or entry.path is None:
-        return NewItem(entry.name, None, error=entry.error or "not extracted")
-    key = normalise_key(entry.name)
-    if meta_dir and key.startswith(meta_dir + "/"):
-        key = key[len(meta_dir) + 1:]
-    return NewItem(entry.name, str(entry.path), index.lookup(key))
 
 
 def create_path_job(path: str, *, session: Session, roots: list[str], collection: str,
@@ -197,8 +178,8 @@ def create_path_job(path: str, *, session: Session, roots: list[str], collection
             continue
         items.append(NewItem(rel, None, error=problem) if problem
                      else NewItem(rel, str(full), index.lookup(rel)))
-    return _record(_typed_items(items, max_metadata_bytes=max_metadata_bytes), session=session,
-                   job_id=None, collection=collection, kind="path", source=str(root))
+    return _record(typed_items(items, max_metadata_bytes=max_metadata_bytes), session=session,
+                   collection=collection, kind="path", source=str(root))
 
 
 def _walk(root: Path, *, max_entries: int) -> list[tuple[str, Path, str | None]]:
@@ -243,8 +224,8 @@ def create_manifest_job(entries: list[tuple[str, dict[str, Any]]], *, session: S
             items.append(NewItem(raw, None, error="no such file on the server"))
         else:
             items.append(NewItem(raw, str(real), dict(meta)))
-    return _record(_typed_items(items, max_metadata_bytes=max_metadata_bytes), session=session,
-                   job_id=None, collection=collection, kind="manifest",
+    return _record(typed_items(items, max_metadata_bytes=max_metadata_bytes), session=session,
+                   collection=collection, kind="manifest",
                    source=f"manifest of {len(items)} files")
 
 
@@ -295,6 +276,8 @@ def progress(job: IngestJob, counts: dict[str, int], *, now: datetime,
     processed = counts["done"] + counts["duplicate"] + counts["failed"]
     remaining = counts["pending"] + counts["running"]
     rate = eta = None
+    if job.status == EXPANDING:
+        return Progress(job, counts, None, None, errors or [])
     if job.started_at is not None:
         elapsed = ((job.finished_at or now) - job.started_at).total_seconds()
         if elapsed > 0:
@@ -376,7 +359,7 @@ def finish_if_complete(job_id: uuid.UUID, *, session: Session,
                        storage_dir: str | Path) -> str | None:
     """Close a job whose items are all terminal; returns its final status, or None if open."""
     job = lock_job(job_id, session=session)
-    if job is None or job.status not in ACTIVE_JOB_STATUSES:
+    if job is None or job.status not in BATCH_JOB_STATUSES:
         session.rollback()
         return None
     counts = item_counts([job.id], session=session)[job.id]
@@ -405,15 +388,52 @@ class SweepReport:
     gave_up: int = 0
     finished: int = 0
     enqueue: dict[uuid.UUID, int] = field(default_factory=dict)
+    expand: list[uuid.UUID] = field(default_factory=list)
+    abandoned: int = 0
+
+
+def expand_lock_key(job_id: uuid.UUID) -> int:
+    """The second key of a job's expansion lock (the first is EXPAND_LOCK_CLASS)."""
+    return int.from_bytes(job_id.bytes[:4], "big", signed=True)
+
+
+def expansion_alive(job_id: uuid.UUID, *, session: Session) -> bool:
+    """Whether a worker is expanding the job now: its lock is held (tried for this transaction)."""
+    return not session.scalar(text("SELECT pg_try_advisory_xact_lock(:c, :k)"),
+                              {"c": EXPAND_LOCK_CLASS, "k": expand_lock_key(job_id)})
+
+
+def _sweep_expanding(job: IngestJob, *, session: Session, cutoff: Any, max_attempts: int,
+                     report: SweepReport) -> bool:
+    """An expansion without news for the timeout: re-sent, or given up; True if it failed."""
+    stale = session.scalar(select(IngestJob.progress_at < cutoff).where(IngestJob.id == job.id))
+    if not stale:
+        return False
+    if not expansion_alive(job.id, session=session):
+        # Its message was lost (Redis) or its worker died: send it again, a limited number of
+        # times (an archive that kills the worker must not loop).
+        if job.attempts >= max_attempts:
+            job.status, job.error_code = "failed", "expansion_abandoned"
+            job.error = (f"gave up after {max_attempts} attempts: the worker expanding the "
+                         "archive stopped each time")
+            job.finished_at = session.scalar(select(func.now()))
+            job.started_at = job.started_at or job.finished_at
+            report.abandoned += 1
+            return True
+        report.expand.append(job.id)
+    job.progress_at = session.scalar(select(func.now()))
+    return False
 
 
 def sweep(*, session: Session, timeout_s: float, max_attempts: int, batch_size: int,
           parallelism: int, storage_dir: str | Path) -> SweepReport:
-    """Recover stuck items and stalled jobs from PostgreSQL, the durable record; commits.
+    """Recover stuck items, expansions and stalled jobs from PostgreSQL, the durable record.
 
     Items running longer than the timeout lost their worker: they go back to pending (or fail
     after `max_attempts` claims). A job with pending items and no progress for the timeout
-    lost its messages (a Redis restart): the caller enqueues fresh batches for it.
+    lost its messages (a Redis restart): the caller enqueues fresh batches for it. An archive
+    still expanding after the timeout, with no worker on it, gets a fresh expansion message.
+    Commits.
     """
     report = SweepReport()
     # One sweeper at a time, whichever worker the beat message lands on.
@@ -423,10 +443,15 @@ def sweep(*, session: Session, timeout_s: float, max_attempts: int, batch_size: 
     cutoff = text("now() - make_interval(secs => :t)").bindparams(t=float(timeout_s))
     job_ids = list(session.scalars(select(IngestJob.id).where(
         IngestJob.status.in_(ACTIVE_JOB_STATUSES))))
-    to_finish = []
+    to_finish, abandoned = [], []
     for job_id in job_ids:
         job = lock_job(job_id, session=session)
         if job is None or job.status not in ACTIVE_JOB_STATUSES:
+            continue
+        if job.status == EXPANDING:
+            if _sweep_expanding(job, session=session, cutoff=cutoff, max_attempts=max_attempts,
+                                report=report):
+                abandoned.append(job_id)
             continue
         stale = and_(IngestItem.job_id == job_id, IngestItem.status == "running",
                      IngestItem.claimed_at < cutoff)
@@ -448,6 +473,8 @@ def sweep(*, session: Session, timeout_s: float, max_attempts: int, batch_size: 
         elif not counts["pending"] and not counts["running"]:
             to_finish.append(job_id)
     session.commit()
+    for job_id in abandoned:
+        remove_job_dir(storage_dir, job_id)
     for job_id in to_finish:
         if finish_if_complete(job_id, session=session, storage_dir=storage_dir):
             report.finished += 1
@@ -460,3 +487,10 @@ def enqueue_batches(job_id: uuid.UUID | str, count: int) -> None:
 
     for _ in range(count):
         enqueue(INGEST_BATCH, str(job_id), str(uuid.uuid4()))
+
+
+def enqueue_expansion(job_id: uuid.UUID | str) -> None:
+    """Send an archive job's expansion message; after commit."""
+    from service.queue import enqueue
+
+    enqueue(EXPAND_JOB, str(job_id))

@@ -117,6 +117,12 @@ def jobs_app(jobs_config: dict[str, Any]) -> Flask:
     return create_app(jobs_config)
 
 
+@pytest.fixture(scope="session")
+def idle_app(jobs_config: dict[str, Any]) -> Flask:
+    """An app on a queue no worker consumes: tests run its tasks' bodies themselves."""
+    return create_app({**jobs_config, "CELERY": {"task_default_queue": "lookalike-jobs-idle"}})
+
+
 @pytest.fixture
 def jobs_client(jobs_app: Flask) -> FlaskClient:
     """A test client of the jobs app."""
