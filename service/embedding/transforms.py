@@ -176,7 +176,7 @@ def _band_to_rgb(band: Image.Image, top: float) -> Image.Image:
     if mode in HIGH_DEPTH_MODES:
         # Pillow cannot convert these straight to RGB; scale to 8 bits by the type's range.
         arr = np.asarray(band, dtype=np.float32)
-        band = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        band = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
         mode = "L"
     if mode == "P":
         band = band.convert("RGBA" if "transparency" in band.info else "RGB")

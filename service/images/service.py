@@ -16,7 +16,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from service.embedding.transforms import ImageDecodeError, open_image, to_rgb
+from service.embedding.transforms import ImageDecodeError, decode, open_image, to_rgb
 from service.errors import ApiError, NotFound, parse_uuid
 from service.images.models import STATUSES, Image
 from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
@@ -120,12 +120,11 @@ def store_image(
     if existing is not None:
         return StoredImage(existing, duplicate=True)
     try:
-        img = open_image(data, max_pixels=max_pixels, draft_size=THUMBNAIL_SIZE)
+        decoded = decode(data, max_pixels=max_pixels, draft_size=THUMBNAIL_SIZE)
     except ImageDecodeError as exc:
         raise ApiError(exc.code, exc.message) from exc
-    fmt = img.format or "JPEG"
-    # Size before draft decoding, so the reported size is the original's.
-    width, height = PILImage.open(io.BytesIO(data)).size
+    # The full-resolution size after EXIF orientation, not the draft's.
+    fmt, width, height = decoded.format, decoded.width, decoded.height
     lock_content([digest], session=session)
     created_file = store.put(digest, data)
     row = image_row(collection=collection, digest=digest, filename=filename, fmt=fmt,
