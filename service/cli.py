@@ -648,6 +648,22 @@ def _check_auth(settings: dict[str, object], env: dict[str, str], host: str) -> 
                    "will get 401. Create one: lookalike keys create --scope admin", err=True)
 
 
+def _front_proxy(settings: dict[str, object], host: str, port: int):  # noqa: ANN202
+    """nginx in front of gunicorn; None, with a warning, only on loopback without nginx."""
+    from service.services.proxy import ProxyUnavailable, proxy_for_run
+
+    try:
+        proxy = proxy_for_run(VAR_DIR, host, port, settings)
+    except ProxyUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    if proxy is None:
+        click.echo(f"WARNING: nginx is not installed (`make proxy-deps` as root, or apt-get "
+                   f"install -y nginx-light): gunicorn serves {host}:{port} directly, and a few "
+                   "clients sending slowly can hold all its threads. Only acceptable on "
+                   "loopback.", err=True)
+    return proxy
+
+
 def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
            concurrency: int) -> None:
     from service.embedding import registry
@@ -665,9 +681,16 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
             raise click.ClickException(str(exc)) from exc
     upgrade(settings["DATABASE_URL"])
     _check_auth(settings, env, host)
+    proxy = _front_proxy(settings, host, port)
+    bind = ["-b", f"{host}:{port}"]
+    if proxy is not None:
+        proxy.prepare()
+        proxy.socket_path.unlink(missing_ok=True)
+        bind = proxy.gunicorn_bind()
+        env["LOOKALIKE_TRUSTED_PROXIES"] = "1"  # only nginx reaches the socket
     bin_dir = Path(sys.executable).parent
     procs = [
-        subprocess.Popen([str(bin_dir / "gunicorn"), "service.wsgi:app", "-b", f"{host}:{port}",
+        subprocess.Popen([str(bin_dir / "gunicorn"), "service.wsgi:app", *bind,
                           "-w", str(api_workers), "--threads", "4", "--timeout", "120"], env=env),
         subprocess.Popen([str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app",
                           "worker", "-c", str(concurrency), "-Q", "lookalike",
@@ -677,7 +700,6 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
                           "beat", "-s", str(VAR_DIR / "celerybeat-schedule"),
                           "--loglevel", "INFO"], env=env),
     ]
-    click.echo(f"serving on http://{host}:{port}  (Ctrl-C stops everything)")
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -687,9 +709,21 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        while not stopping and all(p.poll() is None for p in procs):
+        if proxy is not None:
+            from service.services.proxy import wait_for_socket
+
+            wait_for_socket(proxy.socket_path, lambda: procs[0].poll() is None)
+            proxy.start()
+        where = "nginx in front of gunicorn" if proxy else "gunicorn directly"
+        click.echo(f"serving on http://{host}:{port} ({where}; Ctrl-C stops everything)")
+        while (not stopping and all(p.poll() is None for p in procs)
+               and (proxy is None or proxy.running())):
             time.sleep(0.5)
+    except (RuntimeError, TimeoutError) as exc:
+        click.echo(f"error: {exc}", err=True)
     finally:
+        if proxy is not None:
+            proxy.stop()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

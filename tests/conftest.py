@@ -184,3 +184,56 @@ def live_server(settings: dict[str, Any],
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen[bytes], log_path: Path,
+                  timeout: float = 60.0) -> None:
+    """Poll /healthz until it answers 200; fail with the server's log if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited: {log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or still loading the app
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not up behind {base}: {log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def live_proxy(settings: dict[str, Any],
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real service as `lookalike run` serves it: the embedded nginx in front of gunicorn
+    on a unix socket, with 3 s client timeouts so that tests can watch slow clients being cut."""
+    from service.services.proxy import EmbeddedProxy, ProxyLimits, nginx_binary
+
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed: `make proxy-deps` installs Debian's nginx-light "
+                    "when run as root")
+    limits = ProxyLimits(max_body_bytes=int(settings["MAX_UPLOAD_BYTES"]),
+                         max_archive_bytes=4 * 1024**3, header_timeout_s=3, body_timeout_s=3,
+                         send_timeout_s=5, keepalive_timeout_s=5)
+    proxy = EmbeddedProxy(tmp_path_factory.mktemp("proxy"), "127.0.0.1", free_port(), limits,
+                          worker_processes="1")
+    proxy.prepare()
+    log_path = proxy.base_dir / "gunicorn.log"
+    env = dict(worker_env(settings), LOOKALIKE_TRUSTED_PROXIES="1")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *proxy.gunicorn_bind(), "--workers", "1",
+             "--threads", "4", "--timeout", "120", "service.wsgi:app"],
+            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        proxy.start()
+        _wait_healthy(proxy.url(), proc, log_path)
+        yield proxy.url()
+    finally:
+        proxy.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

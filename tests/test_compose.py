@@ -31,4 +31,5 @@ def test_compose_file_is_valid() -> None:
     assert result.returncode == 0, result.stderr
     services = subprocess.run([*command, "config", "--services"], cwd=PROJECT_ROOT, env=env,
                               capture_output=True, text=True).stdout.split()
-    assert set(services) == {"db", "redis", "migrate", "api", "worker", "beat"}
+    assert set(services) == {"db", "redis", "migrate", "api", "nginx", "worker",
+                             "beat"}
