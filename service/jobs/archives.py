@@ -260,12 +260,12 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits,
             return _extract_zip(archive, writer, wanted)
         return _extract_tar(archive, writer, wanted)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
-        raise ApiError("corrupt_archive", f"the archive could not be read: {exc}") from exc
+        raise ApiError("corrupt_archive", f"the archive is truncated or damaged: {exc}") from exc
     except OSError as exc:
         if exc.errno is not None:
             raise  # A local I/O problem (disk full), not a bad archive.
         # gzip.BadGzipFile and friends carry no errno.
-        raise ApiError("corrupt_archive", f"the archive could not be read: {exc}") from exc
+        raise ApiError("corrupt_archive", f"the archive is truncated or damaged: {exc}") from exc
 
 
 def _take_metadata(out: Extracted, name: str, stream: IO[bytes], size: int) -> bool:

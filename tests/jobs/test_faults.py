@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 from service.app import create_app
 from service.db import session_scope
 from service.embedding.session import get_embedder
-from service.jobs import pipeline
+from service.jobs import expansion, pipeline
 from service.services.stack import ServiceStack
 from tests.jobs.conftest import (
     all_items,
@@ -128,6 +128,20 @@ def test_redis_restart_mid_job_loses_messages_and_the_sweeper_recovers(
     _assert_complete(rig, job_id, "f-redis")
 
 
+def test_an_expansion_message_lost_before_any_worker_ran_it_is_resent(
+        rig: Rig, clothing: Path, stack: ServiceStack) -> None:
+    # Accepted while no worker listens, then Redis restarts: the only message is gone.
+    job_id = _submit(rig, _archive(clothing, 800, 16), "f-lost-expansion")
+    stack.redis.stop()
+    stack.redis.start()
+    assert rig.client.get(f"/api/v1/jobs/{job_id}").get_json()["status"] == "expanding"
+    rig.start_worker()
+    _assert_complete(rig, job_id, "f-lost-expansion", total=16)
+    for started in rig.workers:
+        kill_group(started, signal.SIGTERM)
+    rig.workers.clear()
+
+
 def test_postgres_restart_mid_job_completes(
         rig: Rig, worker: subprocess.Popen[bytes], clothing: Path, stack: ServiceStack) -> None:
     job_id = _submit(rig, _archive(clothing, 500), "f-pg")
@@ -144,6 +158,9 @@ def test_cancel_keeps_finished_items_and_processes_no_more(
     # cancelled, and only then does a worker see the job's messages.
     job_id = _submit(rig, _archive(clothing, 600, 24), "f-cancel")
     with rig.app.app_context(), session_scope() as session:
+        expanded = expansion.expand_job(uuid.UUID(job_id), session=session,
+                                        settings=expansion.expand_settings(rig.app.config))
+        assert (expanded.status, expanded.pending) == ("queued", 24)
         embedder = get_embedder(settings["MODEL_DIR"], settings["DEFAULT_MODEL"])
         first = pipeline.process_batch(
             uuid.UUID(job_id), uuid.uuid4(), session=session,
