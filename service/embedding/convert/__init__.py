@@ -6,8 +6,8 @@ from service.embedding.convert.efficientnet_lite import (
     build_efficientnet_lite,
     convert_efficientnet_lite,
 )
-from service.embedding.convert.graph import WeightsError
 from service.embedding.convert.mobilenetv2 import build_mobilenetv2, convert_mobilenetv2
+from service.embedding.convert.weights import WeightsError
 
 __all__ = [
     "VARIANTS",

@@ -34,11 +34,11 @@ import onnx
 from service.embedding.convert.checkpoint import load_checkpoint
 from service.embedding.convert.graph import (
     GraphBuilder,
-    Weights,
-    WeightsError,
     conv_output_size,
     same_padding,
+    tensor,
 )
+from service.embedding.convert.weights import Weights, WeightsError
 
 BN_EPS = 1e-3
 DEPTH_DIVISOR = 8
@@ -207,9 +207,8 @@ def build_efficientnet_lite(
 
     return g.model(
         name=f"efficientnet-{variant}",
-        input_name="image",
-        image_size=size,
-        outputs=[("embedding", HEAD_CHANNELS), ("logits", classes)],
+        inputs=[tensor("image", ["N", 3, size, size])],
+        outputs=[tensor("embedding", ["N", HEAD_CHANNELS]), tensor("logits", ["N", classes])],
         doc=(
             f"EfficientNet-{variant.capitalize()} (ImageNet), batch norm folded. Input: RGB "
             f"{size}x{size}, (x*255-127)/128. Outputs: pooled 1280-d features, {classes} logits."

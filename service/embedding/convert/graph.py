@@ -1,8 +1,13 @@
-"""A small helper for writing inference-only CNN graphs with `onnx.helper`.
+"""The one builder of the service's ONNX graphs, on top of `onnx.helper`.
 
-Batch norm is folded into the convolution before it, so the graph has no
-BatchNormalization nodes: fewer ops at run time and nothing that depends on
-training-mode statistics.
+Every graph the service writes goes through `GraphBuilder`: the image models converted from
+PyTorch checkpoints, the sentence model converted from safetensors, and the heads and joins
+appended to existing models. It names tensors uniquely, holds the initializers, wraps a
+graph into a checked model at the opset below, and adds its nodes to an existing graph.
+
+Batch norm is folded into the convolution before it (see `weights.fold_batch_norm`), so the
+CNN graphs have no BatchNormalization nodes: fewer ops at run time and nothing that depends
+on training-mode statistics.
 """
 
 from __future__ import annotations
@@ -13,65 +18,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from service.embedding.convert.weights import Weights, fold_batch_norm
+
 # Opset 17 is the newest every runtime we target (onnxruntime >= 1.13) runs; IR 8 is the
 # IR version that came with it, so older onnxruntime builds accept the file too.
 OPSET = 17
 IR_VERSION = 8
 
 
-class WeightsError(ValueError):
-    """The weights do not fit the architecture (missing, unused or misshapen tensors)."""
+def tensor(name: str, dims: Sequence[int | str], elem_type: int = TensorProto.FLOAT
+           ) -> onnx.ValueInfoProto:
+    """A graph input or output: name, element type and shape (a str is a dynamic axis)."""
+    return helper.make_tensor_value_info(name, elem_type, list(dims))
 
 
-class Weights:
-    """A state dict that records which entries were used, to catch a wrong architecture."""
-
-    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
-        self._weights = dict(weights)
-        self._used: set[str] = set()
-
-    def get(self, name: str, shape: Sequence[int] | None = None) -> np.ndarray:
-        """The tensor `name` as float64, checked against `shape` when given."""
-        if name not in self._weights:
-            raise WeightsError(f"weights have no tensor {name!r}; wrong model or variant?")
-        array = np.asarray(self._weights[name])
-        if shape is not None and tuple(array.shape) != tuple(shape):
-            raise WeightsError(
-                f"tensor {name!r} has shape {tuple(array.shape)}, the architecture needs "
-                f"{tuple(shape)}; wrong model or variant?"
-            )
-        self._used.add(name)
-        # Fold in float64 so the folded float32 weights are as close as the format allows.
-        return array.astype(np.float64)
-
-    def check_all_used(self, ignore_suffixes: Sequence[str] = ()) -> None:
-        """Raise if any tensor was never used: the weights are for a bigger model."""
-        unused = [
-            name
-            for name in self._weights
-            if name not in self._used and not name.endswith(tuple(ignore_suffixes))
-        ]
-        if unused:
-            shown = ", ".join(sorted(unused)[:5])
-            raise WeightsError(f"{len(unused)} tensors were not used ({shown}...); wrong variant?")
-
-
-def fold_batch_norm(
-    weight: np.ndarray,
-    bias: np.ndarray | None,
-    gamma: np.ndarray,
-    beta: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
-    eps: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fold inference-mode batch norm into the preceding conv's weight and bias."""
-    scale = gamma / np.sqrt(var + eps)
-    folded_w = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
-    folded_b = beta - mean * scale
-    if bias is not None:
-        folded_b = folded_b + bias * scale
-    return folded_w.astype(np.float32), folded_b.astype(np.float32)
+def check(model: onnx.ModelProto, *, infer_shapes: bool = True) -> onnx.ModelProto:
+    """Check the model, by default with strict shape inference; return it."""
+    onnx.checker.check_model(model, full_check=infer_shapes)
+    return model
 
 
 def same_padding(size: tuple[int, int], kernel: int, stride: int) -> list[int]:
@@ -99,17 +63,24 @@ def conv_output_size(
 
 
 class GraphBuilder:
-    """Accumulates nodes and initializers; names are made unique by a counter."""
+    """Accumulates nodes and initializers; names are made unique by a counter.
 
-    def __init__(self) -> None:
+    `prefix` starts every name the builder makes, so that what it adds to an existing graph
+    cannot clash with that graph's own names.
+    """
+
+    def __init__(self, prefix: str = "") -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._prefix = prefix
         self._count = 0
-        self._relu6_bounds: tuple[str, str] | None = None
+        self._shared: dict[tuple[str, tuple[int, ...], bytes], str] = {}
 
     def _name(self, prefix: str) -> str:
         self._count += 1
-        return f"{prefix}_{self._count}"
+        return f"{self._prefix}{prefix}_{self._count}"
+
+    # --- mechanics --------------------------------------------------------------------------
 
     def constant(self, prefix: str, array: np.ndarray) -> str:
         """Add an initializer and return its name."""
@@ -117,50 +88,78 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
-    def conv(
+    def shared(self, prefix: str, array: np.ndarray) -> str:
+        """A small constant added once per distinct value (dtype, shape and bytes)."""
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._shared:
+            self._shared[key] = self.constant(prefix, array)
+        return self._shared[key]
+
+    def op(self, op_type: str, inputs: Sequence[str], *, output: str | None = None,
+           prefix: str | None = None, **attrs: object) -> str:
+        """Add one node and return its output: `output`, else a new name from `prefix`."""
+        out = output or self._name(prefix or op_type.lower())
+        # A node is named after its output; an explicit output gets the builder's prefix on
+        # the node's name so that it cannot repeat a node name of a graph it is added to.
+        node_name = out if output is None else f"{self._prefix}{output}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name, **attrs))
+        return out
+
+    def include(self, graph: onnx.GraphProto) -> None:
+        """Copy another graph's nodes and initializers in (prefix its names first if need be)."""
+        self.nodes.extend(graph.node)
+        self.initializers.extend(graph.initializer)
+
+    def add_to(self, graph: onnx.GraphProto, *, first: bool = False) -> None:
+        """Add the nodes and initializers to an existing graph, before its own nodes if `first`."""
+        graph.initializer.extend(self.initializers)
+        if first:
+            for node in reversed(self.nodes):
+                graph.node.insert(0, node)
+        else:
+            graph.node.extend(self.nodes)
+
+    def model(
         self,
-        x: str,
-        weight: np.ndarray,
-        bias: np.ndarray,
         *,
-        stride: int,
-        pads: list[int],
-        group: int = 1,
         name: str,
-    ) -> str:
+        inputs: Sequence[onnx.ValueInfoProto],
+        outputs: Sequence[onnx.ValueInfoProto],
+        doc: str = "",
+        metadata: Mapping[str, str] | None = None,
+        opsets: Sequence[onnx.OperatorSetIdProto] | None = None,
+        ir_version: int = IR_VERSION,
+        infer_shapes: bool = True,
+    ) -> onnx.ModelProto:
+        """Wrap the graph in a checked model (the opset above unless `opsets` is given)."""
+        graph = helper.make_graph(self.nodes, name, list(inputs), list(outputs),
+                                  initializer=self.initializers)
+        model = helper.make_model(
+            graph,
+            producer_name="lookalike",
+            doc_string=doc,
+            opset_imports=list(opsets or [helper.make_opsetid("", OPSET)]),
+        )
+        model.ir_version = ir_version
+        if metadata:
+            helper.set_model_props(model, dict(metadata))
+        return check(model, infer_shapes=infer_shapes)
+
+    # --- convolutional networks -------------------------------------------------------------
+
+    def conv(self, x: str, weight: np.ndarray, bias: np.ndarray, *, stride: int,
+             pads: list[int], group: int = 1, name: str) -> str:
         """Add a Conv with explicit pads and return its output name."""
         kernel = weight.shape[-1]
         w = self.constant(f"{name}.weight", weight)
         b = self.constant(f"{name}.bias", bias)
-        out = self._name(name)
-        self.nodes.append(
-            helper.make_node(
-                "Conv",
-                [x, w, b],
-                [out],
-                name=out,
-                kernel_shape=[kernel, kernel],
-                strides=[stride, stride],
-                pads=pads,
-                group=group,
-            )
-        )
-        return out
+        return self.op("Conv", [x, w, b], prefix=name, kernel_shape=[kernel, kernel],
+                       strides=[stride, stride], pads=pads, group=group)
 
-    def conv_bn(
-        self,
-        weights: Weights,
-        x: str,
-        *,
-        conv: str,
-        bn: str,
-        shape: tuple[int, int, int, int],
-        stride: int,
-        pads: list[int],
-        eps: float,
-        group: int = 1,
-        relu6: bool = True,
-    ) -> str:
+    def conv_bn(self, weights: Weights, x: str, *, conv: str, bn: str,
+                shape: tuple[int, int, int, int], stride: int, pads: list[int], eps: float,
+                group: int = 1, relu6: bool = True) -> str:
         """Bias-free conv `{conv}.weight` with batch norm `{bn}.*` folded in, then ReLU6."""
         channels = shape[0]
         weight, bias = fold_batch_norm(
@@ -177,69 +176,91 @@ class GraphBuilder:
 
     def relu6(self, x: str) -> str:
         """Add Clip(0, 6); the two bounds are shared initializers."""
-        if self._relu6_bounds is None:
-            self._relu6_bounds = (
-                self.constant("relu6.min", np.array(0.0, dtype=np.float32)),
-                self.constant("relu6.max", np.array(6.0, dtype=np.float32)),
-            )
-        out = self._name("relu6")
-        self.nodes.append(helper.make_node("Clip", [x, *self._relu6_bounds], [out], name=out))
-        return out
+        low = self.shared("relu6.min", np.array(0.0, dtype=np.float32))
+        high = self.shared("relu6.max", np.array(6.0, dtype=np.float32))
+        return self.op("Clip", [x, low, high], prefix="relu6")
 
     def add(self, a: str, b: str) -> str:
         """Add an elementwise Add (residual connection)."""
-        out = self._name("add")
-        self.nodes.append(helper.make_node("Add", [a, b], [out], name=out))
-        return out
+        return self.op("Add", [a, b])
 
     def global_pool(self, x: str, output: str) -> str:
         """Global average pool to [N, C] under the name `output`."""
-        pooled = self._name("pool")
-        self.nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled], name=pooled))
-        self.nodes.append(helper.make_node("Flatten", [pooled], [output], name=output, axis=1))
-        return output
+        pooled = self.op("GlobalAveragePool", [x], prefix="pool")
+        return self.op("Flatten", [pooled], output=output, axis=1)
 
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray, output: str) -> str:
-        """A fully connected layer, torch layout [out, in], under the name `output`."""
+        """A fully connected layer on [N, in], torch layout [out, in], under the name `output`."""
         w = self.constant("fc.weight", weight.astype(np.float32))
         b = self.constant("fc.bias", bias.astype(np.float32))
-        self.nodes.append(
-            helper.make_node("Gemm", [x, w, b], [output], name=output, transB=1)
-        )
-        return output
+        return self.op("Gemm", [x, w, b], output=output, transB=1)
 
-    def model(
-        self,
-        *,
-        name: str,
-        input_name: str,
-        image_size: int,
-        outputs: Sequence[tuple[str, int]],
-        doc: str,
-        metadata: Mapping[str, str],
-    ) -> onnx.ModelProto:
-        """Wrap the graph in a checked model with a dynamic batch axis."""
-        graph = helper.make_graph(
-            self.nodes,
-            name,
-            [
-                helper.make_tensor_value_info(
-                    input_name, TensorProto.FLOAT, ["N", 3, image_size, image_size]
-                )
-            ],
-            [
-                helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", dim])
-                for out, dim in outputs
-            ],
-            initializer=self.initializers,
-        )
-        model = helper.make_model(
-            graph,
-            producer_name="lookalike",
-            doc_string=doc,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-        )
-        model.ir_version = IR_VERSION
-        helper.set_model_props(model, dict(metadata))
-        onnx.checker.check_model(model, full_check=True)
-        return model
+    # --- dense layers, transformers, embeddings ---------------------------------------------
+
+    def dense(self, x: str, weight: np.ndarray, bias: np.ndarray, *, prefix: str,
+              output: str | None = None) -> str:
+        """x @ weight + bias over the last axis of x (any rank); weight is [in, out]."""
+        w = self.constant(f"{prefix}.weight", np.asarray(weight, np.float32))
+        b = self.constant(f"{prefix}.bias", np.asarray(bias, np.float32))
+        return self.op("Add", [self.op("MatMul", [x, w]), b], output=output)
+
+    def layer_norm(self, x: str, scale: np.ndarray, bias: np.ndarray, *, eps: float,
+                   prefix: str) -> str:
+        """LayerNormalization over the last axis."""
+        s = self.constant(f"{prefix}.weight", np.asarray(scale, np.float32))
+        b = self.constant(f"{prefix}.bias", np.asarray(bias, np.float32))
+        return self.op("LayerNormalization", [x, s, b], axis=-1, epsilon=eps)
+
+    def gelu(self, x: str) -> str:
+        """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)); opset 17 has no Gelu op."""
+        half = self.op("Mul", [x, self.shared("half", np.array(0.5, np.float32))])
+        erf = self.op("Erf", [self.op("Div", [x, self.shared(
+            "sqrt2", np.array(np.sqrt(2.0), np.float32))])])
+        return self.op("Mul", [half, self.op("Add", [
+            self.shared("one", np.array(1.0, np.float32)), erf])])
+
+    def attention(self, q: str, k: str, v: str, *, heads: int, width: int,
+                  bias: str | None = None) -> str:
+        """Multi-head scaled dot-product attention on [N, L, width] projections.
+
+        `bias`, broadcast to [N, heads, L, L], is added to the scores before the softmax
+        (a large negative number at padding keeps it out).
+        """
+        head = width // heads
+        split = self.shared("split", np.array([0, 0, heads, head], np.int64))
+        merge = self.shared("merge", np.array([0, 0, width], np.int64))
+        scale = self.shared("scale", np.array(1.0 / np.sqrt(head), np.float32))
+
+        def by_head(t: str) -> str:
+            return self.op("Transpose", [self.op("Reshape", [t, split])], perm=[0, 2, 1, 3])
+
+        keys = self.op("Transpose", [by_head(k)], perm=[0, 1, 3, 2])
+        scores = self.op("Mul", [self.op("MatMul", [by_head(q), keys]), scale])
+        if bias is not None:
+            scores = self.op("Add", [scores, bias])
+        probs = self.op("Softmax", [scores], axis=-1)
+        context = self.op("Transpose", [self.op("MatMul", [probs, by_head(v)])],
+                          perm=[0, 2, 1, 3])
+        return self.op("Reshape", [context, merge])
+
+    def masked_mean(self, x: str, mask: str, *, floor: float = 1e-9) -> str:
+        """Mean of x [N, L, D] over L counting only where mask [N, L] (float 0/1) is 1."""
+        weights = self.op("Unsqueeze", [mask, self.shared("axis", np.array([-1], np.int64))])
+        axis = self.shared("axis", np.array([1], np.int64))
+        summed = self.op("ReduceSum", [self.op("Mul", [x, weights]), axis], keepdims=0)
+        counts = self.op("Max", [self.op("ReduceSum", [weights, axis], keepdims=0),
+                                 self.shared("floor", np.array(floor, np.float32))])
+        return self.op("Div", [summed, counts])
+
+    def l2_normalize(self, x: str, *, eps: float, clamp: bool = False,
+                     output: str | None = None) -> str:
+        """Rows of x [N, D] divided by their L2 norm plus eps, or by max(norm, eps) if `clamp`.
+
+        The first is what the training heads compute in numpy, the second torch's
+        `F.normalize` (the sentence model's pooling).
+        """
+        # ReduceL2 still takes its axes as an attribute at opset 17 (ReduceSum takes an input).
+        norm = self.op("ReduceL2", [x], axes=[1], keepdims=1)
+        floor = self.shared("eps", np.array(eps, np.float32))
+        denominator = self.op("Max" if clamp else "Add", [norm, floor])
+        return self.op("Div", [x, denominator], output=output)

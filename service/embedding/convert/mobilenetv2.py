@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 
 from service.embedding.convert.checkpoint import load_checkpoint
-from service.embedding.convert.graph import GraphBuilder, Weights
+from service.embedding.convert.graph import GraphBuilder, tensor
+from service.embedding.convert.weights import Weights
 
 BN_EPS = 1e-5
 INPUT_SIZE = 224
@@ -93,9 +94,8 @@ def build_mobilenetv2(
     w.check_all_used(ignore_suffixes=(".num_batches_tracked",))
     return g.model(
         name="mobilenetv2",
-        input_name="image",
-        image_size=image_size,
-        outputs=[("embedding", LAST_CHANNELS)],
+        inputs=[tensor("image", ["N", 3, image_size, image_size])],
+        outputs=[tensor("embedding", ["N", LAST_CHANNELS])],
         doc=(
             f"MobileNetV2 (ImageNet) bottleneck features, batch norm folded. Input: RGB "
             f"{image_size}x{image_size}, ImageNet mean/std. Output: 1280-d spatial mean."
