@@ -139,14 +139,17 @@ class EmbeddedProxy:
 
     @property
     def conf_file(self) -> Path:
+        """The rendered nginx.conf."""
         return self.base_dir / "nginx.conf"
 
     @property
     def pid_file(self) -> Path:
+        """Where the master writes its pid."""
         return self.base_dir / "nginx.pid"
 
     @property
     def error_log(self) -> Path:
+        """nginx's error log (refused clients, timeouts, the API unreachable)."""
         return self.base_dir / "error.log"
 
     def url(self) -> str:
@@ -203,13 +206,13 @@ class EmbeddedProxy:
             time.sleep(0.05)
 
     def pid(self) -> int | None:
-        """The master's pid if it runs."""
+        """The master's pid if it runs (a stale file's pid, reused by another program, is not)."""
         try:
             pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if b"nginx" in command else None
 
     def running(self) -> bool:
         """Whether the master process is alive."""
