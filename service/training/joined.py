@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, compose, helper, numpy_helper
+from onnx import compose
 
+from service.embedding.convert.graph import GraphBuilder, check, tensor
 from service.training.heads import NORM_EPS
-from service.training.onnx_head import unit_nodes
 
 
 def resized_input(model: onnx.ModelProto, input_name: str, from_size: int,
@@ -30,18 +30,16 @@ def resized_input(model: onnx.ModelProto, input_name: str, from_size: int,
     scale = np.float32(to_size / from_size)
     while int(np.float32(from_size) * scale) < to_size:
         scale = np.nextafter(scale, np.float32(2))
-    graph.initializer.append(numpy_helper.from_array(
-        np.array([1, 1, scale, scale], np.float32), "lookalike_resize_scales"))
-    nodes = [helper.make_node("Resize", [input_name, "", "lookalike_resize_scales"], [inner],
-                              mode="linear", coordinate_transformation_mode="half_pixel")]
-    for n in reversed(nodes):
-        graph.node.insert(0, n)
+    g = GraphBuilder(prefix="lookalike_resize_")
+    scales = g.constant("scales", np.array([1, 1, scale, scale], np.float32))
+    g.op("Resize", [input_name, "", scales], output=inner, mode="linear",
+         coordinate_transformation_mode="half_pixel")
+    g.add_to(graph, first=True)
     for value in graph.input:
         if value.name == input_name:
             dims = value.type.tensor_type.shape.dim
             dims[2].dim_value = dims[3].dim_value = from_size
-    onnx.checker.check_model(copy)
-    return copy
+    return check(copy, infer_shapes=False)
 
 
 def join(models: list[onnx.ModelProto], input_name: str, *, embedding: str = "embedding",
@@ -50,28 +48,21 @@ def join(models: list[onnx.ModelProto], input_name: str, *, embedding: str = "em
     concatenated (then made unit), plus output `keep[1]` of model `keep[0]`."""
     prefixed = [compose.add_prefix(m, f"b{i}_") for i, m in enumerate(models)]
     source = next(v for v in models[0].graph.input if v.name == input_name)
-    nodes: list[onnx.NodeProto] = []
-    inits = [numpy_helper.from_array(np.array([NORM_EPS], np.float32), "head_eps")]
+    g = GraphBuilder(prefix="joined_")
     parts, dim = [], 0
     for i, m in enumerate(prefixed):
         own = models[i].graph.input[0].name  # each branch keeps its own input's name
-        nodes.append(helper.make_node("Identity", [input_name], [f"b{i}_{own}"]))
-        nodes.extend(m.graph.node)
-        inits.extend(m.graph.initializer)
-        nodes += unit_nodes(f"b{i}_{embedding}", f"joined_unit_{i}")
-        parts.append(f"joined_unit_{i}")
+        g.op("Identity", [input_name], output=f"b{i}_{own}")
+        g.include(m.graph)
+        parts.append(g.l2_normalize(f"b{i}_{embedding}", eps=NORM_EPS))
         out = next(o for o in models[i].graph.output if o.name == embedding)
         dim += out.type.tensor_type.shape.dim[1].dim_value
-    nodes.append(helper.make_node("Concat", parts, ["joined_concat"], axis=1))
-    nodes += unit_nodes("joined_concat", embedding)
-    outputs = [helper.make_tensor_value_info(embedding, TensorProto.FLOAT, ["N", dim])]
+    g.l2_normalize(g.op("Concat", parts, axis=1), eps=NORM_EPS, output=embedding)
+    outputs = [tensor(embedding, ["N", dim])]
     if keep is not None:
         index, name = keep
-        nodes.append(helper.make_node("Identity", [f"b{index}_{name}"], [name]))
-        kept = next(o for o in models[index].graph.output if o.name == name)
-        outputs.append(kept)
-    graph = helper.make_graph(nodes, "joined", [source], outputs, inits)
-    model = helper.make_model(graph, opset_imports=models[0].opset_import,
-                              ir_version=models[0].ir_version)
-    onnx.checker.check_model(model)
-    return model
+        g.op("Identity", [f"b{index}_{name}"], output=name)
+        outputs.append(next(o for o in models[index].graph.output if o.name == name))
+    return g.model(name="joined", inputs=[source], outputs=outputs,
+                   opsets=models[0].opset_import, ir_version=models[0].ir_version,
+                   infer_shapes=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
+from service.embedding.convert.graph import GraphBuilder, check, tensor
 from service.training.heads import NORM_EPS, Head
 
 
@@ -25,66 +25,25 @@ def append_head(backbone: onnx.ModelProto, head: Head, *, source: str = "embeddi
     for node in graph.node:
         node.output[:] = [renamed if o == source else o for o in node.output]
         node.input[:] = [renamed if i == source else i for i in node.input]
-    consts = {
-        "head_zero": np.zeros(1, np.float32),
-        "head_eps": np.array([NORM_EPS], np.float32),
-        "head_power": np.array([head.power], np.float32),
-        "head_mean": head.mean.astype(np.float32),
-        "head_scale": head.scale.astype(np.float32),
-        "head_weight": head.weight.astype(np.float32),
-        "head_bias": head.bias.astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Max", [renamed, "head_zero"], ["head_relu"]),
-        helper.make_node("Pow", ["head_relu", "head_power"], ["head_sqrt"]),
-        helper.make_node("Sub", ["head_sqrt", "head_mean"], ["head_centred"]),
-        helper.make_node("Div", ["head_centred", "head_scale"], ["head_scaled"]),
-    ]
-    features = "head_scaled"
+    g = GraphBuilder(prefix="head_")
+    x = g.op("Max", [renamed, g.constant("zero", np.zeros(1, np.float32))])
+    x = g.op("Pow", [x, g.constant("power", np.array([head.power], np.float32))])
+    x = g.op("Sub", [x, g.constant("mean", head.mean.astype(np.float32))])
+    x = g.op("Div", [x, g.constant("scale", head.scale.astype(np.float32))])
     if head.hidden_weight is not None and head.hidden_bias is not None:
-        consts["head_hidden_weight"] = head.hidden_weight.astype(np.float32)
-        consts["head_hidden_bias"] = head.hidden_bias.astype(np.float32)
-        nodes += [
-            helper.make_node("MatMul", ["head_scaled", "head_hidden_weight"], ["head_h_mm"]),
-            helper.make_node("Add", ["head_h_mm", "head_hidden_bias"], ["head_h_pre"]),
-            helper.make_node("Relu", ["head_h_pre"], ["head_hidden"]),
-        ]
-        features = "head_hidden"
-    if head.cosine or head.mix is not None:
-        nodes += unit_nodes(features, "head_hidden_unit")
-    if head.mix is not None:
-        consts["head_mix"] = np.array([head.mix], np.float32)
-    last = "head_linear" if head.softmax else "head_out"
-    nodes += [
-        helper.make_node("MatMul", ["head_hidden_unit" if head.cosine else features,
-                                    "head_weight"], ["head_projected"]),
-        helper.make_node("Add", ["head_projected", "head_bias"], [last]),
-    ]
+        x = g.op("Relu", [g.dense(x, head.hidden_weight, head.hidden_bias, prefix="hidden")])
+    unit = g.l2_normalize(x, eps=NORM_EPS) if head.cosine or head.mix is not None else x
+    out = g.dense(unit if head.cosine else x, head.weight, head.bias, prefix="linear")
     if head.softmax:
-        nodes.append(helper.make_node("Softmax", [last], ["head_out"], axis=1))
+        out = g.op("Softmax", [out], axis=1)
     if head.mix is not None:
-        nodes += unit_nodes("head_out", "head_out_unit")
-        nodes += [
-            helper.make_node("Mul", ["head_out_unit", "head_mix"], ["head_out_mixed"]),
-            helper.make_node("Concat", ["head_hidden_unit", "head_out_mixed"], [output],
-                             axis=1),
-        ]
+        mixed = g.op("Mul", [g.l2_normalize(out, eps=NORM_EPS),
+                             g.constant("mix", np.array([head.mix], np.float32))])
+        g.op("Concat", [unit, mixed], output=output, axis=1)
     else:
-        nodes.append(helper.make_node("Identity", ["head_out"], [output]))
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    graph.node.extend(nodes)
-    for out in graph.output:
-        if out.name == source:
-            out.CopyFrom(helper.make_tensor_value_info(
-                output, TensorProto.FLOAT, ["N", head.dim]))
-    onnx.checker.check_model(model)
-    return model
-
-
-def unit_nodes(source: str, target: str) -> list[onnx.NodeProto]:
-    """Nodes dividing each row by its L2 norm plus NORM_EPS (as heads._unit does)."""
-    return [
-        helper.make_node("ReduceL2", [source], [f"{target}_norm"], axes=[1], keepdims=1),
-        helper.make_node("Add", [f"{target}_norm", "head_eps"], [f"{target}_denom"]),
-        helper.make_node("Div", [source, f"{target}_denom"], [target]),
-    ]
+        g.op("Identity", [out], output=output)
+    g.add_to(graph)
+    for out_info in graph.output:
+        if out_info.name == source:
+            out_info.CopyFrom(tensor(output, ["N", head.dim]))
+    return check(model, infer_shapes=False)
