@@ -245,7 +245,7 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
                 trace.append((time.perf_counter() - started,
                               state["done"] + state["failed"] + state["duplicates"],
                               tree_cpu(worker.pid), tree_cpu(pids["postgres"])))
-                if state["status"] not in ("queued", "running"):
+                if state["status"] not in ("expanding", "queued", "running"):
                     break
                 time.sleep(1.0 if total > 10_000 else 0.25)
             elapsed = time.perf_counter() - started

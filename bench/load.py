@@ -225,8 +225,8 @@ def main() -> None:
                 data={"collection": COLLECTION}, timeout=300)
             job.raise_for_status()
             job_id = job.json()["id"]
-            wait_for(lambda: http.get(f"{url}/api/v1/jobs/{job_id}", timeout=30)
-                     .json()["status"] not in ("queued", "running"), "the seed job", 900)
+            wait_for(lambda: http.get(f"{url}/api/v1/jobs/{job_id}", timeout=30).json()["status"]
+                     not in ("expanding", "queued", "running"), "the seed job", 900)
             seed_s = time.perf_counter() - started
             ids: list[str] = []
             cursor = None
