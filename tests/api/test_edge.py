@@ -223,23 +223,26 @@ def test_slow_uploads_do_not_freeze_the_api(live_proxy: str, photos: list[Path])
 
 # ---- behind the proxy: malformed requests get the JSON error shape ------------------------------
 def _raw(base: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; the answer's status, headers and body (read to Content-Length:
+    after refusing a body, nginx keeps the connection open a while to drain it)."""
     with socket.create_connection(("127.0.0.1", _port(base)), timeout=10) as sock:
         sock.sendall(request)
         data = b""
         while True:
+            head, found, body = data.partition(b"\r\n\r\n")
+            if found:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":")
+                                                                       for line in lines[1:])}
+                if len(body) >= int(headers.get("content-length", "-1")) >= 0:
+                    return int(lines[0].split()[1]), headers, body
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
-                break
+                chunk = b""
             if not chunk:
-                break
+                raise AssertionError(f"the connection closed mid-answer: {data[:300]!r}")
             data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":")
-                                                           for line in lines[1:])}
-    return status, headers, body
 
 
 def _assert_json_error(status: int, headers: dict[str, str], body: bytes) -> str:
