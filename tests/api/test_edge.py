@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import select
 import socket
 import threading
@@ -135,6 +136,19 @@ def test_every_response_carries_the_browser_security_headers(live_server: str) -
     assert "default-src 'self'" in page and "object-src 'none'" in page
     refused = requests.get(f"{live_server}/", headers={"Host": "evil.example"}, timeout=5)
     assert refused.headers.get("X-Frame-Options") == "DENY"
+
+
+def test_behind_a_trusted_proxy_rate_limits_count_each_client(settings: dict[str, Any]) -> None:
+    # Behind nginx every request comes from its socket: without ProxyFix all clients would
+    # share one budget. The proxy sets X-Forwarded-For to the client's address.
+    app = create_app(dict(settings, TRUSTED_PROXIES=1, RATE_LIMIT_ENABLED=True,
+                          RATE_LIMIT_DEFAULT="2/day"))
+    client = app.test_client()
+    net = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}"
+    first, second = {"X-Forwarded-For": f"{net}.1"}, {"X-Forwarded-For": f"{net}.2"}
+    assert [client.get("/api/v1/images?limit=1", headers=first).status_code
+            for _ in range(3)] == [200, 200, 429]
+    assert client.get("/api/v1/images?limit=1", headers=second).status_code == 200
 
 
 def test_an_app_built_from_the_factory_has_the_edge(app: Flask) -> None:
