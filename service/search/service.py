@@ -9,178 +9,44 @@ rows by the exact distance, ties by id, so the result is always min(k, matches) 
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
-import math
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from pgvector.sqlalchemy import HALFVEC
-from sqlalchemy import ColumnElement, and_, bindparam, cast, literal_column, or_, select, text
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import ColumnElement, bindparam, cast, select, text
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import ClauseElement, Executable
 
-from service.embedding.models import EmbeddingModel, ImageEmbedding
+from service.embedding.models import EmbeddingModel, ImageEmbedding, hnsw_index_name
 from service.errors import ApiError
 from service.images.models import Image
 from service.search.filters import compile_filter
 from service.search.metrics import Metric, get_metric
+from service.search.planner import EXACT_MAX_ROWS, route
+from service.search.sql import (
+    after,
+    analyzed_rows,
+    candidate_conditions,
+    estimate,
+    index_exists,
+    model_is,
+)
+from service.search.types import (
+    Cursor,
+    ImageRef,
+    SearchHit,
+    SearchOutcome,
+    SearchPlan,
+    SearchRequest,
+    SearchResult,
+    fingerprint,
+)
 
-# Filters the planner expects to match at most this many rows are ranked exactly: scanning
-# them costs less than walking the graph past all the rows the filter rejects. Measured at
-# 100k x 1280 (docs/benchmarks.md): exact costs ~4 us a row, 38 ms at 10,000 rows.
-EXACT_MAX_ROWS = 3_000
 # A graph walk that has visited this many tuples without finding k matches gives up, and the
 # query is re-run exactly (the filter was more selective than the planner thought).
 MAX_SCAN_TUPLES = 20_000
-# The graph is explored this wide at least (more for k above it). A fixed width makes the
-# strict-order scan one deterministic stream, so later pages continue the first one exactly.
-EF_SEARCH = 100
-MAX_EF_SEARCH = 1000
-
-
-class _Explain(Executable, ClauseElement):
-    """`EXPLAIN (FORMAT JSON) <select>` with the select's parameters bound as usual."""
-
-    inherit_cache = False
-
-    def __init__(self, statement: Any, analyze: bool = False) -> None:
-        self.statement = statement
-        self.analyze = analyze
-
-
-@compiles(_Explain, "postgresql")
-def _compile_explain(element: _Explain, compiler: Any, **kw: Any) -> str:
-    options = "ANALYZE, BUFFERS, FORMAT JSON" if element.analyze else "FORMAT JSON"
-    return f"EXPLAIN ({options}) " + compiler.process(element.statement, **kw)
-
-
-@dataclass
-class SearchPlan:
-    """How a query ran, for `"explain": true`."""
-
-    method: str = "exact"
-    metric: str = "cosine"
-    index_metric: str | None = None
-    ef_search: int | None = None
-    estimated_rows: float = 0.0
-    estimated_selectivity: float = 1.0
-    rows_scanned: int | None = None
-    fallback: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image known by its id alone: the hits of `search_vectors(..., ids_only=True)`."""
-
-    id: uuid.UUID
-
-
-@dataclass
-class SearchHit:
-    """One result with its exact distance under the ranking metric."""
-
-    image: Image | ImageRef
-    distance: float
-    score: float
-
-
-@dataclass
-class SearchResult:
-    """Hits, best first, the plan, and a cursor for the next page."""
-
-    hits: list[SearchHit]
-    plan: SearchPlan
-    next_cursor: str | None = None
-
-
-@dataclass
-class Cursor:
-    """Where a page ended: the last (distance, id), rows before it, the graph width, the query."""
-
-    distance: float
-    image_id: uuid.UUID
-    offset: int
-    ef_search: int
-    fingerprint: str
-
-    def encode(self) -> str:
-        raw = json.dumps([self.distance, str(self.image_id), self.offset, self.ef_search,
-                          self.fingerprint])
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, value: str, fingerprint: str) -> Cursor:
-        try:
-            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-            distance, image_id, offset, ef, fp = json.loads(raw)
-            cursor = cls(float(distance), uuid.UUID(image_id), int(offset),
-                         max(1, min(MAX_EF_SEARCH, int(ef))), str(fp))
-            if cursor.offset < 0 or not math.isfinite(cursor.distance):
-                raise ValueError("out of range")
-        except (ValueError, TypeError) as exc:
-            raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
-        if cursor.fingerprint != fingerprint:
-            raise ApiError("invalid_cursor", "cursor belongs to a different query")
-        return cursor
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short digest that ties a cursor to the query that made it."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
-def _index_exists(session: Session, name: str) -> bool:
-    return bool(session.scalar(text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}))
-
-
-def _after(cursor: Cursor, distance: Any, image_id: Any) -> ColumnElement[bool]:
-    """Rows that rank after the cursor: a larger distance, or the same one and a larger id."""
-    return or_(distance > cursor.distance,
-               and_(distance == cursor.distance, image_id > cursor.image_id))
-
-
-def _model_is(model: EmbeddingModel) -> ColumnElement[bool]:
-    # A literal integer, so that the planner can match the model's partial HNSW index
-    # even under a generic plan.
-    return ImageEmbedding.model_id == literal_column(str(int(model.id)))
-
-
-def _plan_rows(session: Session, statement: Any) -> float:
-    plan = session.execute(_Explain(statement)).scalar_one()
-    return float(plan[0]["Plan"]["Plan Rows"])
-
-
-def _scanned_rows(plan: dict[str, Any]) -> int:
-    """Rows that left the scans under the plan's top node (vectors whose distance was taken)."""
-    total = 0
-    node_type = plan.get("Node Type", "")
-    if "Scan" in node_type and plan.get("Relation Name") == "image_embeddings":
-        loops = int(plan.get("Actual Loops", 1) or 1)
-        total += int(plan.get("Actual Rows", 0)) * loops + int(
-            plan.get("Rows Removed by Filter", 0))
-    for child in plan.get("Plans", []):
-        total += _scanned_rows(child)
-    return total
-
-
-def candidate_conditions(*, collection: str | None, filter_doc: dict[str, Any] | None,
-                         exclude_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
-    """Which images may be results: ready, in the collection, passing the filter, not the query."""
-    conditions: list[ColumnElement[bool]] = [Image.status == "ready"]
-    if collection is not None:
-        conditions.append(Image.collection == collection)
-    if filter_doc:
-        conditions.append(compile_filter(filter_doc))
-    if exclude_id is not None:
-        conditions.append(Image.id != exclude_id)
-    return conditions
 
 
 def search_vectors(
@@ -216,16 +82,13 @@ def search_vectors(
     plan = SearchPlan(metric=ranking.name)
     filtered = bool(filter_doc) or collection is not None or exclude_id is not None
     if filtered:
-        total = max(1.0, _plan_rows(session, select(Image.id).where(Image.status == "ready")))
-        plan.estimated_rows = _plan_rows(session, select(Image.id).where(*conditions))
-        plan.estimated_selectivity = min(1.0, plan.estimated_rows / total)
-    method = force_method or ("exact" if filtered and plan.estimated_rows <= exact_max_rows
-                              else "index")
+        plan.estimated_rows, plan.estimated_selectivity = estimate(session, conditions)
+    chosen = route(k=k, filtered=filtered, estimated_rows=plan.estimated_rows,
+                   selectivity=plan.estimated_selectivity, exact_max_rows=exact_max_rows,
+                   force_method=force_method, cursor_ef=cursor.ef_search if cursor else None)
+    method = "index" if chosen.strategy == "hnsw" else "exact"
     offset = cursor.offset if cursor else 0
-    # Under a filter only a share of each graph step's candidates qualify, so the walk is
-    # widened in proportion (about 15 qualifying candidates per step at least).
-    ef = cursor.ef_search if cursor else min(MAX_EF_SEARCH, max(
-        EF_SEARCH, k, round(15 / max(plan.estimated_selectivity, 1e-3))))
+    ef = chosen.ef_search
     # Exact distance on the uncast column: it cannot match the HNSW index expression, so the
     # planner never walks the graph for this one.
     exact = ranking.distance(ImageEmbedding.vector, q)
@@ -234,14 +97,14 @@ def search_vectors(
     if method == "index":
         rows = _index_search(session, model, ranking, q, exact, conditions, cursor, k, offset,
                              ef, plan, explain, ids_only)
-        if len(rows) < k and force_method is None:
+        if len(rows) < k and chosen.exact_fallback:
             # The graph walk hit its limits before finding k matches: rank exactly instead.
             plan.fallback = True
             plan.notes.append(f"index scan returned {len(rows)} < k rows; re-ran exactly")
             method = "exact"
     if method == "exact":
         plan.method, plan.ef_search, plan.index_metric = "exact", None, None
-        page = conditions if cursor is None else [*conditions, _after(cursor, exact, Image.id)]
+        page = conditions if cursor is None else [*conditions, after(cursor, exact, Image.id)]
         rows = _exact_search(session, model, exact, page, k, plan, explain, ids_only)
 
     hits = [SearchHit(image=ImageRef(image) if ids_only else image, distance=float(d),
@@ -267,13 +130,12 @@ def _exact_search(session: Session, model: EmbeddingModel, exact: Any,
     statement = (
         select(_image(ids_only), distance)
         .join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
-        .where(_model_is(model), *conditions)
+        .where(model_is(model), *conditions)
         .order_by(distance, Image.id)
         .limit(k)
     )
     if explain:
-        analyzed = session.execute(_Explain(statement, analyze=True)).scalar_one()
-        plan.rows_scanned = _scanned_rows(analyzed[0]["Plan"])
+        plan.rows_scanned = analyzed_rows(session, statement)
     return list(session.execute(statement).all())
 
 
@@ -281,11 +143,9 @@ def _index_search(session: Session, model: EmbeddingModel, ranking: Metric, q: A
                   conditions: list[ColumnElement[bool]], cursor: Cursor | None,
                   k: int, offset: int, ef: int, plan: SearchPlan, explain: bool,
                   ids_only: bool = False) -> list[Any]:
-    from service.embedding.service import index_name
-
     dim = int(model.dim)
     index_metric = ranking.name if ranking.index_ops else ranking.candidates
-    if not _index_exists(session, index_name(model.id, index_metric)):
+    if not index_exists(session, hnsw_index_name(model.id, index_metric)):
         plan.notes.append(f"no {index_metric} index for this model; using the cosine index")
         index_metric = "cosine"
     plan.method, plan.ef_search, plan.index_metric = "index", ef, index_metric
@@ -302,7 +162,7 @@ def _index_search(session: Session, model: EmbeddingModel, ranking: Metric, q: A
         # swapped: fetch a margin and let the outer query order exactly.
         candidates = 2 * k + 10
         if cursor is not None:
-            inner_where.append(_after(cursor, exact, Image.id))
+            inner_where.append(after(cursor, exact, Image.id))
     session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
                          "set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.max_scan_tuples', :mst, true), "
@@ -313,14 +173,14 @@ def _index_search(session: Session, model: EmbeddingModel, ranking: Metric, q: A
     inner = (
         select(ImageEmbedding.image_id.label("image_id"), exact.label("distance"))
         .join(Image, Image.id == ImageEmbedding.image_id)
-        .where(_model_is(model), *inner_where)
+        .where(model_is(model), *inner_where)
         .order_by(approx)
         .limit(candidates)
         .subquery()
     )
     outer_where = []
     if reranked and cursor is not None:
-        outer_where.append(_after(cursor, inner.c.distance, Image.id))
+        outer_where.append(after(cursor, inner.c.distance, Image.id))
     statement = (
         select(_image(ids_only), inner.c.distance)
         .join(inner, inner.c.image_id == Image.id)
@@ -329,49 +189,12 @@ def _index_search(session: Session, model: EmbeddingModel, ranking: Metric, q: A
         .limit(k)
     )
     if explain:
-        analyzed = session.execute(_Explain(statement, analyze=True)).scalar_one()
-        plan.rows_scanned = _scanned_rows(analyzed[0]["Plan"])
+        plan.rows_scanned = analyzed_rows(session, statement)
     rows = list(session.execute(statement).all())
     session.execute(text("SELECT set_config('enable_seqscan', 'on', true), "
                          "set_config('enable_sort', 'on', true), "
                          "set_config('enable_bitmapscan', 'on', true)"))
     return rows
-
-
-@dataclass
-class SearchRequest:
-    """A parsed search: exactly one of image_id, vector or file bytes."""
-
-    k: int = 10
-    image_id: str | None = None
-    vector: list[float] | None = None
-    file: bytes | None = None
-    collection: str | None = None
-    filter_doc: dict[str, Any] | None = None
-    model: str | None = None
-    metric: str | None = None  # None: the model's default (service/features/models.py)
-    min_score: float | None = None
-    cursor: str | None = None
-    explain: bool = False
-    # Issue 6: also match crops of the query and stored images' centre regions.
-    query_crops: bool = False
-    # Issue 6 (hashing): index "hash" ranks by a code set's Hamming candidates.
-    index: str = "hnsw"
-    code: str | None = None
-    rerank: bool | str = True
-    # Issue 10: search by words (service/text), alone or fused with an image query.
-    text: str | None = None
-    text_mode: str = "fulltext"
-    text_weight: float = 0.5
-
-
-@dataclass
-class SearchOutcome:
-    """Hits, the model that ranked them, and the plan."""
-
-    result: SearchResult
-    model: str
-    metric: str
 
 
 def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name: str,
@@ -431,9 +254,9 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
     """Resolve the query vector (stored image, raw vector or uploaded file), then search."""
     from service.features.models import resolve_metric
 
-    # Issue 6: a model's default metric (chi2 for hsv-hist, hamming for phash, else cosine).
+    # A model's default metric (chi2 for hsv-hist, hamming for phash, else cosine).
     req = replace(req, metric=resolve_metric(req.model or default_model, req.metric))
-    if req.text is not None:  # Issue 10: by words (service/text/service.py).
+    if req.text is not None:  # By words (service/text/service.py).
         from service.text.service import run_text_search
 
         return run_text_search(req, session=session, model_dir=model_dir,
@@ -458,7 +281,7 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
     if req.rerank in ("aqe", "diffusion") and cursor is not None:
         raise ApiError("invalid_cursor", f"{req.rerank} re-ranking has no pages")
 
-    if req.query_crops:  # Issue 6: crops of the query, centre regions of stored images.
+    if req.query_crops:  # Crops of the query, centre regions of stored images.
         from service.search.crops import crop_search
 
         result = crop_search(req, vector, session=session, model=model, exclude_id=exclude,
@@ -467,7 +290,7 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
         return SearchOutcome(result=result, model=model.name, metric=metric)
 
     def run(v: np.ndarray, k: int) -> SearchResult:
-        if req.index == "hash":  # Issue 6: Hamming candidates, exact re-rank (service/hashing).
+        if req.index == "hash":  # Hamming candidates, exact re-rank (service/hashing).
             from service.hashing.search import hash_search
 
             if cursor is not None:
@@ -483,7 +306,7 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
                               exact_max_rows=exact_max_rows)
 
     result = run(vector, req.k)
-    if req.rerank in ("aqe", "diffusion"):  # Issue 6: re-ranking (service/graph/reranking.py).
+    if req.rerank in ("aqe", "diffusion"):  # Re-ranking (service/graph/reranking.py).
         from service.graph.reranking import rerank_hits
 
         result = rerank_hits(str(req.rerank), vector, result, session=session, model=model,

@@ -25,7 +25,7 @@ from service.features.handcrafted import hsv_histogram, phash
 from service.features.models import HSV_HIST, PHASH, handcrafted_info, region_model_name
 from service.graph.duplicates import phash_pairs, region_pairs
 from service.search.metrics import get_metric
-from service.search.service import _Explain
+from service.search.sql import Explain
 from tests.conftest import DEFAULT_MODEL, wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -131,7 +131,7 @@ def index_scans(app: Flask, name: str, metric: str, query: list[float]) -> bool:
         order = (walk.indexed(ImageEmbedding.vector, q, model.dim) if walk.indexed
                  else walk.distance(cast(ImageEmbedding.vector, HALFVEC(model.dim)), q))
         session.execute(text("SET LOCAL enable_seqscan = off"))
-        plan = session.execute(_Explain(
+        plan = session.execute(Explain(
             select(ImageEmbedding.image_id).where(
                 ImageEmbedding.model_id == literal_column(str(model.id)))
             .order_by(order).limit(5))).scalar_one()

@@ -1,0 +1,54 @@
+"""The routing decision of a vector query: exact scan or HNSW walk, and how wide to walk.
+
+A filtered HNSW search in pgvector can return too few rows, and PostgreSQL's planner may drop
+the index. So each query is routed here, from the planner's row estimate for its filter: an
+exact scan over the filtered rows for small sets, an iterative HNSW scan for large ones (which
+is re-run exactly when it comes back short). A pure function of numbers, tested on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Filters the planner expects to match at most this many rows are ranked exactly: scanning
+# them costs less than walking the graph past all the rows the filter rejects. Measured at
+# 100k x 1280 (docs/benchmarks.md): exact costs ~4 us a row, 38 ms at 10,000 rows.
+EXACT_MAX_ROWS = 3_000
+# The graph is explored this wide at least (more for k above it). A fixed width makes the
+# strict-order scan one deterministic stream, so later pages continue the first one exactly.
+EF_SEARCH = 100
+MAX_EF_SEARCH = 1000
+# Under a filter only a share of each graph step's candidates qualify, so the walk is widened
+# until about this many qualifying candidates come with each step.
+QUALIFYING_PER_STEP = 15
+# Methods a caller may force (evaluation, benches): the names the explain record uses.
+FORCED = {"exact": "exact", "index": "hnsw"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which strategy ranks a vector query, the graph width, and whether a short walk falls back."""
+
+    strategy: str
+    ef_search: int
+    exact_fallback: bool
+
+
+def ef_search_for(k: int, selectivity: float) -> int:
+    """The graph width for k results when a share `selectivity` of the rows qualifies."""
+    widened = round(QUALIFYING_PER_STEP / max(selectivity, 1e-3))
+    return min(MAX_EF_SEARCH, max(EF_SEARCH, k, widened))
+
+
+def route(*, k: int, filtered: bool, estimated_rows: float, selectivity: float,
+          exact_max_rows: int = EXACT_MAX_ROWS, force_method: str | None = None,
+          cursor_ef: int | None = None) -> Route:
+    """Exact for a filter expected to match few rows, else HNSW; a cursor keeps its width."""
+    if force_method is not None:
+        if force_method not in FORCED:
+            raise ValueError(f"force_method is exact or index, not {force_method!r}")
+        strategy = FORCED[force_method]
+    else:
+        strategy = "exact" if filtered and estimated_rows <= exact_max_rows else "hnsw"
+    ef = cursor_ef if cursor_ef is not None else ef_search_for(k, selectivity)
+    return Route(strategy=strategy, ef_search=ef, exact_fallback=force_method is None)

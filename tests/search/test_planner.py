@@ -1,0 +1,65 @@
+"""The routing decision on its own: strategy by estimated selectivity, and the graph width."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.search.planner import (
+    EF_SEARCH,
+    EXACT_MAX_ROWS,
+    MAX_EF_SEARCH,
+    Route,
+    ef_search_for,
+    route,
+)
+
+
+def test_an_unfiltered_query_walks_the_graph_however_few_rows() -> None:
+    chosen = route(k=10, filtered=False, estimated_rows=0.0, selectivity=1.0)
+    assert chosen == Route(strategy="hnsw", ef_search=EF_SEARCH, exact_fallback=True)
+
+
+@pytest.mark.parametrize("rows,strategy", [
+    (1.0, "exact"), (EXACT_MAX_ROWS, "exact"), (EXACT_MAX_ROWS + 1, "hnsw"), (1e6, "hnsw"),
+])
+def test_a_filter_expected_to_match_few_rows_is_ranked_exactly(rows: float,
+                                                                strategy: str) -> None:
+    chosen = route(k=10, filtered=True, estimated_rows=rows, selectivity=0.5)
+    assert chosen.strategy == strategy and chosen.exact_fallback
+
+
+def test_the_exact_threshold_is_the_callers() -> None:
+    assert route(k=5, filtered=True, estimated_rows=50, selectivity=0.1,
+                 exact_max_rows=49).strategy == "hnsw"
+    assert route(k=5, filtered=True, estimated_rows=50, selectivity=0.1,
+                 exact_max_rows=50).strategy == "exact"
+
+
+@pytest.mark.parametrize("forced,strategy", [("exact", "exact"), ("index", "hnsw")])
+def test_a_forced_method_wins_and_never_falls_back(forced: str, strategy: str) -> None:
+    for filtered, rows in ((False, 0.0), (True, 1.0), (True, 1e6)):
+        chosen = route(k=10, filtered=filtered, estimated_rows=rows, selectivity=0.01,
+                       force_method=forced)
+        assert chosen.strategy == strategy and not chosen.exact_fallback
+    with pytest.raises(ValueError, match="hnsw"):
+        route(k=10, filtered=False, estimated_rows=0, selectivity=1.0, force_method="hnsw")
+
+
+@pytest.mark.parametrize("k,selectivity,ef", [
+    (10, 1.0, EF_SEARCH),          # the floor
+    (300, 1.0, 300),               # at least k
+    (10, 0.1, 150),                # about 15 qualifying candidates a step
+    (10, 0.05, 300),
+    (10, 0.001, MAX_EF_SEARCH),    # capped
+    (10, 0.0, MAX_EF_SEARCH),      # no rows expected: capped, not a division by zero
+    (5000, 1.0, MAX_EF_SEARCH),
+])
+def test_the_graph_is_widened_as_the_filter_narrows(k: int, selectivity: float,
+                                                    ef: int) -> None:
+    assert ef_search_for(k, selectivity) == ef
+    assert route(k=k, filtered=True, estimated_rows=1e6, selectivity=selectivity).ef_search == ef
+
+
+def test_a_cursor_keeps_the_width_of_its_first_page() -> None:
+    chosen = route(k=10, filtered=True, estimated_rows=1e6, selectivity=0.01, cursor_ef=123)
+    assert chosen.ef_search == 123
