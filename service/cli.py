@@ -441,7 +441,8 @@ def evaluate(collection: str, label_key: str, ks: str, sample: int | None, model
             for image_id in wanted:
                 image = images.get_image(image_id, session=session)
                 thumbs[image_id] = images.thumbnail(
-                    image, session=session, store=store, max_pixels=int(app.config["MAX_IMAGE_PIXELS"]))
+                    image, session=session, store=store,
+                    max_pixels=int(app.config["MAX_IMAGE_PIXELS"]))
             page = write_report(result, Path(report_dir), thumbs)
             click.echo(f"report: {page}")
 
