@@ -9,10 +9,7 @@ bombs, non-archives and truncated or damaged archives are refused whole.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
-import io
 import lzma
 import os
 import posixpath
@@ -28,6 +25,7 @@ from typing import IO
 from service.errors import ApiError
 from service.jobs.metadata import METADATA_NAMES, normalise_key
 from service.jobs.signatures import image_problem
+from service.jobs.tarstream import BLOCK, Tail, decompressed
 
 COPY_CHUNK = 1024 * 1024
 # Per-entry ratio checks only apply above this size: tiny text files compress absurdly well.
@@ -35,17 +33,6 @@ RATIO_MIN_BYTES = 1024 * 1024
 METADATA_MAX_BYTES = 256 * 1024 * 1024
 IGNORED_PARTS = ("__MACOSX",)
 IGNORED_NAMES = (".DS_Store", "Thumbs.db")
-BLOCK = tarfile.BLOCKSIZE
-# Decompressors that notice a stream cut short (tarfile's own stream reader does not).
-COMPRESSORS: tuple[tuple[bytes, Callable[[IO[bytes]], IO[bytes]]], ...] = (
-    (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
-    (b"BZh", lambda raw: bz2.BZ2File(raw, mode="rb")),
-    (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw, mode="rb")),  # noqa: SIM115
-)
-# Bytes of decompressed stream kept behind the reader: more than tarfile reads ahead.
-TAIL_BYTES = 4 * tarfile.RECORDSIZE
-
-
 @dataclass(frozen=True)
 class ArchiveLimits:
     """Caps that make a hostile archive cheap to refuse."""
@@ -118,7 +105,7 @@ def kind_of(path: Path) -> str:
             raise ApiError("corrupt_archive", "the zip archive is truncated or damaged: its "
                            "central directory is missing")
         raw.seek(0)
-        stream = _decompressed(raw)
+        stream = decompressed(raw)
         try:
             with stream, tarfile.open(fileobj=stream, mode="r|") as tf:
                 tf.next()
@@ -134,52 +121,6 @@ def kind_of(path: Path) -> str:
 
 def _not_an_archive() -> ApiError:
     return ApiError("not_an_archive", "the upload is not a .zip, .tar or compressed .tar archive")
-
-
-class _Tail(io.RawIOBase):
-    """A reader that counts what passed through it and keeps the last bytes it returned."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.position = 0
-        self.tail = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if self.inner is not None and not self.closed:
-            self.inner.close()
-        super().close()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.inner.read(size)
-        self.position += len(data)
-        self.tail = (self.tail + data)[-TAIL_BYTES:]
-        return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def block_at(self, offset: int) -> bytes:
-        """The (up to) 512 bytes at `offset` of the stream, if they are still in the tail."""
-        start = self.position - len(self.tail)
-        if offset < start:
-            return b""
-        return self.tail[offset - start:offset - start + BLOCK]
-
-
-def _decompressed(raw: IO[bytes]) -> _Tail:
-    """The archive's tar stream, through a decompressor chosen by the first bytes."""
-    head = raw.read(8)
-    raw.seek(0)
-    for magic, opener in COMPRESSORS:
-        if head.startswith(magic):
-            return _Tail(opener(raw))
-    return _Tail(raw)
 
 
 class _Writer:
@@ -347,7 +288,7 @@ def _tar_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 def _extract_tar(archive: Path, writer: _Writer, fingerprint: Callable[[str], bool]) -> Extracted:
     out = Extracted()
-    with archive.open("rb") as raw, _decompressed(raw) as stream, \
+    with archive.open("rb") as raw, decompressed(raw) as stream, \
             tarfile.open(fileobj=stream, mode="r|") as tf:
         # Stream mode: one pass, no seeking back through a compressed stream.
         for member in _tar_members(tf):
@@ -381,7 +322,7 @@ def _extract_tar(archive: Path, writer: _Writer, fingerprint: Callable[[str], bo
     return out
 
 
-def _check_end(tf: tarfile.TarFile, stream: _Tail, writer: _Writer) -> None:
+def _check_end(tf: tarfile.TarFile, stream: Tail, writer: _Writer) -> None:
     """Refuse a tar that stops without its end marker, or whose compressed stream is cut."""
     # tarfile ends its listing silently at a missing or garbled header: only a zero block,
     # the end-of-archive marker, means the archive really ends here.
