@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ bp = Blueprint("web", __name__, template_folder="templates", static_folder="stat
 METRICS = ("cosine", "l2", "inner_product", "l1", "chebyshev")
 METRIC_LABELS = {"cosine": "Cosine", "l2": "Euclidean (L2)", "inner_product": "Inner product",
                  "l1": "Manhattan (L1)", "chebyshev": "Chebyshev"}
+
+
+@bp.app_template_global("page_modules")
+@cache
+def page_modules() -> list[str]:
+    """The modules app.js imports, as static file names, for the pages' modulepreload links."""
+    # Preloading the whole graph fetches it in one round instead of one per import level.
+    folder = Path(bp.static_folder or "") / "js"
+    return [f"js/{path.name}" for path in sorted(folder.glob("*.js"))]
 
 
 def _page_context(active: str) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from service.web.views import page_modules
+
 COLLECTION = "t-facets"
 METADATA: list[dict[str, Any]] = [
     {"label": "Shirt", "price": 10, "released": "2024-01-05", "kids": False, "size": 38},
@@ -108,6 +110,12 @@ def test_pages_render_html(client: FlaskClient, faceted: list[str]) -> None:
     assert "More like this" in detail.get_data(as_text=True)
     js = client.get("/static/web/app.js")
     assert js.status_code == 200 and "javascript" in js.mimetype
+    # Browsers run a module only when it is served as JavaScript (nosniff is on, too).
+    assert '<script type="module" src="/static/web/app.js">' in html
+    for name in page_modules():
+        assert f'<link rel="modulepreload" href="/static/web/{name}">' in html
+        module = client.get(f"/static/web/{name}")
+        assert module.status_code == 200 and "javascript" in module.mimetype, name
 
 
 def test_missing_image_page_is_html_not_json(client: FlaskClient) -> None:
