@@ -37,7 +37,7 @@ def main() -> None:
         from service.db import session_scope
         from service.embedding.models import EmbeddingModel
         from service.evaluation.service import evaluate_collection
-        from service.search.service import search_vectors
+        from service.search.vectors import search_vectors
 
         app = create_app({"DATABASE_URL": urls["DATABASE_URL"], "REDIS_URL": urls["REDIS_URL"]})
         rng = np.random.default_rng(0)

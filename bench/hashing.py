@@ -1,9 +1,9 @@
 """Binary codes on the clothing embeddings: recall@10 against exact cosine, latency, bytes.
 
 For each method (LSH, spectral hashing, ITQ) and code length, a code set is fitted and searched
-through the service's own path (`service.hashing.search.hash_search` on PostgreSQL + pgvector):
-Hamming candidates from the set's HNSW `bit_hamming_ops` index, with and without the exact
-re-rank. Peers on the same vectors in the same run: plain pgvector HNSW on the halfvecs
+through the service's own path (`service.search.strategies.codes.hash_search` on PostgreSQL +
+pgvector): Hamming candidates from the set's HNSW `bit_hamming_ops` index, with and without the
+exact re-rank. Peers on the same vectors in the same run: plain pgvector HNSW on the halfvecs
 (`search_vectors`, the default search), faiss `IndexLSH` (alone, and refined exactly over the
 same number of candidates), and faiss `IndexBinaryHNSW` over the same ITQ codes.
 
@@ -51,9 +51,9 @@ def service_rows(app: Any, model_id: int, ids: list[Any], unit: np.ndarray, vect
     from service.db import session_scope
     from service.embedding.models import EmbeddingModel
     from service.hashing.models import code_index_name
-    from service.hashing.search import hash_search
     from service.hashing.service import create_code_set, fit_code_set
-    from service.search.service import search_vectors
+    from service.search.strategies.codes import hash_search
+    from service.search.vectors import search_vectors
 
     id_index = {image_id: i for i, image_id in enumerate(ids)}
     out = []

@@ -340,7 +340,8 @@ def latency(feats: dict[str, np.ndarray], queries: int, seed: int) -> str:
     from service.embedding.models import EmbeddingModel
     from service.embedding.service import ensure_indexes
     from service.features.models import region_model_name
-    from service.search.service import SearchRequest, run_search
+    from service.search.service import run_search
+    from service.search.types import SearchRequest
 
     n = len(feats["cnn"])
     ids = [uuid.uuid4() for _ in range(n)]

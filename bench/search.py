@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
         from service.app import create_app
         from service.db import session_scope
         from service.embedding.models import EmbeddingModel
-        from service.search.service import search_vectors
+        from service.search.vectors import search_vectors
 
         app = create_app({"DATABASE_URL": urls["DATABASE_URL"], "REDIS_URL": urls["REDIS_URL"]})
         server = start_api(urls, args.port) if args.http else None

@@ -102,7 +102,7 @@ def sql_check(probs: np.ndarray, labels: np.ndarray, weights: dict[str, np.ndarr
     from service.embedding.registry import ModelInfo
     from service.embedding.service import ensure_model_row
     from service.images.models import Image
-    from service.search.service import candidate_conditions
+    from service.search.sql import candidate_conditions
     from service.text.models import ImageClasses
     from service.text.service import semantic_side
 
@@ -149,7 +149,7 @@ def _head_sql(session: Any, head: HeadCheck, labels: np.ndarray, ids: list[uuid.
     from service.embedding.registry import ModelInfo
     from service.embedding.service import ensure_model_row
     from service.images.models import Image
-    from service.search.service import candidate_conditions
+    from service.search.sql import candidate_conditions
     from service.text.service import head_side
 
     model = ensure_model_row(ModelInfo(

@@ -17,7 +17,8 @@ from service.api.schemas import ErrorResponse, SearchForm, SearchQuery, SearchRe
 from service.db import session_scope
 from service.embedding.defaults import default_model
 from service.errors import ApiError
-from service.search.service import SearchRequest, run_search
+from service.search.service import run_search
+from service.search.types import SearchRequest
 
 bp = Blueprint("search", __name__, url_prefix="/api/v1/search")
 
@@ -55,7 +56,7 @@ def search() -> dict[str, Any]:
                         explain=query.explain, index=query.index, code=query.code,
                         rerank=query.rerank, text=query.text, text_mode=query.text_mode,
                         text_weight=query.text_weight)
-    req.query_crops = query.query_crops  # Issue 6: service/search/crops.py
+    req.query_crops = query.query_crops
     config = current_app.config
     with session_scope() as session:
         outcome = run_search(req, session=session, model_dir=config["MODEL_DIR"],

@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError
 from service.evaluation.metrics import RankingAccumulator, RetrievalScores
-from service.graph.reranking import AQE_NEIGHBOURS, expanded_order, rerank_hits
+from service.graph.reranking import AQE_NEIGHBOURS, expanded_order
 from service.images.models import Image
-from service.search.service import SearchResult, search_vectors
+from service.search.rerank import rerank_hits
+from service.search.types import SearchResult
+from service.search.vectors import search_vectors
 
 # Re-rankings an evaluation can apply: each must order the whole collection, which rules
 # out diffusion (it ranks only the images its walk reaches).

@@ -1,4 +1,4 @@
-"""Re-ranking options of search: alpha query expansion and diffusion on the kNN graph.
+"""The maths and graph data of search's re-ranking: alpha query expansion, kNN-graph diffusion.
 
 - `aqe`: alpha query expansion (Radenović, Tolias & Chum 2018): the query is replaced by the
   normalised sum of itself and its top-n neighbours weighted by similarity^alpha, and searched
@@ -7,13 +7,13 @@
   neighbours seed a random walk over the collection's kNN graph (affinities s^gamma,
   symmetrically normalised); scores solve (I - a S) f = y by conjugate gradient.
 
-The math is pure numpy (used by the service and by `bench/reranking.py` alike).
+The math is pure numpy (used by search's post-steps, service/search/rerank.py, by evaluation
+and by `bench/reranking.py` alike).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -128,43 +128,3 @@ def diffusion_order(query: np.ndarray, seeds: list[tuple[uuid.UUID, float]], *,
                          np.clip(np.array([s for _, s in seeded]), 0, None) ** DIFFUSION_GAMMA)
     order = np.lexsort((np.arange(len(nodes)), -f))
     return [(nodes[i], float(f[i])) for i in order if f[i] > 0]
-
-
-def rerank_hits(kind: str, query: np.ndarray, first: Any, *, session: Session,
-                model: EmbeddingModel, search: Any, k: int, collection: str | None,
-                exclude_id: uuid.UUID | None = None) -> Any:
-    """Apply `aqe` or `diffusion` to a first search result; `search(vector, k)` searches again."""
-    from service.search.service import SearchHit
-
-    if kind == "aqe":
-        top = [h.image.id for h in first.hits[:AQE_NEIGHBOURS]]
-        vectors = stored_vectors(top, session=session, model=model)
-        if not vectors:
-            return first
-        expanded = alpha_query_expansion(query, np.stack([vectors[i] for i in top
-                                                          if i in vectors]))
-        result = search(expanded.astype(np.float32), k)
-        result.next_cursor = None
-        result.plan.notes.append(f"aqe: alpha {AQE_ALPHA}, {len(vectors)} neighbours")
-        return result
-    seeds = [(h.image.id, 1.0 - h.distance) for h in first.hits[:DIFFUSION_SEEDS]]
-    ranked = [(i, f) for i, f in diffusion_order(query, seeds, session=session, model=model,
-                                                 collection=collection)
-              if i != exclude_id][:k]
-    if not ranked:
-        first.plan.notes.append("diffusion: no graph for this collection; plain order")
-        return first
-    images = {i.id: i for i in session.scalars(select(Image).where(
-        Image.id.in_([i for i, _ in ranked])))}
-    vectors = stored_vectors([i for i, _ in ranked], session=session, model=model)
-    q = unit(query)
-    hits = []
-    for image_id, score in ranked:
-        if image_id in images and image_id in vectors:
-            distance = float(1.0 - unit(vectors[image_id]) @ q)
-            hits.append(SearchHit(image=images[image_id], distance=distance, score=score))
-    first.hits = hits
-    first.next_cursor = None
-    first.plan.notes.append(f"diffusion: {len(seeds)} seeds, alpha {DIFFUSION_ALPHA}, "
-                            f"gamma {DIFFUSION_GAMMA}; score = diffusion mass")
-    return first

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from service.db import session_scope
 from service.errors import ApiError
 from service.images.models import Image
-from service.search.service import Cursor
+from service.search.types import Cursor
 from tests.api.test_search import grid  # noqa: F401  (the module-scoped fixture)
 from tests.images.test_content_race import random_png
 

@@ -19,10 +19,10 @@ from service.embedding.registry import ModelInfo
 from service.embedding.service import ensure_model_row
 from service.hashing.encoders import encode, to_bitstring
 from service.hashing.models import CodeSet, ImageCode
-from service.hashing.search import hash_search
 from service.hashing.service import create_code_set, fit_code_set, params_of
 from service.images.models import Image
-from service.search.service import search_vectors
+from service.search.strategies.codes import hash_search
+from service.search.vectors import search_vectors
 
 N, DIM = 60, 16
 

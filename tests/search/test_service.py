@@ -15,7 +15,8 @@ from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.embedding.registry import ModelInfo
 from service.embedding.service import ensure_model_row, save_vectors
 from service.images.models import Image
-from service.search.service import Cursor, ImageRef, SearchResult, search_vectors
+from service.search.types import Cursor, ImageRef, SearchResult
+from service.search.vectors import search_vectors
 
 VECTORS = {
     "a": [1.0, 0.0, 0.0],

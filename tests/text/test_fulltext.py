@@ -15,7 +15,7 @@ from sqlalchemy import delete, insert
 from service.db import session_scope
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.images.models import Image
-from service.text.service import RRF_K
+from service.search.strategies.hybrid import RRF_K
 from tests.search.test_service import make_model
 
 # name: (metadata, filename, automatic tags, 4-d vector)

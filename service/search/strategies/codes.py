@@ -1,4 +1,4 @@
-"""Hash search: Hamming candidates from a code set's HNSW index, re-ranked on the full vectors.
+"""Binary codes: Hamming candidates from a code set's HNSW index, re-ranked on the full vectors.
 
 The binary code is the index: 256 bits are 32 bytes an image against 2,560 for a 1280-d
 halfvec, and a Hamming distance is a few popcounts. The codes only approximate the cosine
@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import numpy as np
-from pgvector.sqlalchemy import HALFVEC
 from sqlalchemy import ColumnElement, Float, bindparam, cast, func, literal_column, select
 from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.orm import Session
@@ -24,12 +23,8 @@ from service.hashing.models import CodeSet, ImageCode
 from service.hashing.service import params_of
 from service.images.models import Image
 from service.search.metrics import get_metric
-from service.search.service import (
-    SearchHit,
-    SearchPlan,
-    SearchResult,
-    candidate_conditions,
-)
+from service.search.sql import candidate_conditions, model_is, query_vector
+from service.search.types import QueryPlan, SearchHit, SearchPlan, SearchResult
 
 # Candidates fetched by Hamming distance before the exact re-rank, at least this many (and
 # 10k for large k). Measured on the clothing set (docs/hashing.md): 100 candidates take
@@ -98,13 +93,12 @@ def hash_search(
     plan.notes.append(f"code set {code_set.name}: {code_set.method}, {bits} bits; "
                       f"{pool} Hamming candidates" + (", re-ranked exactly" if rerank else ""))
     if rerank:
-        q = bindparam("query", np.asarray(query, dtype=np.float32), type_=HALFVEC(int(model.dim)))
+        q = query_vector(query, int(model.dim))
         exact = ranking.distance(ImageEmbedding.vector, q).label("distance")
         statement: Any = (
             select(Image, exact)
             .join(inner, inner.c.image_id == Image.id)
-            .join(ImageEmbedding, (ImageEmbedding.image_id == Image.id)
-                  & (ImageEmbedding.model_id == literal_column(str(int(model.id)))))
+            .join(ImageEmbedding, (ImageEmbedding.image_id == Image.id) & model_is(model))
             .order_by(exact, Image.id).limit(k))
         rows = session.execute(statement).all()
         hits = [SearchHit(image=i, distance=float(d), score=ranking.score(float(d)))
@@ -123,3 +117,15 @@ def hash_search(
         hits = [h for h in hits if h.score >= min_score]
     return SearchResult(hits=hits, plan=plan, next_cursor=None)
 
+
+
+def search(plan: QueryPlan, *, session: Session) -> SearchResult:
+    """The code set strategy: Hamming candidates, re-ranked exactly unless the plan says not."""
+    if plan.cursor is not None:
+        raise ApiError("invalid_cursor", "hash search has no pages: ask for a larger k")
+    vector, model = plan.vector_model()
+    return hash_search(vector, session=session, model=model, code=plan.code, k=plan.k,
+                       metric=plan.metric, rerank=plan.code_rerank, collection=plan.collection,
+                       filter_doc=plan.filter_doc, exclude_id=plan.exclude_id,
+                       min_score=plan.min_score, candidates=plan.candidates,
+                       explain=plan.explain)

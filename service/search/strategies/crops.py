@@ -15,24 +15,22 @@ All three are the same network's cosine distances, so they compare directly.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
+from service.embedding.transforms import ImageDecodeError
 from service.errors import ApiError
-from service.search.service import SearchHit, SearchPlan, SearchResult, search_vectors
-
-if TYPE_CHECKING:
-    from service.search.service import SearchRequest
+from service.search.types import QueryPlan, SearchHit, SearchPlan, SearchRequest, SearchResult
+from service.search.vectors import search_vectors
 
 
 def _region_query(req: SearchRequest, region: EmbeddingModel, *, session: Session,
                   model_dir: str, max_pixels: int) -> np.ndarray:
     """The centre-region vector of the query (a stored image's, or the upload's)."""
+    # onnx and onnxruntime (about a second) load only for searches that need a model.
     from service.embedding.service import stored_vector
-    from service.embedding.transforms import ImageDecodeError
     from service.features.models import derived_query_vector
 
     if req.file is not None:
@@ -50,40 +48,41 @@ def _region_query(req: SearchRequest, region: EmbeddingModel, *, session: Sessio
     return vector
 
 
-def crop_search(req: SearchRequest, vector: np.ndarray, *, session: Session,
-                model: EmbeddingModel, exclude_id: uuid.UUID | None, model_dir: str,
-                max_pixels: int, has_cursor: bool) -> SearchResult:
+def search(plan: QueryPlan, *, session: Session) -> SearchResult:
     """The k nearest images by the best of whole and centre-region cosine distances."""
+    # onnx and onnxruntime (about a second) load only for searches that need a model.
     from service.embedding.service import find_model
     from service.features.models import is_derived, region_model_name
 
-    if req.metric != "cosine" or is_derived(model.name):
+    vector, model = plan.vector_model()
+    req = plan.request or SearchRequest()
+    if plan.metric != "cosine" or is_derived(model.name):
         raise ApiError("invalid_query", "query_crops compares a CNN's cosine distances")
-    if req.index != "hnsw" or req.rerank in ("aqe", "diffusion") or has_cursor:
+    if req.index != "hnsw" or plan.rerank is not None or plan.cursor is not None:
         raise ApiError("invalid_query", "query_crops has no pages, hash index or re-ranking")
     region = find_model(region_model_name(model.name), session=session)
     if region is None:
         raise ApiError("unknown_model", f"query_crops needs {region_model_name(model.name)}: "
                        f"run `lookalike models install {region_model_name(model.name)}` "
                        f"and reindex the collection with it")
-    region_vector = _region_query(req, region, session=session, model_dir=model_dir,
-                                  max_pixels=max_pixels)
+    region_vector = _region_query(req, region, session=session, model_dir=plan.model_dir,
+                                  max_pixels=plan.max_pixels)
     legs = [(vector, model, "whole query vs whole images"),
             (vector, region, "whole query vs stored centre regions"),
             (region_vector, model, "query centre region vs whole images")]
     best: dict[uuid.UUID, SearchHit] = {}
-    plan = SearchPlan(method="crops", metric="cosine")
+    explained = SearchPlan(method="crops", metric="cosine")
     for query, leg_model, what in legs:
         # Each leg asks for k: an image in the final top k is in the top k of the leg that
         # gives it its smallest distance.
-        leg = search_vectors(query, session=session, model=leg_model, k=req.k, metric="cosine",
-                             collection=req.collection, filter_doc=req.filter_doc,
-                             exclude_id=exclude_id)
-        plan.notes.append(f"{what}: {leg.plan.method}, {len(leg.hits)} hits")
+        leg = search_vectors(query, session=session, model=leg_model, k=plan.k,
+                             metric="cosine", collection=plan.collection,
+                             filter_doc=plan.filter_doc, exclude_id=plan.exclude_id)
+        explained.notes.append(f"{what}: {leg.plan.method}, {len(leg.hits)} hits")
         for hit in leg.hits:
             if hit.image.id not in best or hit.distance < best[hit.image.id].distance:
                 best[hit.image.id] = hit
-    hits = sorted(best.values(), key=lambda h: (h.distance, str(h.image.id)))[:req.k]
-    if req.min_score is not None:
-        hits = [h for h in hits if h.score >= req.min_score]
-    return SearchResult(hits=hits, plan=plan, next_cursor=None)
+    hits = sorted(best.values(), key=lambda h: (h.distance, str(h.image.id)))[:plan.k]
+    if plan.min_score is not None:
+        hits = [h for h in hits if h.score >= plan.min_score]
+    return SearchResult(hits=hits, plan=explained, next_cursor=None)
