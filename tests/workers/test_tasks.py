@@ -58,7 +58,9 @@ def test_undecodable_stored_file_marks_image_failed_with_reason(
     data = own.read_bytes()
     store = app.extensions["content_store"]
     image_id = _upload(client, own, "t-fail")
-    # Corrupt the stored original before the worker reads it (or re-embed it after).
+    # The upload's own task must be done first: finishing after the reset below, it would
+    # leave the image ready and the second task would find nothing to do.
+    wait_for_status(client, image_id)
     import hashlib
 
     store.path(hashlib.sha256(data).hexdigest()).write_bytes(data[:200])
