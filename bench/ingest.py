@@ -184,8 +184,8 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
     from sqlalchemy import text
 
     from bench.harness import bench_services
+    from service.cli.ingest import JobsClient
     from service.db import make_engine
-    from service.jobs.client import JobsClient
 
     with bench_services(f"ingest-{workers}") as urls:
         storage = BENCH_DIR / f"ingest-storage-{workers}"
@@ -258,9 +258,8 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
                     "WHERE i.collection = :c AND i.status = 'ready'"), {"c": COLLECTION})
                 db_after = conn.scalar(text("SELECT pg_database_size(current_database())"))
             image_id = next(client.items(created["id"], "done"))["image_id"]
-            probe = client._send("POST", "/api/v1/search", [
-                f'{{"image_id": "{image_id}", "k": 5, "collection": "{COLLECTION}"}}'.encode()],
-                {"Content-Type": "application/json"})
+            probe = client.request("POST", "/api/v1/search", json={
+                "image_id": image_id, "k": 5, "collection": COLLECTION})
             pool = [p for p in sampler.peaks if p != worker.pid]
             return {
                 "workers": workers, "status": state["status"], "total": state["total"],

@@ -20,10 +20,10 @@ from werkzeug.serving import make_server
 from service.app import create_app
 from service.auth import service as keys
 from service.auth.models import ApiKey
-from service.cli import _check_auth
+from service.cli.ingest import JobsClient
+from service.cli.serve import _check_auth
 from service.config import PROJECT_ROOT
 from service.db import session_scope
-from service.jobs.client import JobsClient
 
 
 def lookalike(settings: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:

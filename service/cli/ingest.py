@@ -1,22 +1,21 @@
-"""The HTTP client behind `lookalike ingest`: submit a job, follow it, summarise it."""
+"""`lookalike ingest`: submit an archive or a directory as a job, follow it, summarise it."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
+import sys
 import tarfile
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlencode, urlsplit
+from typing import Any
 
 import click
+import httpx
 
-CHUNK = 1024 * 1024
 POLL_S = 0.5
 # The server refuses the path itself (not allowed there, or not a directory there): upload it.
 FALLBACK_CODES = ("path_not_allowed", "not_a_directory")
@@ -34,85 +33,55 @@ class ApiFailure(click.ClickException):
 
 
 class JobsClient:
-    """A small client of the jobs API over http.client, streaming uploads from disk."""
+    """The jobs API over httpx; archives are streamed from disk, never read into memory."""
 
     def __init__(self, base_url: str, timeout: float = 600.0,
                  api_key: str | None = None) -> None:
-        parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
-        # Issue 9: from the environment, not an option, so the token stays out of `ps`.
-        self.api_key = api_key or os.environ.get("LOOKALIKE_API_KEY") or None
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if self.https else 80)
-        self.prefix = parts.path.rstrip("/")
-        self.timeout = timeout
+        url = base_url if "://" in base_url else f"http://{base_url}"
+        # From the environment, not an option, so that the token stays out of `ps`.
+        key = api_key or os.environ.get("LOOKALIKE_API_KEY") or None
+        headers = {"Accept": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def _connection(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout)
-
-    def _send(self, method: str, path: str, chunks: list[bytes | Path] | None = None,
-              headers: dict[str, str] | None = None) -> dict[str, Any]:
-        conn = self._connection()
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """One call; an error status raises `ApiFailure` with the API's code and message."""
+        resp = self.http.request(method, path, **kwargs)
         try:
-            conn.putrequest(method, self.prefix + path)
-            length = sum(c.stat().st_size if isinstance(c, Path) else len(c)
-                         for c in chunks or [])
-            auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            for key, value in {**(headers or {}), **auth, "Content-Length": str(length),
-                               "Accept": "application/json"}.items():
-                conn.putheader(key, value)
-            conn.endheaders()
-            for chunk in chunks or []:
-                if isinstance(chunk, Path):
-                    with chunk.open("rb") as fh:
-                        _stream(fh, conn)
-                else:
-                    conn.send(chunk)
-            resp = conn.getresponse()
-            raw = resp.read()
-        finally:
-            conn.close()
-        try:
-            body = json.loads(raw) if raw else {}
+            body = resp.json() if resp.content else {}
         except ValueError:
-            body = {"error": {"code": str(resp.status), "message": raw[:200].decode("latin-1")}}
-        if resp.status >= 400:
-            raise ApiFailure(resp.status, body)
+            body = {"error": {"code": str(resp.status_code), "message": resp.text[:200]}}
+        if resp.status_code >= 400:
+            raise ApiFailure(resp.status_code, body)
         return body
 
     def submit_archive(self, archive: Path, *, collection: str,
                        metadata: Path | None) -> dict[str, Any]:
         """Upload an archive (streamed from disk) as multipart."""
-        boundary = f"lookalike-{uuid.uuid4().hex}"
-        chunks: list[bytes | Path] = [_field(boundary, "collection", collection)]
-        if metadata is not None:
-            chunks += [_file_header(boundary, "metadata", metadata.name), metadata, b"\r\n"]
-        chunks += [_file_header(boundary, "file", archive.name), archive, b"\r\n",
-                   f"--{boundary}--\r\n".encode()]
-        return self._send("POST", "/api/v1/jobs", chunks,
-                          {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with ExitStack() as opened:
+            files = {}
+            if metadata is not None:
+                files["metadata"] = (metadata.name, opened.enter_context(metadata.open("rb")))
+            files["file"] = (archive.name, opened.enter_context(archive.open("rb")))
+            return self.request("POST", "/api/v1/jobs", data={"collection": collection},
+                                files=files)
 
     def submit_path(self, folder: Path, *, collection: str,
                     metadata: Path | None) -> dict[str, Any]:
         """Ask the server to read a directory it can see (under its INGEST_ROOTS)."""
         source = {"path": str(folder.resolve())}
         if metadata is None:
-            body = json.dumps({"collection": collection, "source": source}).encode()
-            return self._send("POST", "/api/v1/jobs", [body],
-                              {"Content-Type": "application/json"})
-        boundary = f"lookalike-{uuid.uuid4().hex}"
-        chunks: list[bytes | Path] = [
-            _field(boundary, "collection", collection),
-            _field(boundary, "source", json.dumps(source)),
-            _file_header(boundary, "metadata", metadata.name), metadata, b"\r\n",
-            f"--{boundary}--\r\n".encode()]
-        return self._send("POST", "/api/v1/jobs", chunks,
-                          {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            return self.request("POST", "/api/v1/jobs",
+                                json={"collection": collection, "source": source})
+        with metadata.open("rb") as fh:
+            return self.request("POST", "/api/v1/jobs",
+                                data={"collection": collection, "source": json.dumps(source)},
+                                files={"metadata": (metadata.name, fh)})
 
     def job(self, job_id: str) -> dict[str, Any]:
         """A job's state."""
-        return self._send("GET", f"/api/v1/jobs/{job_id}")
+        return self.request("GET", f"/api/v1/jobs/{job_id}")
 
     def items(self, job_id: str, status: str | None = None) -> Iterator[dict[str, Any]]:
         """Every item of a job (optionally of one status), page by page."""
@@ -120,27 +89,11 @@ class JobsClient:
         while True:
             query = {"limit": 1000, **({"status": status} if status else {}),
                      **({"cursor": cursor} if cursor else {})}
-            page = self._send("GET", f"/api/v1/jobs/{job_id}/items?{urlencode(query)}")
+            page = self.request("GET", f"/api/v1/jobs/{job_id}/items", params=query)
             yield from page["items"]
             cursor = page.get("next_cursor")
             if not cursor:
                 return
-
-
-def _stream(fh: IO[bytes], conn: http.client.HTTPConnection) -> None:
-    while chunk := fh.read(CHUNK):
-        conn.send(chunk)
-
-
-def _field(boundary: str, name: str, value: str) -> bytes:
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-            f"{value}\r\n").encode()
-
-
-def _file_header(boundary: str, name: str, filename: str) -> bytes:
-    safe = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-            f"filename=\"{safe}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
 
 
 def pack_directory(folder: Path, target: Path) -> Path:
@@ -170,7 +123,7 @@ def submit(client: JobsClient, path: Path, *, collection: str,
 
 
 def follow(client: JobsClient, job_id: str, total: int) -> dict[str, Any]:
-    """Poll a job with a progress bar (rate and ETA) until it is no longer queued or running."""
+    """Poll a job with a progress bar (rate and ETA) until it is no longer moving."""
     from tqdm import tqdm
 
     with tqdm(total=total or None, unit="img", dynamic_ncols=True, smoothing=0.1) as bar:
@@ -221,6 +174,17 @@ def run_ingest(path: Path, *, url: str, collection: str, metadata: Path | None,
     return 0 if state["status"] == "done" and not state["failed"] else 1
 
 
-def default_url() -> str:
-    """LOOKALIKE_URL, else the address `lookalike run` serves on."""
-    return os.environ.get("LOOKALIKE_URL", "http://127.0.0.1:8000")
+@click.command("ingest")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="metadata.csv or .jsonl with a 'file' column.")
+@click.option("--collection", default="default", show_default=True)
+@click.option("--url", help="The API (default: $LOOKALIKE_URL or http://127.0.0.1:8000). "
+              "An API key is read from $LOOKALIKE_API_KEY.")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return at once.")
+def ingest(path: Path, metadata: Path | None, collection: str, url: str | None,
+           no_wait: bool) -> None:
+    """Bulk-ingest an archive, or a directory (read by the server if it may, else uploaded)."""
+    url = url or os.environ.get("LOOKALIKE_URL", "http://127.0.0.1:8000")
+    sys.exit(run_ingest(path, url=url, collection=collection, metadata=metadata,
+                        wait=not no_wait))

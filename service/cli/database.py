@@ -1,0 +1,22 @@
+"""`lookalike db`: schema migrations."""
+
+from __future__ import annotations
+
+import click
+
+from service.config import settings_from_env
+
+
+@click.group()
+def db() -> None:
+    """Schema migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    from service.migrate import upgrade
+
+    upgrade(settings_from_env().get("DATABASE_URL"), revision)
+    click.echo(f"database at {revision}")
