@@ -22,9 +22,9 @@ from service.api.schemas import (
     UploadForm,
 )
 from service.db import session_scope
-from service.embedding.transforms import ImageDecodeError
 from service.errors import ApiError
 from service.images import service as images
+from service.images.decode import ImageDecodeError
 from service.images.models import Image
 from service.queue import EMBED_IMAGE, enqueue
 

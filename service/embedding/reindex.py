@@ -28,8 +28,9 @@ from service.embedding.defaults import default_model
 from service.embedding.models import INDEX_OPS, EmbeddingModel, ImageEmbedding, hnsw_index
 from service.embedding.service import ensure_model_row, save_vectors
 from service.embedding.session import get_embedder
-from service.embedding.transforms import ImageDecodeError, batch, preprocess
+from service.embedding.transforms import batch, preprocess
 from service.errors import ApiError
+from service.images.decode import ImageDecodeError
 from service.images.models import Image
 from service.images.storage import ContentStore
 

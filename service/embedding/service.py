@@ -28,7 +28,7 @@ from sqlalchemy.schema import CreateIndex
 from service.embedding.models import EmbeddingModel, ImageEmbedding, hnsw_index, hnsw_index_name
 from service.embedding.registry import ModelInfo
 from service.embedding.session import get_embedder
-from service.embedding.transforms import ImageDecodeError
+from service.images.decode import ImageDecodeError
 from service.images.models import Image
 from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
 

@@ -59,7 +59,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
     """Untrusted bytes -> an oriented RGB image, decoded in full like the calibration run."""
-    from service.embedding.transforms import open_image, to_rgb
+    from service.images.decode import open_image, to_rgb
 
     # No JPEG draft decoding: thresholds (docs/hashing.md) were calibrated on full decodes,
     # and pHash bits near the median flip under the draft's coarser DCT scaling.

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.embedding.registry import ModelInfo
-from service.embedding.transforms import ImageDecodeError, Preprocessing, batch, preprocess
+from service.embedding.transforms import Preprocessing, batch, preprocess
 from service.errors import ApiError
 from service.features.handcrafted import (
     HSV_BINS,
@@ -38,6 +38,7 @@ from service.features.handcrafted import (
     hsv_histogram,
     phash,
 )
+from service.images.decode import ImageDecodeError
 
 if TYPE_CHECKING:
     from service.embedding.models import EmbeddingModel

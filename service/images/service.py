@@ -16,8 +16,8 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from service.embedding.transforms import ImageDecodeError, decode, open_image, to_rgb
 from service.errors import ApiError, NotFound, parse_uuid
+from service.images.decode import ImageDecodeError, decode, open_image, to_rgb
 from service.images.models import STATUSES, Image
 from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
 

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from service.embedding.service import ensure_model_row, save_vectors
 from service.embedding.session import Embedder, Embeddings
-from service.embedding.transforms import ImageDecodeError, batch, image_header, preprocess
+from service.embedding.transforms import batch, preprocess
 from service.hashing.service import encode_images
+from service.images.decode import ImageDecodeError, image_header
 from service.images.models import Image
 from service.images.service import NewImage, remove_if_unreferenced, store_images
 from service.images.storage import ContentStore

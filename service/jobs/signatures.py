@@ -11,7 +11,7 @@ import struct
 
 from PIL import Image
 
-from service.embedding.transforms import ALLOWED_FORMATS
+from service.images.decode import ALLOWED_FORMATS
 
 # What Image.open reads before choosing a plugin.
 PREFIX_BYTES = 16

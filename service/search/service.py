@@ -13,8 +13,8 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
-from service.embedding.transforms import ImageDecodeError
 from service.errors import ApiError
+from service.images.decode import ImageDecodeError
 from service.images.service import get_image
 from service.search.filters import compile_filter
 from service.search.metrics import get_metric

@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 from service.embedding import registry
 from service.embedding.models import EmbeddingModel
 from service.embedding.session import load_once
-from service.embedding.transforms import ImageDecodeError, normalise, open_image, to_rgb
+from service.embedding.transforms import normalise
 from service.errors import ApiError
+from service.images.decode import ImageDecodeError, open_image, to_rgb
 from service.images.storage import ContentStore
 from service.text.labels import class_names, softmax
 from service.text.models import ImageClasses

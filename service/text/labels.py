@@ -109,7 +109,8 @@ def backfill_labels(*, session: Session, store: ContentStore, model_dir: str | P
     (embedded before migration 0007), committed. Returns (done, unreadable ids to skip)."""
     from service.embedding.service import ensure_model_row
     from service.embedding.session import get_embedder
-    from service.embedding.transforms import ImageDecodeError, batch, preprocess
+    from service.embedding.transforms import batch, preprocess
+    from service.images.decode import ImageDecodeError
 
     embedder = get_embedder(model_dir, model_name)
     model = ensure_model_row(embedder.info, session=session)

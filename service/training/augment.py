@@ -12,13 +12,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from service.embedding.transforms import (
-    Preprocessing,
-    normalise,
-    open_image,
-    resize_and_crop,
-    to_rgb,
-)
+from service.embedding.transforms import Preprocessing, normalise, resize_and_crop
+from service.images.decode import open_image, to_rgb
 
 # Shorter side over the model's `resize`: wider shows the whole shorter side, tighter zooms in.
 SCALES = {"wide": None, "centre": 1.0, "tight": 1.25}

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.embedding.transforms import (
-    ImageDecodeError,
-    Preprocessing,
-    normalise,
-    open_image,
-    preprocess,
-    resize_and_crop,
-    to_rgb,
-)
+from service.embedding.transforms import Preprocessing, normalise, preprocess, resize_and_crop
+from service.images.decode import ImageDecodeError, open_image, to_rgb
 
 PREP = Preprocessing(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -192,7 +185,7 @@ def test_decoding_a_wide_image_costs_about_its_decoded_bytes(mode: str, tmp_path
 
 
 def test_decoded_bytes_beyond_the_limit_are_refused_before_decoding() -> None:
-    from service.embedding.transforms import decode
+    from service.images.decode import decode
 
     data, _ = hostile("RGBA", 1000)
     assert decode(data, max_pixels=10**7).image.size == (1000, 1000)
@@ -267,7 +260,7 @@ def test_jpeg_claiming_more_pixels_than_it_holds_is_refused(draft: int | None,
 
 @pytest.mark.parametrize("save", [{"optimize": True}, {"progressive": True, "optimize": True}])
 def test_large_plain_jpeg_decodes_in_draft_and_reports_its_real_size(save: dict) -> None:
-    from service.embedding.transforms import decode
+    from service.images.decode import decode
 
     # A uniform grey image is the least scan data a real JPEG of this size can have.
     data = encode(Image.new("L", (8000, 6000), 255), "JPEG", **save)
@@ -279,7 +272,7 @@ def test_large_plain_jpeg_decodes_in_draft_and_reports_its_real_size(save: dict)
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
 @pytest.mark.parametrize("orientation", [6, 8])
 def test_reported_size_is_after_exif_orientation(fmt: str, orientation: int) -> None:
-    from service.embedding.transforms import decode, image_header
+    from service.images.decode import decode, image_header
 
     exif = Image.Exif()
     exif[0x0112] = orientation

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.embedding.transforms import ImageDecodeError, Preprocessing, preprocess
+from service.embedding.transforms import Preprocessing, preprocess
+from service.images.decode import ImageDecodeError
 
 PREP = Preprocessing(size=32, resize=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

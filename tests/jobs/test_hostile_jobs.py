@@ -108,7 +108,7 @@ def test_a_hundred_thousand_empty_files_fail_at_expansion_without_workers(
 def test_the_signature_check_refuses_nothing_the_decoder_opens() -> None:
     from PIL import Image
 
-    from service.embedding.transforms import ImageDecodeError, open_image
+    from service.images.decode import ImageDecodeError, open_image
     from service.jobs.signatures import image_problem
 
     samples: dict[str, bytes] = {}
@@ -148,7 +148,7 @@ def test_the_signature_check_refuses_nothing_the_decoder_opens() -> None:
 
 
 def _opens(data: bytes) -> bool:
-    from service.embedding.transforms import ImageDecodeError, open_image
+    from service.images.decode import ImageDecodeError, open_image
 
     try:
         open_image(data, max_pixels=10**7)

@@ -20,8 +20,8 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
-from service.embedding.transforms import ImageDecodeError
 from service.errors import ApiError
+from service.images.decode import ImageDecodeError
 from service.search.types import QueryPlan, SearchHit, SearchPlan, SearchRequest, SearchResult
 from service.search.vectors import search_vectors
 
