@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from bench.harness import append_results
-from service.config import settings_from_env
+from service.config import load_settings
 from service.embedding import registry
 from service.training.backprop import StepRunner, build
 
@@ -33,7 +33,7 @@ def timings(model_name: str, batch: int) -> tuple[float, float]:
 
     from bench.oracle_finetune import torch_net
 
-    model_dir = Path(settings_from_env()["MODEL_DIR"])
+    model_dir = Path(load_settings()["MODEL_DIR"])
     info = registry.verify(model_dir, model_name)
     path = registry.model_path(model_dir, model_name) / "model.onnx"
     size = info.preprocessing.size

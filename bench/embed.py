@@ -19,7 +19,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from bench.harness import CLOTHING, append_results, clothing_labels
-from service.config import settings_from_env
+from service.config import load_settings
 from service.embedding import registry
 from service.embedding.session import get_embedder
 from service.embedding.transforms import batch, preprocess
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated; default: installed")
     parser.add_argument("--sample", type=int, default=640, help="photos for the speed runs")
     args = parser.parse_args()
-    model_dir = settings_from_env()["MODEL_DIR"]
+    model_dir = load_settings()["MODEL_DIR"]
     names = (args.models.split(",") if args.models
              else [m.name for m in registry.installed(registry.Path(model_dir))])
     rows = clothing_labels()

@@ -81,7 +81,7 @@ def clothing_embeddings(model_name: str = "efficientnet-lite0",
 def clothing_outputs(model_name: str, output: str = "vectors",
                      batch_size: int = 16) -> tuple[np.ndarray, list[dict[str, str]]]:
     """The model's `vectors` or ImageNet `logits` of every clothing photo (cached)."""
-    from service.config import settings_from_env
+    from service.config import load_settings
     from service.embedding.session import get_embedder
     from service.embedding.transforms import batch, preprocess
 
@@ -92,7 +92,7 @@ def clothing_outputs(model_name: str, output: str = "vectors",
         cached = np.load(cache)
         if len(cached) == len(rows):
             return cached, rows
-    embedder = get_embedder(settings_from_env()["MODEL_DIR"], model_name)
+    embedder = get_embedder(load_settings()["MODEL_DIR"], model_name)
     prep = embedder.info.preprocessing
     out = []
     started = time.perf_counter()

@@ -39,7 +39,7 @@ from bench.harness import (
     stop_processes,
     wait_for,
 )
-from service.config import PROJECT_ROOT, settings_from_env
+from service.config import PROJECT_ROOT, load_settings
 from service.services.ports import free_port
 
 COLLECTION = "bench-ingest"
@@ -114,7 +114,7 @@ def model_only_rate(files: list[Path], batch_size: int) -> float:
     """img/s of the service's decode+embed path over the same files, all cores, in-process."""
     from service.embedding.session import get_embedder
 
-    settings = settings_from_env()
+    settings = load_settings()
     embedder = get_embedder(settings["MODEL_DIR"], settings["DEFAULT_MODEL"])
     datas = [p.read_bytes() for p in files]
     embedder.embed_bytes(datas[:batch_size], max_pixels=64_000_000)  # warm up

@@ -70,7 +70,7 @@ def make_variant(img: Image.Image, edit: str) -> bytes:
 
 def features(n_photos: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Per method, one feature row per item; the group and the edit index (-1: original)."""
-    from service.config import settings_from_env
+    from service.config import load_settings
     from service.embedding.session import get_embedder
     from service.embedding.transforms import batch, preprocess
     from service.features.handcrafted import decode_rgb, hsv_histogram, phash
@@ -83,7 +83,7 @@ def features(n_photos: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarra
         return ({k[2:]: data[k] for k in data.files if k.startswith("f_")}, data["group"],
                 data["edit"])
     picks = np.sort(np.random.default_rng(seed).choice(len(rows), n_photos, replace=False))
-    embedder = get_embedder(settings_from_env()["MODEL_DIR"], "efficientnet-lite0")
+    embedder = get_embedder(load_settings()["MODEL_DIR"], "efficientnet-lite0")
     prep = embedder.info.preprocessing
     # The centre-region vectors of `"query_crops": true` (service/embedding/regions.py).
     zoom_prep = region_preprocessing(prep)
@@ -290,14 +290,14 @@ def crop(img: Image.Image, share: float, anchor: float) -> bytes:
 def extra_crops(n_photos: int, seed: int, feats: dict[str, np.ndarray],
                 n_originals: int) -> str:
     """Recall@1 against the originals only, plain CNN vs centre regions, for other crops."""
-    from service.config import settings_from_env
+    from service.config import load_settings
     from service.embedding.session import get_embedder
     from service.embedding.transforms import batch, preprocess
     from service.features.models import region_preprocessing
 
     rows = clothing_embeddings()[1]
     picks = np.sort(np.random.default_rng(seed).choice(len(rows), n_photos, replace=False))
-    embedder = get_embedder(settings_from_env()["MODEL_DIR"], "efficientnet-lite0")
+    embedder = get_embedder(load_settings()["MODEL_DIR"], "efficientnet-lite0")
     preps = (embedder.info.preprocessing, region_preprocessing(embedder.info.preprocessing))
 
     def unit(x: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from bench.harness import (
     clothing_embeddings,
     clothing_outputs,
 )
-from service.config import settings_from_env
+from service.config import load_settings
 from service.text.labels import class_names, class_synonyms, softmax
 from service.text.sentence import TEMPERATURE, TOP_LABELS, Bridge, bridge_weights
 from service.text.vocabulary import HEAD_BRIDGE, HeadVocabulary
@@ -198,7 +198,7 @@ def head_scores(slice_: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
     """P@10 and AP of each query (words -> the label it means) over a head's class slice."""
     from service.text.sentence import get_sentence_encoder
 
-    encoder = get_sentence_encoder(settings_from_env()["MODEL_DIR"])
+    encoder = get_sentence_encoder(load_settings()["MODEL_DIR"])
     return {words: precision_and_ap(
         slice_ @ bridge_weights(vectors @ encoder.encode([words])[0], bridge), labels == label)
         for words, label in queries.items()}
@@ -229,7 +229,7 @@ def head_section(lines: list[str], probs: np.ndarray, rows: list[dict[str, str]]
     from service.text.sentence import get_sentence_encoder
     from service.training.service import _side
 
-    encoder = get_sentence_encoder(settings_from_env()["MODEL_DIR"])
+    encoder = get_sentence_encoder(load_settings()["MODEL_DIR"])
     labels = np.array([r["label"] for r in rows])
     senders = [r["sender_id"] for r in rows]
     test = np.array([_side(s) for s in senders])
@@ -340,7 +340,7 @@ def main() -> None:
     logits, rows = clothing_logits()
     probs = softmax(logits).astype(np.float16).astype(np.float32)  # as stored in halfvec
     labels = np.array([r["label"] for r in rows])
-    encoder = get_sentence_encoder(settings_from_env()["MODEL_DIR"])
+    encoder = get_sentence_encoder(load_settings()["MODEL_DIR"])
     assert encoder.labels is not None
     queries = sorted(set(labels.tolist()))
     sims = {q: encoder.labels @ encoder.encode([q.lower()])[0] for q in queries}

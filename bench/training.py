@@ -57,11 +57,11 @@ def cached(name: str, rows: list[dict[str, str]], compute: Callable[[], np.ndarr
 def clothing_views(model_name: str, rows: list[dict[str, str]]) -> np.ndarray:
     """Backbone features of every photo's augmentation views (cached, half precision as the
     stored vectors)."""
-    from service.config import settings_from_env
+    from service.config import load_settings
     from service.embedding.session import get_embedder
 
     def compute() -> np.ndarray:
-        embedder = get_embedder(settings_from_env()["MODEL_DIR"], model_name)
+        embedder = get_embedder(load_settings()["MODEL_DIR"], model_name)
         return embed_views(((CLOTHING / r["file"]).read_bytes() for r in rows),
                            lambda b: embedder.run(b).vectors, embedder.info.preprocessing,
                            max_pixels=10**8).astype(np.float16)
@@ -76,12 +76,12 @@ def clothing_maps(model_name: str, rows: list[dict[str, str]], depth: str,
     sees that model's input, resized inside its graph (as in a joined model)."""
     import onnx
 
-    from service.config import settings_from_env
+    from service.config import load_settings
     from service.embedding import registry
     from service.training.joined import resized_input
     from service.training.maps import MapRunner, centre_maps
 
-    model_dir = Path(settings_from_env()["MODEL_DIR"])
+    model_dir = Path(load_settings()["MODEL_DIR"])
     info = registry.verify(model_dir, model_name)
     prep = registry.verify(model_dir, at).preprocessing if at else info.preprocessing
     backbone = resized_input(onnx.load_model(registry.model_path(model_dir, model_name) /

@@ -16,10 +16,7 @@ from service.queue import celery_init_app
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app: settings, database, broker, blueprints, error handlers, OpenAPI."""
     app = Flask(__name__)
-    app.config.from_mapping(load_settings())
-    app.config.from_prefixed_env("LOOKALIKE")
-    if config:
-        app.config.update(config)
+    app.config.from_mapping(load_settings(config))
     # Werkzeug refuses larger bodies with 413 before reading them.
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_BYTES"])
     app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024

@@ -1,113 +1,180 @@
-"""Settings: defaults, then the environment, then explicit overrides."""
+"""One typed settings object: defaults, then the embedded services' URLs, then the environment.
+
+Every setting is read from `LOOKALIKE_<NAME>` (JSON for lists, as for any complex value);
+DATABASE_URL and REDIS_URL are also read without the prefix, as deployments conventionally set
+them. docs/settings.md is generated from this class (`python -m service.config`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("LOOKALIKE_VAR_DIR", PROJECT_ROOT / "var"))
 SERVICES_STATE_FILE = "services.json"
-
-DEFAULTS: dict[str, Any] = {
-    "DATABASE_URL": None,
-    "REDIS_URL": None,
-    "STORAGE_DIR": str(VAR_DIR / "storage"),
-    "MODEL_DIR": str(VAR_DIR / "models"),
-    "DEFAULT_MODEL": "efficientnet-lite0",
-    # Uploads above this are refused with 413 before the body is read.
-    "MAX_UPLOAD_BYTES": 50 * 1024 * 1024,
-    # Decompression-bomb guard: a tiny file may claim billions of pixels.
-    "MAX_IMAGE_PIXELS": 64_000_000,
-    # Memory one decode may allocate (pixels x Pillow's bytes per pixel: 4 for RGB(A), CMYK,
-    # float; 2 for 16-bit grey), and decodes one process runs at once (API threads wait).
-    "MAX_DECODED_BYTES": 256 * 1024 * 1024,
-    "MAX_CONCURRENT_DECODES": 2,
-    "MAX_METADATA_BYTES": 64 * 1024,
-    "SEARCH_MAX_K": 1000,
-    # Link each new image into the kNN graph as it is embedded (off: rebuild the graph later).
-    "GRAPH_LINK_ON_EMBED": True,
-    # After a job, collections up to this size get one exact graph rebuild (quadratic);
-    # larger ones link the job's images one by one.
-    "GRAPH_REBUILD_MAX_IMAGES": 50_000,
-    # Filters estimated to match fewer rows than this are ranked exactly (docs/search.md).
-    "SEARCH_EXACT_MAX_ROWS": 3000,
-    "EMBED_BATCH_SIZE": 16,
-    "ORT_INTRA_OP_THREADS": 0,
-    # Issue 5, bulk ingestion (docs/ingestion.md). Server directories jobs may read; empty
-    # refuses every server path.
-    "INGEST_ROOTS": [],
-    "JOB_BATCH_SIZE": 32,
-    # Batch messages in flight per job; each finished batch enqueues the next.
-    "JOB_PARALLELISM": 8,
-    # Items running (or a job without progress) this long are re-enqueued by the sweeper.
-    "JOB_ITEM_TIMEOUT": 600,
-    "JOB_SWEEP_INTERVAL": 30,
-    # Claims of one item before it fails (a file that kills the worker must not loop forever).
-    "JOB_MAX_ATTEMPTS": 3,
-    "MAX_ARCHIVE_BYTES": 4 * 1024**3,
-    # Zip-bomb guards: entries, total uncompressed bytes, uncompressed/compressed ratio.
-    "ARCHIVE_MAX_ENTRIES": 1_000_000,
-    "ARCHIVE_MAX_TOTAL_BYTES": 20 * 1024**3,
-    "ARCHIVE_MAX_RATIO": 100,
-    # A JSON manifest is parsed in the request: its body and its item count are capped.
-    "MANIFEST_MAX_BYTES": 64 * 1024 * 1024,
-    "MANIFEST_MAX_ITEMS": 100_000,
-    # Issue 9 (docs/security.md). "auto": API keys are required unless the API listens on a
-    # loopback address; `lookalike run` passes its --host as BIND_HOST.
-    "AUTH_REQUIRED": "auto",
-    "BIND_HOST": None,
-    # Per API key (per client address when the API runs open), counted in Redis.
-    "RATE_LIMIT_ENABLED": True,
-    "RATE_LIMIT_DEFAULT": "600/minute",
-    "RATE_LIMIT_UPLOAD": "120/minute",
-    # Signs cursors; empty: a key generated at first start and kept in the database.
-    "SECRET_KEY": "",
-    # Host names served besides loopback ones ("photos.lan", ".example.org" for a domain and
-    # its subdomains); without keys, other Hosts are refused (DNS rebinding).
-    "ALLOWED_HOSTS": [],
-    # Proxies in front whose X-Forwarded-For/-Proto to believe (`lookalike run` sets 1 when
-    # its nginx is the only way in); 0 when clients reach gunicorn directly.
-    "TRUSTED_PROXIES": 0,
-}
-
-# Plain names that deployments conventionally set without a prefix.
-UNPREFIXED = ("DATABASE_URL", "REDIS_URL")
+PREFIX = "LOOKALIKE_"
+MiB = 1024 * 1024
+# A list given as JSON or as comma-separated words ("photos.lan, .example.org").
+Words = Annotated[list[str], NoDecode]
 
 
-def embedded_service_urls(var_dir: Path = VAR_DIR) -> dict[str, str]:
-    """URLs of the embedded services that `lookalike services start` recorded, if any."""
-    state = var_dir / SERVICES_STATE_FILE
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in data.items() if k in UNPREFIXED and isinstance(v, str)}
+def _plain(name: str) -> Any:
+    return Field(default=None, validation_alias=AliasChoices(PREFIX + name, name),
+                 description=f"{name} (also read without the prefix); unset: the embedded "
+                             "service that `lookalike services start` runs under ./var")
+
+
+class EmbeddedServices(PydanticBaseSettingsSource):
+    """The URLs that `lookalike services start` recorded, below the environment."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: `__call__` reads the whole state file at once."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            data = json.loads((VAR_DIR / SERVICES_STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in data.items()
+                if k in ("DATABASE_URL", "REDIS_URL") and isinstance(v, str)}
+
+
+class Settings(BaseSettings):
+    """Every setting of the API, the workers and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True)
+
+    DATABASE_URL: str | None = _plain("DATABASE_URL")
+    REDIS_URL: str | None = _plain("REDIS_URL")
+    STORAGE_DIR: str = Field(str(VAR_DIR / "storage"),
+                             description="Originals, thumbnails and job files")
+    MODEL_DIR: str = Field(str(VAR_DIR / "models"), description="Installed ONNX models")
+    DEFAULT_MODEL: str = Field("efficientnet-lite0", description="Model of a fresh database "
+                               "(`lookalike models default` switches it for every process)")
+    SECRET_KEY: str = Field("", description="Signs cursors; empty: a key generated at first "
+                            "start and kept in the database")
+    MAX_UPLOAD_BYTES: int = Field(50 * MiB, ge=1, description="Bodies above this are refused "
+                                  "with 413 before they are read")
+    MAX_IMAGE_PIXELS: int = Field(64_000_000, ge=1, description="Decompression-bomb guard: "
+                                  "a tiny file may claim billions of pixels")
+    MAX_DECODED_BYTES: int = Field(256 * MiB, ge=1, description="Memory one decode may "
+                                   "allocate (pixels x Pillow's bytes per pixel)")
+    MAX_CONCURRENT_DECODES: int = Field(2, ge=1, description="Decodes one process runs at "
+                                        "once; other threads wait")
+    MAX_METADATA_BYTES: int = Field(64 * 1024, ge=1, description="Size of one image's "
+                                    "metadata JSON")
+    SEARCH_MAX_K: int = Field(1000, ge=1, description="Largest k a search may ask for")
+    SEARCH_EXACT_MAX_ROWS: int = Field(3000, ge=0, description="Filters estimated to match "
+                                       "fewer rows are ranked exactly (docs/search.md)")
+    GRAPH_LINK_ON_EMBED: bool = Field(True, description="Link each new image into the kNN "
+                                      "graph as it is embedded (off: rebuild the graph later)")
+    GRAPH_REBUILD_MAX_IMAGES: int = Field(50_000, ge=0, description="After a job, collections "
+                                          "up to this size get one exact graph rebuild "
+                                          "(quadratic); larger ones link the job's images")
+    ORT_INTRA_OP_THREADS: int = Field(0, ge=0, description="ONNX Runtime threads per process "
+                                      "(0: one per core)")
+    INGEST_ROOTS: Words = Field(default_factory=list, description="Server directories "
+                                    "jobs may read; empty refuses every server path")
+    JOB_BATCH_SIZE: int = Field(32, ge=1, description="Items one batch task claims")
+    JOB_PARALLELISM: int = Field(8, ge=1, description="Batch messages in flight per job; "
+                                 "each finished batch enqueues the next")
+    JOB_ITEM_TIMEOUT: float = Field(600, gt=0, description="Seconds after which running "
+                                    "items, a stalled job or a pending upload are recovered "
+                                    "by the sweeper")
+    JOB_SWEEP_INTERVAL: float = Field(30, gt=0, description="Seconds between sweeps (beat)")
+    JOB_MAX_ATTEMPTS: int = Field(3, ge=1, description="Claims of one item, or starts of an "
+                                  "expansion, before it fails")
+    MAX_ARCHIVE_BYTES: int = Field(4 * 1024 * MiB, ge=1, description="Size of an archive "
+                                   "uploaded to /api/v1/jobs")
+    ARCHIVE_MAX_ENTRIES: int = Field(1_000_000, ge=1, description="Entries of one archive")
+    ARCHIVE_MAX_TOTAL_BYTES: int = Field(20 * 1024 * MiB, ge=1, description="Uncompressed "
+                                         "bytes of one archive")
+    ARCHIVE_MAX_RATIO: float = Field(100, gt=0, description="Uncompressed / compressed size "
+                                     "(zip bombs)")
+    MANIFEST_MAX_BYTES: int = Field(64 * MiB, ge=1, description="A JSON manifest is parsed "
+                                    "in the request: its body is capped")
+    MANIFEST_MAX_ITEMS: int = Field(100_000, ge=1, description="Items of one manifest")
+    AUTH_REQUIRED: bool | Literal["auto"] = Field("auto", description="API keys; auto: "
+                                                  "required unless the API listens on "
+                                                  "loopback (docs/security.md)")
+    BIND_HOST: str | None = Field(None, description="The address the API listens on "
+                                  "(`lookalike run` sets its --host)")
+    ALLOWED_HOSTS: Words = Field(default_factory=list, description="Host names served "
+                                     "besides loopback ones without keys ('.example.org': a "
+                                     "domain and its subdomains)")
+    TRUSTED_PROXIES: int = Field(0, ge=0, description="Proxies in front whose "
+                                 "X-Forwarded-For/-Proto to believe (`lookalike run` sets 1 "
+                                 "behind its nginx)")
+    RATE_LIMIT_ENABLED: bool = Field(True, description="Per-key (per address when open) "
+                                     "request limits, counted in Redis")
+    RATE_LIMIT_DEFAULT: str = Field("600/minute", description="Limit over all routes")
+    RATE_LIMIT_UPLOAD: str = Field("120/minute", description="Limit over uploads and jobs")
+    CELERY: dict[str, Any] = Field(default_factory=dict, description="Extra Celery settings "
+                                   "(JSON), e.g. another default queue")
+
+    @field_validator("INGEST_ROOTS", "ALLOWED_HOSTS", mode="before")
+    @classmethod
+    def _words(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [
+                w.strip() for w in text.split(",") if w.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides, then the environment, then the embedded services' URLs, then defaults."""
+        return init_settings, env_settings, EmbeddedServices(settings_cls)
+
+
+DEFAULTS: dict[str, Any] = Settings.model_construct().model_dump()
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge defaults, embedded-service URLs, plain DATABASE_URL/REDIS_URL and overrides."""
-    settings = dict(DEFAULTS)
-    settings.update(embedded_service_urls())
-    for name in UNPREFIXED:
-        if os.environ.get(name):
-            settings[name] = os.environ[name]
-    if overrides:
-        settings.update(overrides)
-    return settings
+    """The settings as a plain mapping (Flask's config, the CLI), validated and typed.
+
+    Keys of `overrides` that are not settings (Flask's own, such as TESTING) pass through.
+    """
+    overrides = overrides or {}
+    known = {k: v for k, v in overrides.items() if k in Settings.model_fields}
+    values = Settings(**known).model_dump()
+    values.update({k: v for k, v in overrides.items() if k not in Settings.model_fields})
+    return values
 
 
-def settings_from_env(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`load_settings` plus LOOKALIKE_* variables, as the app reads them (for the CLI)."""
-    settings = load_settings()
-    prefix = "LOOKALIKE_"
-    for key, value in os.environ.items():
-        if key.startswith(prefix):
-            try:
-                settings[key[len(prefix):]] = json.loads(value)
-            except ValueError:
-                settings[key[len(prefix):]] = value
-    settings.update(overrides or {})
-    return settings
+def settings_table() -> str:
+    """The Markdown table of every setting, for docs/settings.md."""
+    rows = ["| setting | type | default | what it does |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, str) and default.startswith(str(VAR_DIR)):
+            default = "./var" + default[len(str(VAR_DIR)):]
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        kind = kind.replace("typing.", "").replace("|", "or")
+        if field.metadata and NoDecode in field.metadata:
+            kind = "list of words (JSON or comma-separated)"
+        rows.append(f"| `{PREFIX}{name}` | {kind} | `{json.dumps(default)}` "
+                    f"| {field.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_table())

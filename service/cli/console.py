@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from service.config import VAR_DIR, settings_from_env
+from service.config import VAR_DIR, load_settings
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -27,7 +27,7 @@ def stack() -> ServiceStack:
 
 def model_dir() -> Path:
     """MODEL_DIR from the settings."""
-    return Path(settings_from_env()["MODEL_DIR"])
+    return Path(load_settings()["MODEL_DIR"])
 
 
 @contextmanager
@@ -62,7 +62,7 @@ def database_session(url: str | None = None) -> Session:
 
     from service.db import make_engine
 
-    url = url or settings_from_env().get("DATABASE_URL")
+    url = url or load_settings().get("DATABASE_URL")
     if not url:
         raise click.ClickException("DATABASE_URL is not set and no embedded services are "
                                    "running: run `lookalike services start` first")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from service.config import settings_from_env
+from service.config import load_settings
 
 
 @click.group()
@@ -18,5 +18,5 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
     from service.migrate import upgrade
 
-    upgrade(settings_from_env().get("DATABASE_URL"), revision)
+    upgrade(load_settings().get("DATABASE_URL"), revision)
     click.echo(f"database at {revision}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from service.cli.console import database_session, stack
-from service.config import VAR_DIR, settings_from_env
+from service.config import VAR_DIR, load_settings
 
 
 @click.command("run")
@@ -90,7 +90,7 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
     from service.embedding import registry
     from service.migrate import upgrade
 
-    settings = settings_from_env({k: env[k] for k in ("DATABASE_URL", "REDIS_URL")})
+    settings = load_settings({k: env[k] for k in ("DATABASE_URL", "REDIS_URL")})
     model_dir = Path(settings["MODEL_DIR"])
     try:
         registry.verify(model_dir, settings["DEFAULT_MODEL"])
