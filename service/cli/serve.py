@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import click
 
 from service.cli.console import database_session, stack
 from service.config import VAR_DIR, load_settings
+from service.services.supervisor import Child, supervise_once
 
 
 @click.command("run")
@@ -110,17 +110,18 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
         bind = proxy.gunicorn_bind()
         env["LOOKALIKE_TRUSTED_PROXIES"] = "1"  # only nginx reaches the socket
     bin_dir = Path(sys.executable).parent
-    procs = [
-        subprocess.Popen([str(bin_dir / "gunicorn"), "service.wsgi:app", *bind,
-                          "-w", str(api_workers), "--threads", "4", "--timeout", "120"], env=env),
-        subprocess.Popen([str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app",
-                          "worker", "-c", str(concurrency), "-Q", "lookalike",
-                          "--loglevel", "INFO"], env=env),
+    celery = [str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app"]
+    children = [
+        Child("gunicorn", [str(bin_dir / "gunicorn"), "service.wsgi:app", *bind, "-w",
+                           str(api_workers), "--threads", "4", "--timeout", "120"], env),
+        Child("worker", [*celery, "worker", "-c", str(concurrency), "-Q", "lookalike",
+                         "--loglevel", "INFO"], env),
         # Beat sends the job sweeper (recovers work lost with a worker or Redis).
-        subprocess.Popen([str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app",
-                          "beat", "-s", str(VAR_DIR / "celerybeat-schedule"),
-                          "--loglevel", "INFO"], env=env),
+        Child("beat", [*celery, "beat", "-s", str(VAR_DIR / "celerybeat-schedule"),
+                       "--loglevel", "INFO"], env),
     ]
+    for child in children:
+        child.start()
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -129,29 +130,31 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    failed = False
     try:
         if proxy is not None:
             from service.services.proxy import wait_for_socket
 
-            wait_for_socket(proxy.socket_path, lambda: procs[0].poll() is None)
+            api = children[0]
+            wait_for_socket(proxy.socket_path, lambda: api.exit_code() is None)
             proxy.start()
         where = "nginx in front of gunicorn" if proxy else "gunicorn directly"
         click.echo(f"serving on http://{host}:{port} ({where}; Ctrl-C stops everything)")
-        while (not stopping and all(p.poll() is None for p in procs)
-               and (proxy is None or proxy.running())):
+        while not stopping:
+            # A dead worker must not take the API down with it: restart what died.
+            for event in supervise_once(children):
+                click.echo(f"warning: {event}", err=True)
+            if proxy is not None and not proxy.running():
+                click.echo("warning: nginx exited; restarting it", err=True)
+                proxy.start()
             time.sleep(0.5)
     except (RuntimeError, TimeoutError) as exc:
         click.echo(f"error: {exc}", err=True)
+        failed = True
     finally:
         if proxy is not None:
             proxy.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    if not stopping:
+        for child in children:
+            child.stop()
+    if failed:
         sys.exit(1)

@@ -255,8 +255,12 @@ def delete_image(image_id: str | uuid.UUID, *, session: Session, store: ContentS
 
 def replace_metadata(image_id: str | uuid.UUID, metadata: Any, *, session: Session,
                      max_bytes: int) -> Image:
-    """Replace an image's metadata object."""
-    image = get_image(image_id, session=session)
+    """Replace an image's metadata object; a concurrent delete makes it a 404, never a 500."""
+    # Locked, so that a delete either waits for this update or has already removed the row.
+    image = session.scalar(select(Image).where(Image.id == parse_uuid(image_id, what="image"))
+                           .with_for_update().execution_options(populate_existing=True))
+    if image is None:
+        raise NotFound("not_found", f"no image {image_id}")
     image.meta = validate_metadata(metadata, max_bytes=max_bytes)
     session.commit()
     return image
@@ -301,17 +305,22 @@ def thumbnail(image: Image, *, session: Session, store: ContentStore, max_pixels
     img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), PILImage.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85, optimize=True)
-    store.put_thumbnail(image.sha256, out.getvalue())
+    # Cached only while a row still holds the content: a delete that ran meanwhile must not
+    # leave a derived file behind. The content lock orders this against the remover.
+    lock_content([image.sha256], session=session)
+    if session.scalar(select(Image.id).where(Image.sha256 == image.sha256).limit(1),
+                      execution_options={"all_collections": True}) is not None:
+        store.put_thumbnail(image.sha256, out.getvalue())
+    session.commit()
     return out.getvalue()
 
 
 def mark_failed(image_id: uuid.UUID, reason: str, *, session: Session) -> None:
     """Record a permanent failure with a readable reason."""
-    image = session.get(Image, image_id)
-    if image is not None:
-        image.status = "failed"
-        image.error = reason[:2000]
-        session.commit()
+    # One statement: a row deleted meanwhile is simply not updated.
+    session.execute(update(Image).where(Image.id == image_id)
+                    .values(status="failed", error=reason[:2000]))
+    session.commit()
 
 
 def claim_stale_pending(*, session: Session, older_than_s: float, limit: int = 1000

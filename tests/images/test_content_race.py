@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import uuid
@@ -9,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import requests
 from flask import Flask
 from PIL import Image as PILImage
 
 from service.db import session_scope
+from service.errors import NotFound
 from service.images import service as images
+from service.images.models import Image
 from service.images.storage import ContentStore
 
 TRIES = 40
@@ -134,3 +138,58 @@ def test_a_row_whose_original_is_gone_is_failed_not_a_lasting_503(
     after = client.get(f"/api/v1/images/{body['id']}").get_json()
     assert after["status"] == "failed"
     assert "missing" in after["error"]
+
+
+def _stored(app: Flask, settings: dict[str, Any], collection: str) -> Image:
+    with app.app_context(), session_scope() as session:
+        return images.store_image(random_png(uuid.uuid4().int % 2**32), session=session,
+                                  store=_store(settings), collection=collection, metadata={},
+                                  filename="x.png", max_pixels=10**7).image
+
+
+def _delete_meanwhile(app: Flask, settings: dict[str, Any], image_id: uuid.UUID) -> None:
+    """Delete the image from another session while the caller is between read and write."""
+    def delete() -> None:
+        with app.app_context(), session_scope() as session, contextlib.suppress(NotFound):
+            images.delete_image(image_id, session=session, store=_store(settings))
+
+    worker = threading.Thread(target=delete)
+    worker.start()
+    worker.join(1.5)  # done at once unless the caller's lock holds it back
+
+
+def test_a_patch_racing_a_delete_is_a_404_or_a_200(app: Flask, settings: dict[str, Any],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _stored(app, settings, f"patch-{uuid.uuid4().hex[:6]}")
+    real = images.validate_metadata
+
+    def validate_while_deleted(meta: Any, *, max_bytes: int) -> dict[str, Any]:
+        _delete_meanwhile(app, settings, image.id)
+        return real(meta, max_bytes=max_bytes)
+
+    monkeypatch.setattr(images, "validate_metadata", validate_while_deleted)
+    with app.app_context(), session_scope() as session:
+        try:
+            patched = images.replace_metadata(image.id, {"a": 1}, session=session,
+                                              max_bytes=65536)
+            assert patched.meta == {"a": 1}
+        except NotFound:
+            pass
+
+
+def test_a_thumbnail_made_while_its_image_is_deleted_is_not_left_behind(
+        app: Flask, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(settings)
+    image = _stored(app, settings, f"thumb-{uuid.uuid4().hex[:6]}")
+    real = images.to_rgb
+
+    def convert_while_deleted(img: PILImage.Image) -> PILImage.Image:
+        _delete_meanwhile(app, settings, image.id)
+        return real(img)
+
+    monkeypatch.setattr(images, "to_rgb", convert_while_deleted)
+    with app.app_context(), session_scope() as session:
+        data = images.thumbnail(image, session=session, store=store, max_pixels=10**7)
+    assert data[:2] == b"\xff\xd8"
+    assert not store.exists(image.sha256)
+    assert not store.thumbnail_path(image.sha256).exists(), "a deleted image left a thumbnail"
