@@ -21,9 +21,22 @@ class Preprocessing:
     std: tuple[float, float, float]
 
 
+# Longer side over shorter side beyond which the long side is cut before resizing (the final
+# square keeps only the centre anyway).
+MAX_ASPECT = 4
+
+
 def resize_and_crop(img: Image.Image, *, resize: int, size: int) -> Image.Image:
     """Resize so the shorter side is `resize`, then take the central `size` square."""
     width, height = img.size
+    short = min(width, height)
+    if max(width, height) > MAX_ASPECT * short:
+        # Only the centre survives the crop: resizing all of a 1 x 65,535 strip would make it
+        # 256 x 16.8 M pixels (13 GB). Cut the long side first, far outside the final square.
+        keep = MAX_ASPECT * short
+        left, top = (width - min(width, keep)) // 2, (height - min(height, keep)) // 2
+        img = img.crop((left, top, left + min(width, keep), top + min(height, keep)))
+        width, height = img.size
     scale = resize / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from service.config import PROJECT_ROOT
 from service.embedding.transforms import Preprocessing, normalise, preprocess, resize_and_crop
 from service.images.decode import ImageDecodeError, open_image, to_rgb
 
@@ -297,3 +300,28 @@ def test_multipage_tiff_decodes_its_first_page_only() -> None:
     pages[0].save(out, "TIFF", save_all=True, append_images=pages[1:])
     img = to_rgb(open_image(out.getvalue(), max_pixels=1000))
     assert img.size == (20, 20) and np.asarray(img)[10, 10][0] == 255
+
+
+@pytest.mark.parametrize("size", [(1, 65535), (65535, 1), (3, 40000)])
+def test_a_thin_strip_is_resized_within_bounded_memory(size: tuple[int, int]) -> None:
+    """A few hundred bytes of PNG must not become gigabytes once its short side is resized."""
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from PIL import Image\n"
+        "from service.embedding.transforms import resize_and_crop\n"
+        f"out = resize_and_crop(Image.new('RGB', {size!r}), resize=256, size=224)\n"
+        "assert out.size == (224, 224), out.size\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_ordinary_aspect_ratios_resize_as_before() -> None:
+    """Up to MAX_ASPECT the strip cut does not apply: the result is the plain resize and crop."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (300, 1200, 3), dtype=np.uint8))
+    plain = img.resize((1024, 256), Image.Resampling.BILINEAR, reducing_gap=None)
+    expected = plain.crop((400, 16, 624, 240))
+    assert np.array_equal(np.asarray(resize_and_crop(img, resize=256, size=224)),
+                          np.asarray(expected))
