@@ -51,19 +51,32 @@ def parse_metadata(data: bytes, filename: str | None) -> dict[str, dict[str, Any
     return _parse_jsonl(text) if is_jsonl else _parse_csv(text)
 
 
+def _cell(key: str, value: str) -> Any:
+    # A cell holds one string, and tags are a list of words: "red; summer" or "red, summer".
+    if key == "tags":
+        return [t.strip() for t in re.split(r"[;,]", value) if t.strip()]
+    return typed_value(value)
+
+
 def _parse_csv(text: str) -> dict[str, dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "file" not in reader.fieldnames:
-        raise ApiError("invalid_metadata", "metadata.csv needs a header with a 'file' column")
     out: dict[str, dict[str, Any]] = {}
-    for line, row in enumerate(reader, start=2):
-        if None in row:
-            raise ApiError("invalid_metadata", f"metadata.csv line {line} has extra cells")
-        key = normalise_key(row.pop("file") or "")
-        if not key:
-            raise ApiError("invalid_metadata", f"metadata.csv line {line} has no file")
-        # Empty cells are absent values, not empty strings.
-        out[key] = {k: typed_value(v) for k, v in row.items() if k and v is not None and v != ""}
+    line = 1
+    try:
+        if not reader.fieldnames or "file" not in reader.fieldnames:
+            raise ApiError("invalid_metadata", "metadata.csv needs a header with a 'file' column")
+        for line, row in enumerate(reader, start=2):
+            if None in row:
+                raise ApiError("invalid_metadata", f"metadata.csv line {line} has extra cells")
+            key = normalise_key(row.pop("file") or "")
+            if not key:
+                raise ApiError("invalid_metadata", f"metadata.csv line {line} has no file")
+            if key in out:
+                raise ApiError("invalid_metadata", f"metadata.csv line {line} repeats {key!r}")
+            # Empty cells are absent values, not empty strings.
+            out[key] = {k: _cell(k, v) for k, v in row.items() if k and v is not None and v != ""}
+    except csv.Error as exc:  # a cell over the csv module's field limit, a stray NUL, …
+        raise ApiError("invalid_metadata", f"metadata.csv line {line + 1}: {exc}") from exc
     return out
 
 
@@ -76,12 +89,17 @@ def _parse_jsonl(text: str) -> dict[str, dict[str, Any]]:
             row = json.loads(raw)
         except ValueError as exc:
             raise ApiError("invalid_metadata", f"metadata.jsonl line {line}: {exc}") from exc
+        except RecursionError as exc:
+            raise ApiError("invalid_metadata",
+                           f"metadata.jsonl line {line} is nested too deeply") from exc
         if not isinstance(row, dict) or not isinstance(row.get("file"), str):
             raise ApiError("invalid_metadata",
                            f"metadata.jsonl line {line} must be an object with a 'file' string")
         key = normalise_key(row.pop("file"))
         if not key:
             raise ApiError("invalid_metadata", f"metadata.jsonl line {line} has no file")
+        if key in out:
+            raise ApiError("invalid_metadata", f"metadata.jsonl line {line} repeats {key!r}")
         out[key] = row
     return out
 
