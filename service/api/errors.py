@@ -15,6 +15,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from service.errors import ApiError
 
 log = logging.getLogger(__name__)
+# Messages may quote what the client sent (an id, a value): an error never echoes more.
+MAX_MESSAGE = 500
 
 
 class ApiJSONProvider(DefaultJSONProvider):
@@ -31,7 +33,9 @@ class ApiJSONProvider(DefaultJSONProvider):
 
 
 def error_response(code: str, message: str, status: int) -> ResponseReturnValue:
-    """The JSON error body with its status."""
+    """The JSON error body with its status; a message quoting the request is cut short."""
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + "…"
     return jsonify({"error": {"code": code, "message": message}}), status
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -97,7 +98,9 @@ def clean_filename(name: str | None) -> str | None:
     if not name:
         return None
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(c for c in base if ord(c) >= 32 and c != "\x7f")[:255]
+    # Control and format characters: C0/C1 controls, and invisible ones such as U+202E that
+    # reverse how the rest of a name is shown ("photo\u202egpj.exe").
+    base = "".join(c for c in base if unicodedata.category(c) not in ("Cc", "Cf"))[:255]
     return base or None
 
 

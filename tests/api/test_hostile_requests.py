@@ -112,3 +112,19 @@ def test_patch_with_a_body_that_is_not_json(client: FlaskClient, grid) -> None: 
     assert plain.get_json()["error"]["code"] == "unsupported_media_type"
     assert client.patch(f"/api/v1/images/{ids[0]}", json={"metadata": {"a": 1}}).status_code \
         == 200
+
+
+def test_an_error_never_echoes_a_long_id(client: FlaskClient) -> None:
+    for route in ("/api/v1/images/", "/api/v1/evaluations/", "/api/v1/jobs/"):
+        resp = client.get(route + "x" * 5000)
+        assert resp.status_code == 404
+        assert len(resp.get_data()) < 1000, route
+
+
+def test_invisible_format_characters_leave_the_file_name(client: FlaskClient) -> None:
+    data = random_png(uuid.uuid4().int % 2**32)
+    resp = client.post("/api/v1/images", data={
+        "file": (io.BytesIO(data), "cat\u202egnp.exe\u200b"),
+        "collection": f"names-{uuid.uuid4().hex[:6]}"}, content_type="multipart/form-data")
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["filename"] == "catgnp.exe"
