@@ -7,11 +7,11 @@ from sqlalchemy import MetaData
 import service.auth.models  # noqa: F401  (each import registers its tables on Base.metadata)
 import service.embedding.defaults  # noqa: F401
 import service.embedding.models  # noqa: F401
-import service.embedding.reindex  # noqa: F401
 import service.evaluation.models  # noqa: F401
 import service.graph.models  # noqa: F401
 import service.hashing.models  # noqa: F401
 import service.images.models  # noqa: F401
+import service.indexing.reindex  # noqa: F401
 import service.jobs.models  # noqa: F401
 import service.signing  # noqa: F401
 import service.text.models  # noqa: F401

@@ -8,15 +8,13 @@ from typing import Any
 
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session
 
 from service.db import session_scope
-from service.embedding import service as embedding
 from service.embedding.defaults import default_model
 from service.images import service as images
+from service.indexing import service as indexing
 from service.jobs.service import EXPAND_JOB, INGEST_BATCH
 
 log = logging.getLogger(__name__)
@@ -48,32 +46,18 @@ def embed_image(self: object, image_id: str) -> str:
     image_uuid = uuid.UUID(image_id)
     with session_scope() as session:
         try:
-            status = embedding.embed_image(
+            # Vectors, labels, derived vectors, codes and graph edges: one commit.
+            return indexing.embed_image(
                 image_uuid, session=session, store=current_app.extensions["content_store"],
                 model_dir=config["MODEL_DIR"], model_name=default_model(session=session),
                 max_pixels=int(config["MAX_IMAGE_PIXELS"]),
+                link=bool(config["GRAPH_LINK_ON_EMBED"]),
             )
-            if status == "ready":  # Issue 6: binary codes (and graph edges) of the new image.
-                index_new_image(image_uuid, session=session)
-            return status
-        except embedding.PermanentEmbedError as exc:
+        except indexing.PermanentEmbedError as exc:
             session.rollback()
             images.mark_failed(image_uuid, str(exc), session=session)
             log.warning("image %s failed: %s", image_id, exc)
             return "failed"
-
-
-# --- Issue 6: hashing and graph -------------------------------------------------------------
-
-
-def index_new_image(image_id: uuid.UUID, *, session: Session, link: bool = True) -> None:
-    """Encode a freshly embedded image under its code sets and link it into the kNN graph."""
-    from service.graph.service import link_image
-    from service.hashing.service import encode_image
-
-    encode_image(image_id, session=session)
-    if link and current_app.config["GRAPH_LINK_ON_EMBED"]:
-        link_image(image_id, session=session)
 
 
 @shared_task(name="lookalike.fit_codes", bind=True, acks_late=True,
@@ -115,7 +99,7 @@ def run_evaluation(self: object, run_id: str) -> str:
              autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
 def reindex(self: object, run_id: str) -> str:
     """Embed a slice of a reindex run's missing images, then queue the next slice."""
-    from service.embedding.reindex import reindex_step
+    from service.indexing.reindex import reindex_step
     from service.queue import enqueue
 
     config = current_app.config
@@ -160,8 +144,11 @@ def ingest_batch(self: Any, job_id: str, token: str) -> dict[str, object]:
             # Binary codes of the new images were written with them. Graph edges are not
             # linked one by one here: that halved ingestion throughput (docs/benchmarks.md);
             # the collection's graph is rebuilt in one pass after the job.
-            if result.finished == "done" and config["GRAPH_LINK_ON_EMBED"]:
-                _graph_after_job(uuid.UUID(job_id), model_name, session=session)
+            if (result.finished == "done" and result.collection is not None
+                    and config["GRAPH_LINK_ON_EMBED"]):
+                indexing.graph_after_job(
+                    uuid.UUID(job_id), result.collection, model_name, session=session,
+                    rebuild_max_images=int(config["GRAPH_REBUILD_MAX_IMAGES"]))
     except TRANSIENT:
         raise
     except Exception as exc:
@@ -228,43 +215,16 @@ def expand_job(self: Any, job_id: str) -> dict[str, object]:
     return {"status": outcome.status, "pending": outcome.pending}
 
 
-def _graph_after_job(job_id: uuid.UUID, model_name: str, *, session: Session) -> None:
-    """Bring a finished job's images into the kNN graph in the cheaper of two ways."""
-    from sqlalchemy import func
-
-    from service.images.models import Image
-    from service.jobs.models import IngestJob
-    from service.queue import enqueue
-
-    collection = session.scalar(select(IngestJob.collection).where(IngestJob.id == job_id))
-    model = embedding.find_model(model_name, session=session)
-    if collection is None or model is None:
-        return
-    size = session.scalar(select(func.count()).select_from(Image).where(
-        Image.collection == collection)) or 0
-    # The exact rebuild is quadratic in the collection: past a size, link the new images one
-    # by one instead (linear in the job).
-    if size <= int(current_app.config["GRAPH_REBUILD_MAX_IMAGES"]):
-        enqueue("lookalike.rebuild_graph", collection, model.id)
-    else:
-        enqueue("lookalike.link_job_images", str(job_id))
-
-
 @shared_task(name="lookalike.link_job_images", bind=True, acks_late=True,
              reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
              retry_backoff_max=120, max_retries=8)
 def link_job_images(self: object, job_id: str) -> int:
     """Link every image a job created into the kNN graph (idempotent: edges are upserted)."""
-    from service.graph.service import link_image
-    from service.jobs.models import IngestItem
+    from service.jobs.pipeline import done_image_ids
 
     with session_scope() as session:
-        ids = list(session.scalars(select(IngestItem.image_id).where(
-            IngestItem.job_id == uuid.UUID(job_id), IngestItem.status == "done",
-            IngestItem.image_id.is_not(None))))
-        for image_id in ids:
-            link_image(image_id, session=session)
-        return len(ids)
+        ids = done_image_ids(uuid.UUID(job_id), session=session)
+        return indexing.link_images(ids, session=session)
 
 
 @shared_task(name="lookalike.sweep_jobs", acks_late=True, reject_on_worker_lost=True)

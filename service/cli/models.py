@@ -141,8 +141,8 @@ def models_default(name: str, force: bool) -> None:
     """Make NAME the default model of search and new uploads, for every process at once."""
     from service.embedding import registry
     from service.embedding.defaults import set_default_model
-    from service.embedding.reindex import unindexed
     from service.embedding.service import ensure_model_row
+    from service.indexing.reindex import unindexed
 
     with app_session() as (app, session):
         with domain_errors():
@@ -165,7 +165,7 @@ def models_default(name: str, force: bool) -> None:
 @click.argument("name")
 def models_drop(name: str) -> None:
     """Delete NAME's vectors and indexes from the database (its files stay installed)."""
-    from service.embedding.reindex import drop_model
+    from service.indexing.reindex import drop_model
 
     with app_session() as (_, session), domain_errors():
         drop_model(name, session=session)

@@ -19,7 +19,7 @@ def reindex(collection: str, model_name: str, no_wait: bool) -> None:
     from tqdm import tqdm
 
     from service.db import session_scope
-    from service.embedding.reindex import progress, start_reindex
+    from service.indexing.reindex import progress, start_reindex
     from service.queue import enqueue
 
     with app_session() as (app, session), domain_errors():

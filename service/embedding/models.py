@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pgvector.sqlalchemy import BIT, HALFVEC
 from sqlalchemy import (
@@ -25,8 +26,14 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base
 
+if TYPE_CHECKING:
+    from service.embedding.registry import ModelInfo
+
 INDEX_OPS = {"cosine": "halfvec_cosine_ops", "l1": "halfvec_l1_ops", "hamming": "bit_hamming_ops"}
 HNSW_BUILD = {"m": 16, "ef_construction": 64}
+# Where a model record names the metric of its HNSW index when it is not cosine: the models
+# computed beside the CNN (service/features) say so in the record they build.
+INDEX_METRIC = "index_metric"
 
 
 class EmbeddingModel(Base):
@@ -64,6 +71,11 @@ class ImageEmbedding(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+
+
+def index_metric(info: ModelInfo) -> str:
+    """The metric of a model's HNSW index, as its record says (cosine unless told)."""
+    return str(info.extra.get(INDEX_METRIC, "cosine"))
 
 
 def hnsw_index_name(model_id: int, metric: str) -> str:

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.embedding.models import INDEX_METRIC, EmbeddingModel
 from service.embedding.registry import ModelInfo
 from service.embedding.transforms import Preprocessing, batch, preprocess
 from service.errors import ApiError
@@ -41,9 +42,7 @@ from service.features.handcrafted import (
 from service.images.decode import ImageDecodeError
 
 if TYPE_CHECKING:
-    from service.embedding.models import EmbeddingModel
     from service.embedding.session import Embedder
-    from service.images.storage import ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +85,6 @@ def region_model_name(base: str) -> str:
     return f"{base}{REGION_SUFFIX}"
 
 
-def index_metric(name: str) -> str:
-    """The metric of a model's HNSW index."""
-    return HANDCRAFTED[name].index if name in HANDCRAFTED else "cosine"
-
-
 def resolve_metric(name: str, metric: str | None) -> str:
     """The metric to rank a model's vectors by (its default if none is given), or 400."""
     if name in HANDCRAFTED:
@@ -115,7 +109,8 @@ def handcrafted_info(name: str) -> ModelInfo:
                      mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], input_name="", outputs=[],
                      licence="n/a (hand-crafted)",
                      sha256=hashlib.sha256(definition.encode()).hexdigest(),
-                     source="service/features/handcrafted.py", extra={"kind": "handcrafted"})
+                     source="service/features/handcrafted.py",
+                     extra={"kind": "handcrafted", INDEX_METRIC: spec.index})
 
 
 def region_preprocessing(prep: Preprocessing) -> Preprocessing:
@@ -182,30 +177,58 @@ def compute(names: list[str], items: list[bytes], *, embedder: Embedder | None,
 
 def enabled_models(base: str, *, session: Session) -> list[EmbeddingModel]:
     """The registered derived models computed beside `base`: hand-crafted ones and its regions."""
-    from service.embedding.models import EmbeddingModel
-
     rows = session.scalars(select(EmbeddingModel).where(
         EmbeddingModel.name.in_([*HANDCRAFTED, region_model_name(base)]))
         .order_by(EmbeddingModel.id)).all()
     return list({row.name: row for row in rows}.values())  # the newest version of each
 
 
-def save_derived(pairs: list[tuple[uuid.UUID, bytes]], *, session: Session, embedder: Embedder,
-                 max_pixels: int) -> int:
-    """Compute and upsert the enabled derived models' vectors of new images; returns rows."""
-    if not pairs:
-        return 0
-    models = enabled_models(embedder.info.name, session=session)
-    if not models:
+def enabled_names(base: str, *, session: Session) -> list[str]:
+    """The names of the derived models computed beside `base` (a cheap read)."""
+    return [model.name for model in enabled_models(base, session=session)]
+
+
+@dataclass
+class DerivedVectors:
+    """Derived models' vectors of some images by content digest (absent: undecodable)."""
+
+    base: str
+    vectors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def compute_derived(names: list[str], items: dict[str, bytes], *, embedder: Embedder,
+                    max_pixels: int) -> DerivedVectors:
+    """The vectors of the named derived models for images by digest; touches no database.
+
+    The decodes and the region crops through the model are the costly part of indexing, so
+    callers run this before they take any lock or open the transaction that writes them.
+    """
+    if not names or not items:
+        return DerivedVectors(embedder.info.name)
+    digests = list(items)
+    computed = compute(names, [items[d] for d in digests], embedder=embedder,
+                       max_pixels=max_pixels)
+    return DerivedVectors(embedder.info.name, {
+        name: {d: v for d, v in zip(digests, vectors, strict=True) if v is not None}
+        for name, vectors in computed.items()})
+
+
+def write_derived(derived: DerivedVectors, images: list[tuple[uuid.UUID, str]], *,
+                  session: Session) -> int:
+    """Upsert computed derived vectors of (image id, digest) pairs; returns rows; no commit.
+
+    Only models still enabled are written. Images are not marked ready here: the caller does
+    that once everything of theirs is written.
+    """
+    if not derived.vectors or not images:
         return 0
     from service.embedding.service import save_vectors
 
-    vectors = compute([m.name for m in models], [data for _, data in pairs], embedder=embedder,
-                      max_pixels=max_pixels)
     written = 0
-    for model in models:
-        got = [(pairs[i][0], v) for i, v in enumerate(vectors[model.name]) if v is not None]
-        save_vectors(model, got, session=session)
+    for model in enabled_models(derived.base, session=session):
+        by_digest = derived.vectors.get(model.name, {})
+        got = [(image_id, by_digest[d]) for image_id, d in images if d in by_digest]
+        save_vectors(model, got, session=session, mark_ready=False)
         written += len(got)
     return written
 
@@ -222,50 +245,3 @@ def derived_query_vector(name: str, data: bytes, *, model_dir: str | Path,
     prep = region_preprocessing(embedder.info.preprocessing)
     vector = embedder.run(batch([preprocess(data, prep, max_pixels=max_pixels)])).vectors[0]
     return region_info(embedder.info), vector
-
-
-def reindex_derived(run_id: uuid.UUID, *, session: Session, store: ContentStore,
-                    model_dir: str | Path, max_pixels: int, batch_size: int = 32,
-                    max_batches: int = 10) -> bool:
-    """reindex_step for a derived model: fill its missing vectors; True when more remain."""
-    from datetime import UTC, datetime
-
-    from service.embedding.reindex import ReindexRun, _missing
-    from service.embedding.service import ensure_model_row, save_vectors
-    from service.embedding.session import get_embedder
-    from service.images.models import Image
-
-    run = session.get(ReindexRun, run_id)
-    if run is None or run.status != "running":
-        return False
-    embedder = (None if run.model in HANDCRAFTED
-                else get_embedder(model_dir, run.model.removesuffix(REGION_SUFFIX)))
-    model = ensure_model_row(derived_info(run.model, model_dir=model_dir), session=session)
-    skipped: set[uuid.UUID] = set()
-    for _ in range(max_batches):
-        query = select(Image.id, Image.sha256).where(
-            Image.id.in_(_missing(run.collection, model.id)))
-        if skipped:
-            query = query.where(Image.id.not_in(skipped))
-        rows = session.execute(query.order_by(Image.id).limit(batch_size)).all()
-        if not rows:
-            run.status, run.finished_at = "done", datetime.now(UTC)
-            session.commit()
-            return False
-        items: list[tuple[uuid.UUID, bytes]] = []
-        for image_id, sha in rows:
-            try:
-                items.append((image_id, store.get(sha)))
-            except OSError:
-                skipped.add(image_id)
-                run.failed += 1
-        vectors = compute([run.model], [d for _, d in items], embedder=embedder,
-                          max_pixels=max_pixels)[run.model]
-        good = [(items[i][0], v) for i, v in enumerate(vectors) if v is not None]
-        for i, v in enumerate(vectors):
-            if v is None:
-                skipped.add(items[i][0])
-                run.failed += 1
-        save_vectors(model, good, session=session)
-        session.commit()
-    return True

@@ -4,55 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from sqlalchemy import BigInteger, String, Text, cast, column, func, select, update, values
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
-from service.embedding.service import ensure_model_row, save_vectors
+from service.embedding.service import ensure_model_row
 from service.embedding.session import Embedder, Embeddings
-from service.embedding.transforms import batch, preprocess
-from service.hashing.service import encode_images
-from service.images.decode import ImageDecodeError, image_header
+from service.features.models import DerivedVectors, compute_derived, enabled_names
 from service.images.models import Image
 from service.images.service import NewImage, remove_if_unreferenced, store_images
 from service.images.storage import ContentStore
+from service.indexing.service import EmbeddedImage, index_embedded
 from service.jobs.models import BATCH_JOB_STATUSES, IngestItem, IngestJob
-from service.jobs.service import finish_if_complete, lock_job, readable_source
+from service.jobs.reading import (
+    BatchSettings,
+    ClaimedItem,
+    embed_valid,
+    header,
+    read_item,
+    read_reason,
+)
+from service.jobs.service import finish_if_complete, lock_job
 
 log = logging.getLogger(__name__)
 # Items claimed this many times already are retried one at a time, so a file that kills the
 # worker cannot take a whole batch down with it again.
 ALONE_AFTER_ATTEMPTS = 2
 FILE_WRITERS = 4
-
-
-@dataclass
-class BatchSettings:
-    """What a batch needs from the configuration."""
-
-    storage_dir: str
-    roots: list[str]
-    batch_size: int
-    max_pixels: int
-    max_bytes: int
-
-
-@dataclass(frozen=True)
-class ClaimedItem:
-    """A claimed item's fields, copied out so that later rollbacks cause no lazy reloads."""
-
-    id: int
-    name: str
-    source: str | None
-    meta: dict[str, Any]
 
 
 @dataclass
@@ -65,6 +48,7 @@ class BatchResult:
     failed: int = 0
     more: bool = False
     finished: str | None = None
+    collection: str | None = None  # the job's, for what follows a finished job
     outcome: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -105,86 +89,32 @@ def claim(job_id: uuid.UUID, token: uuid.UUID, *, session: Session,
     return claimed
 
 
-def read_item(item: ClaimedItem, settings: BatchSettings) -> bytes:
-    """The item's bytes: a regular file, not through a final symlink, within the size limit."""
-    if not item.source:
-        raise FileNotFoundError("the item has no file")
-    path = readable_source(item.source, storage_dir=settings.storage_dir, roots=settings.roots)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > settings.max_bytes:
-            raise ValueError(f"the file is larger than the limit of {settings.max_bytes} bytes")
-        return fh.read(settings.max_bytes + 1)
-
-
-def _read_reason(exc: Exception) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "the file no longer exists"
-    if isinstance(exc, PermissionError):
-        return f"the file may not be read: {exc.strerror or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"the file could not be read: {exc.strerror}"
-    return str(exc)
-
-
-def embed_valid(embedder: Embedder, datas: list[bytes], *,
-                max_pixels: int) -> tuple[Embeddings, dict[int, str]]:
-    """Vectors (and logits) of the decodable files, in order, and why the others failed.
-
-    One `embed_bytes` call in the common case; a bad file makes it decode each file alone to
-    find the culprits, then runs the model once over the rest.
-    """
-    if not datas:
-        return Embeddings(np.zeros((0, embedder.info.dim), np.float32), None), {}
-    try:
-        return embedder.embed_bytes(datas, max_pixels=max_pixels), {}
-    except Exception:  # noqa: BLE001 (any decoder failure: find which file it was below)
-        pass
-    arrays, errors = [], {}
-    for i, data in enumerate(datas):
-        try:
-            arrays.append(preprocess(data, embedder.info.preprocessing, max_pixels=max_pixels))
-        except ImageDecodeError as exc:
-            errors[i] = exc.message
-        except Exception as exc:  # noqa: BLE001 (Pillow raises many types on hostile input)
-            errors[i] = f"the image could not be decoded: {exc}"
-    if not arrays:
-        return Embeddings(np.zeros((0, embedder.info.dim), np.float32), None), errors
-    return embedder.run(batch(arrays)), errors
-
-
-def _header(data: bytes) -> tuple[str, int, int]:
-    """Format and size after EXIF orientation (the pixels were decoded by the embedder)."""
-    return image_header(data)
-
-
 def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, store: ContentStore,
                   embedder: Embedder, settings: BatchSettings) -> BatchResult:
     """Claim and process one batch of a job; idempotent under redelivery and retries."""
     result = BatchResult()
     items = claim(job_id, token, session=session, batch_size=settings.batch_size)
     result.claimed = len(items)
+    collection = session.scalar(select(IngestJob.collection).where(IngestJob.id == job_id))
+    result.collection = collection
     if not items:
         result.finished = finish_if_complete(job_id, session=session,
                                              storage_dir=settings.storage_dir)
         return result
-    collection = session.scalar(select(IngestJob.collection).where(IngestJob.id == job_id))
     outcome: dict[int, dict[str, Any]] = {}
     readable: list[tuple[ClaimedItem, bytes, str]] = []
     for item in items:
         try:
             data = read_item(item, settings)
         except (OSError, ValueError) as exc:
-            outcome[item.id] = {"status": "failed", "error": _read_reason(exc)}
+            outcome[item.id] = {"status": "failed", "error": read_reason(exc)}
             continue
         readable.append((item, data, hashlib.sha256(data).hexdigest()))
     # Exact duplicates are not decoded or embedded at all.
     digests = {d for _, _, d in readable}
     existing = dict(session.execute(select(Image.sha256, Image.id).where(
         Image.collection == collection, Image.sha256.in_(digests))).all()) if digests else {}
+    derived_models = enabled_names(embedder.info.name, session=session)
     session.rollback()
     to_embed: list[tuple[ClaimedItem, bytes, str]] = []
     first_of: dict[str, int] = {}
@@ -216,19 +146,21 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
             continue
         row += 1
         try:
-            fmt, width, height = _header(data)
+            fmt, width, height = header(data)
         except Exception as exc:  # noqa: BLE001 (decoded by the embedder, but be safe)
             outcome[item.id] = {"status": "failed", "error": f"unreadable header: {exc}"}
             continue
         new.append((item, NewImage(data=data, digest=digest, filename=item.name, format=fmt,
                                    width=width, height=height, metadata=item.meta), row))
+    # The derived models' decodes and crops run here, before the job's lock is taken; only
+    # their rows are written under it, with the images that they belong to.
+    derived = compute_derived(derived_models, {image.digest: image.data for _, image, _ in new},
+                              embedder=embedder, max_pixels=settings.max_pixels)
     _commit_results(job_id, token, items, new, embedded, outcome, session=session, store=store,
-                    embedder=embedder, collection=collection)
+                    embedder=embedder, collection=collection, derived=derived)
     for entry in outcome.values():
         key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}[entry["status"]]
         setattr(result, key, getattr(result, key) + 1)
-    _save_derived(new, outcome, session=session, embedder=embedder,
-                  max_pixels=settings.max_pixels)
     result.outcome = outcome
     result.more = session.scalar(select(select(IngestItem.id).where(
         IngestItem.job_id == job_id, IngestItem.status == "pending").exists())) or False
@@ -242,8 +174,8 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
 def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem],
                     new: list[tuple[ClaimedItem, NewImage, int]], embedded: Embeddings,
                     outcome: dict[int, dict[str, Any]], *, session: Session, store: ContentStore,
-                    embedder: Embedder, collection: str) -> None:
-    """Images, vectors and item states in one transaction, only for items this claim owns."""
+                    embedder: Embedder, collection: str, derived: DerivedVectors) -> None:
+    """Images, all that indexes them and item states in one transaction, for owned items."""
     model = ensure_model_row(embedder.info, session=session)
     job = lock_job(job_id, session=session)
     owned = set(session.scalars(select(IngestItem.id).where(
@@ -257,27 +189,23 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
     new = [n for n in new if n[0].id in owned]
     stored = store_images([image for _, image, _ in new], session=session, store=store,
                           collection=collection)
-    fresh: list[tuple[uuid.UUID, int]] = []
+    fresh: list[EmbeddedImage] = []
     for item, image, row in new:
         image_id, duplicate = stored[image.digest]
         if duplicate:
             outcome[item.id] = {"status": "duplicate", "image_id": image_id}
         else:
             outcome[item.id] = {"status": "done", "image_id": image_id}
-            fresh.append((image_id, row))
+            logits = None if embedded.logits is None else embedded.logits[row]
+            fresh.append(EmbeddedImage(image_id, image.digest, embedded.vectors[row], logits))
     for item_id, entry in list(outcome.items()):
         if "same_as" in entry:
             # A second copy of a file in the same batch shares the first copy's fate.
             first = outcome.get(entry["same_as"], {"status": "failed", "error": "not processed"})
             outcome[item_id] = ({"status": "duplicate", "image_id": first.get("image_id")}
                                 if first["status"] != "failed" else dict(first))
-    # One multi-row statement for the vectors; it also marks the new images ready.
-    rows = [row for _, row in fresh]
-    save_vectors(model, [(image_id, embedded.vectors[row]) for image_id, row in fresh],
-                 session=session,
-                 logits=embedded.logits[rows] if embedded.logits is not None else None)
-    # Binary codes (issue 6) under the code sets that cover the collection, if any.
-    encode_images([image_id for image_id, _ in fresh], collection, session=session)
+    # Multi-row statements: vectors, labels, derived vectors, codes; the images turn ready.
+    index_embedded(model, fresh, session=session, collection=collection, derived=derived)
     for key in [k for k in outcome if k not in owned]:
         del outcome[key]
     if outcome:
@@ -294,20 +222,6 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
             claim_token=None, updated_at=func.now()))
     job.progress_at = session.scalar(select(func.now()))
     session.commit()
-
-
-def _save_derived(new: list[tuple[ClaimedItem, NewImage, int]],
-                  outcome: dict[int, dict[str, Any]], *, session: Session, embedder: Embedder,
-                  max_pixels: int) -> None:
-    """Vectors of enabled hand-crafted and region models (issue 6) of the batch's new images."""
-    from service.features.models import save_derived
-
-    # After the batch's commit, outside the job lock: another worker's batch need not wait
-    # for these. An image is ready a moment before they exist; a reindex fills any gap.
-    pairs = [(outcome[item.id]["image_id"], image.data) for item, image, _ in new
-             if outcome.get(item.id, {}).get("status") == "done"]
-    if pairs and save_derived(pairs, session=session, embedder=embedder, max_pixels=max_pixels):
-        session.commit()
 
 
 def fail_claim(job_id: uuid.UUID, token: uuid.UUID, reason: str, *,
@@ -332,6 +246,13 @@ def fail_claim(job_id: uuid.UUID, token: uuid.UUID, reason: str, *,
         IngestItem.job_id == job_id, IngestItem.status == "pending").exists())))
     session.commit()
     return failed, more
+
+
+def done_image_ids(job_id: uuid.UUID, *, session: Session) -> list[uuid.UUID]:
+    """The images a job created (its done items'), for linking them into the kNN graph."""
+    return list(session.scalars(select(IngestItem.image_id).where(
+        IngestItem.job_id == job_id, IngestItem.status == "done",
+        IngestItem.image_id.is_not(None))))
 
 
 def batch_settings(config: Any) -> BatchSettings:

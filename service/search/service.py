@@ -40,7 +40,7 @@ def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name:
     # onnx and onnxruntime (about a second) load only for searches that need a model.
     from service.embedding import service as embedding
     from service.embedding.registry import ModelError
-    from service.features.models import is_derived
+    from service.features.models import derived_query_vector, is_derived
 
     if req.file is not None:
         if is_derived(name) and embedding.find_model(name, session=session) is None:
@@ -48,8 +48,12 @@ def _query_vector(req: SearchRequest, *, session: Session, model_dir: str, name:
             raise ApiError("unknown_model", f"model {name!r} is not enabled: run "
                            f"`lookalike models install {name}` and a reindex")
         try:
-            info, vector = embedding.embed_query(req.file, model_dir=model_dir, model_name=name,
-                                                 max_pixels=max_pixels)
+            # Hand-crafted features and region vectors are computed, not run through a CNN.
+            info, vector = (
+                derived_query_vector(name, req.file, model_dir=model_dir, max_pixels=max_pixels)
+                if is_derived(name) else
+                embedding.embed_query(req.file, model_dir=model_dir, model_name=name,
+                                      max_pixels=max_pixels))
         except ImageDecodeError as exc:
             raise ApiError(exc.code, exc.message) from exc
         except ModelError as exc:

@@ -64,7 +64,7 @@ def test_rotated_photo_reports_its_size_after_orientation(client: FlaskClient,
 
 
 def test_bulk_items_report_their_size_after_orientation() -> None:
-    from service.jobs.pipeline import _header
+    from service.jobs.reading import header as _header
 
     assert _header(rotated_jpeg(6)) == ("JPEG", 300, 600)
     assert _header(rotated_jpeg(8)) == ("JPEG", 300, 600)
@@ -72,7 +72,7 @@ def test_bulk_items_report_their_size_after_orientation() -> None:
 
 def test_bulk_batch_fails_the_lying_jpeg_alone(settings: dict[str, Any]) -> None:
     from service.embedding.session import get_embedder
-    from service.jobs.pipeline import embed_valid
+    from service.jobs.reading import embed_valid
 
     embedder = get_embedder(settings["MODEL_DIR"], settings["DEFAULT_MODEL"])
     embedded, errors = embed_valid(embedder, [rotated_jpeg(), lying_jpeg()],

@@ -17,9 +17,9 @@ from sqlalchemy import delete
 from service.db import session_scope
 from service.embedding import registry
 from service.embedding.defaults import ServiceSetting, default_model
-from service.embedding.reindex import drop_model, progress, start_reindex, unindexed
 from service.embedding.service import find_model
 from service.errors import ApiError
+from service.indexing.reindex import drop_model, progress, start_reindex, unindexed
 from service.queue import enqueue
 from tests.conftest import wait_for_status
 from tests.embedding.test_registry import tiny_onnx

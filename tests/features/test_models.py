@@ -19,11 +19,11 @@ from sqlalchemy import bindparam, cast, literal_column, select, text
 
 from service.db import session_scope
 from service.embedding.models import ImageEmbedding
-from service.embedding.reindex import drop_model, reindex_step, start_reindex
 from service.embedding.service import ensure_model_row, find_model, index_name
 from service.features.handcrafted import hsv_histogram, phash
 from service.features.models import HSV_HIST, PHASH, handcrafted_info, region_model_name
 from service.graph.duplicates import phash_pairs, region_pairs
+from service.indexing.reindex import drop_model, reindex_step, start_reindex
 from service.search.metrics import get_metric
 from service.search.sql import Explain
 from tests.conftest import DEFAULT_MODEL, wait_for_status

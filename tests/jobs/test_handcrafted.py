@@ -16,10 +16,10 @@ from sqlalchemy import func, select
 
 from service.db import session_scope
 from service.embedding.models import ImageEmbedding
-from service.embedding.reindex import drop_model
 from service.embedding.service import ensure_model_row, find_model
 from service.features.models import HSV_HIST, PHASH, handcrafted_info
 from service.images.models import Image
+from service.indexing.reindex import drop_model
 from tests.jobs.conftest import make_archive, submit_archive, wait_job
 
 pytestmark = pytest.mark.usefixtures("jobs_worker")

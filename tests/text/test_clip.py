@@ -20,7 +20,7 @@ from PIL import Image as PILImage
 
 from service.cli import main
 from service.db import session_scope
-from service.embedding.reindex import reindex_step, start_reindex
+from service.indexing.reindex import reindex_step, start_reindex
 from tests.api.test_images import upload
 from tests.conftest import wait_for_status
 

@@ -19,8 +19,8 @@ from onnx import TensorProto, helper
 
 from service.db import session_scope
 from service.embedding import registry
-from service.embedding.reindex import reindex_step, start_reindex
 from service.embedding.service import find_model, stored_vector
+from service.indexing.reindex import reindex_step, start_reindex
 from service.text.vocabulary import head_vocabulary, vocabulary_weights
 from service.training.service import finetune
 from tests.api.test_images import upload

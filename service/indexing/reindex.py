@@ -30,9 +30,11 @@ from service.embedding.service import ensure_model_row, save_vectors
 from service.embedding.session import get_embedder
 from service.embedding.transforms import batch, preprocess
 from service.errors import ApiError
+from service.features.models import HANDCRAFTED, REGION_SUFFIX, compute, derived_info, is_derived
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
 from service.images.storage import ContentStore
+from service.text.labels import save_labels
 
 
 class ReindexRun(Base):
@@ -76,8 +78,6 @@ def _missing(collection: str, model_id: int) -> select:
 def start_reindex(collection: str, model_name: str, *, session: Session,
                   model_dir: str | Path) -> ReindexRun:
     """Register the model (and its index) and record a run over the collection's images."""
-    from service.features.models import derived_info, is_derived
-
     # Hand-crafted and region models are computed, not loaded from an ONNX file.
     info = (derived_info(model_name, model_dir=model_dir) if is_derived(model_name)
             else get_embedder(model_dir, model_name).info)
@@ -103,8 +103,6 @@ def reindex_step(run_id: uuid.UUID, *, session: Session, store: ContentStore,
     run = session.get(ReindexRun, run_id)
     if run is None or run.status != "running":
         return False
-    from service.features.models import is_derived, reindex_derived
-
     if is_derived(run.model):  # hand-crafted features and region vectors
         return reindex_derived(run_id, session=session, store=store, model_dir=model_dir,
                                max_pixels=max_pixels, batch_size=batch_size,
@@ -134,8 +132,51 @@ def reindex_step(run_id: uuid.UUID, *, session: Session, store: ContentStore,
             good.append(image_id)
         if good:
             out = embedder.run(batch(arrays))
+            tags = {} if out.logits is None else save_labels(
+                model, list(zip(good, out.logits, strict=True)), session=session,
+                set_tags=False)
             save_vectors(model, list(zip(good, out.vectors, strict=True)), session=session,
-                         logits=out.logits)
+                         tags=tags)
+        session.commit()
+    return True
+
+
+def reindex_derived(run_id: uuid.UUID, *, session: Session, store: ContentStore,
+                    model_dir: str | Path, max_pixels: int, batch_size: int = 32,
+                    max_batches: int = 10) -> bool:
+    """reindex_step for a derived model: fill its missing vectors; True when more remain."""
+    run = session.get(ReindexRun, run_id)
+    if run is None or run.status != "running":
+        return False
+    embedder = (None if run.model in HANDCRAFTED
+                else get_embedder(model_dir, run.model.removesuffix(REGION_SUFFIX)))
+    model = ensure_model_row(derived_info(run.model, model_dir=model_dir), session=session)
+    skipped: set[uuid.UUID] = set()
+    for _ in range(max_batches):
+        query = select(Image.id, Image.sha256).where(
+            Image.id.in_(_missing(run.collection, model.id)))
+        if skipped:
+            query = query.where(Image.id.not_in(skipped))
+        rows = session.execute(query.order_by(Image.id).limit(batch_size)).all()
+        if not rows:
+            run.status, run.finished_at = "done", datetime.now(UTC)
+            session.commit()
+            return False
+        items: list[tuple[uuid.UUID, bytes]] = []
+        for image_id, sha in rows:
+            try:
+                items.append((image_id, store.get(sha)))
+            except OSError:
+                skipped.add(image_id)
+                run.failed += 1
+        vectors = compute([run.model], [d for _, d in items], embedder=embedder,
+                          max_pixels=max_pixels)[run.model]
+        good = [(items[i][0], v) for i, v in enumerate(vectors) if v is not None]
+        for i, v in enumerate(vectors):
+            if v is None:
+                skipped.add(items[i][0])
+                run.failed += 1
+        save_vectors(model, good, session=session)
         session.commit()
     return True
 
