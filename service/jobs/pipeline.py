@@ -52,8 +52,8 @@ class BatchResult:
     outcome: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def claim(job_id: uuid.UUID, token: uuid.UUID, *, session: Session,
-          batch_size: int) -> list[ClaimedItem]:
+def claim(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, batch_size: int,
+          max_attempts: int = 3) -> list[ClaimedItem]:
     """Claim up to `batch_size` pending items with SKIP LOCKED, so workers share a job; commits.
 
     A redelivered or retried message (same token) gets back the items it had claimed.
@@ -80,8 +80,9 @@ def claim(job_id: uuid.UUID, token: uuid.UUID, *, session: Session,
         .values(status="running", claim_token=token, claimed_at=func.now(),
                 attempts=IngestItem.attempts + 1, updated_at=func.now())
         .returning(IngestItem).execution_options(populate_existing=True)))
-    claimed = sorted((ClaimedItem(i.id, i.name, i.source, dict(i.meta)) for i in items),
-                     key=lambda i: i.id)
+    items = _settle_repeated_claims(sorted(items, key=lambda i: i.id),
+                                    max_attempts=max_attempts, session=session)
+    claimed = [ClaimedItem(i.id, i.name, i.source, dict(i.meta)) for i in items]
     if job.status == "queued":
         job.status = "running"
         job.started_at = session.scalar(select(func.now()))
@@ -89,11 +90,34 @@ def claim(job_id: uuid.UUID, token: uuid.UUID, *, session: Session,
     return claimed
 
 
+def _settle_repeated_claims(items: list[IngestItem], *, max_attempts: int,
+                            session: Session) -> list[IngestItem]:
+    """Items claimed again and again (a file that kills the worker) go alone, then fail.
+
+    A message redelivered after its worker died claims the same items: past
+    ALONE_AFTER_ATTEMPTS all but one go back to pending (each is then claimed alone), and an
+    item claimed more than `max_attempts` times fails with the reason instead of looping.
+    """
+    spent = [i for i in items if i.attempts > max_attempts]
+    if spent:
+        session.execute(update(IngestItem).where(IngestItem.id.in_([i.id for i in spent]))
+                        .values(status="failed", claim_token=None, updated_at=func.now(),
+                                error=f"the worker stopped {max_attempts} times while "
+                                      "processing this file (too large, or malformed?)"))
+    items = [i for i in items if i.attempts <= max_attempts]
+    if len(items) > 1 and items[0].attempts >= ALONE_AFTER_ATTEMPTS:
+        session.execute(update(IngestItem).where(IngestItem.id.in_([i.id for i in items[1:]]))
+                        .values(status="pending", claim_token=None, updated_at=func.now()))
+        items = items[:1]
+    return items
+
+
 def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, store: ContentStore,
                   embedder: Embedder, settings: BatchSettings) -> BatchResult:
     """Claim and process one batch of a job; idempotent under redelivery and retries."""
     result = BatchResult()
-    items = claim(job_id, token, session=session, batch_size=settings.batch_size)
+    items = claim(job_id, token, session=session, batch_size=settings.batch_size,
+                  max_attempts=settings.max_attempts)
     result.claimed = len(items)
     collection = session.scalar(select(IngestJob.collection).where(IngestJob.id == job_id))
     result.collection = collection
@@ -159,8 +183,9 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
     _commit_results(job_id, token, items, new, embedded, outcome, session=session, store=store,
                     embedder=embedder, collection=collection, derived=derived)
     for entry in outcome.values():
-        key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}[entry["status"]]
-        setattr(result, key, getattr(result, key) + 1)
+        key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}.get(entry["status"])
+        if key is not None:
+            setattr(result, key, getattr(result, key) + 1)
     result.outcome = outcome
     result.more = session.scalar(select(select(IngestItem.id).where(
         IngestItem.job_id == job_id, IngestItem.status == "pending").exists())) or False
@@ -187,6 +212,7 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
         outcome.clear()
         return
     new = [n for n in new if n[0].id in owned]
+    _requeue_vanished_duplicates(outcome, session=session)
     stored = store_images([image for _, image, _ in new], session=session, store=store,
                           collection=collection)
     fresh: list[EmbeddedImage] = []
@@ -222,6 +248,27 @@ def _commit_results(job_id: uuid.UUID, token: uuid.UUID, items: list[ClaimedItem
             claim_token=None, updated_at=func.now()))
     job.progress_at = session.scalar(select(func.now()))
     session.commit()
+
+
+def _requeue_vanished_duplicates(outcome: dict[int, dict[str, Any]], *,
+                                 session: Session) -> None:
+    """Copies of images deleted since the batch looked them up go back to pending.
+
+    The lookup ran before this transaction; the rows that still exist are locked against
+    deletion (FOR KEY SHARE) until the commit, and the items of the others are processed
+    again by a later batch, as new files.
+    """
+    copies = {e["image_id"] for e in outcome.values()
+              if e["status"] == "duplicate" and e.get("image_id") is not None}
+    if not copies:
+        return
+    alive = set(session.scalars(select(Image.id).where(Image.id.in_(copies))
+                                .with_for_update(key_share=True),
+                                execution_options={"all_collections": True}))
+    for entry in outcome.values():
+        if entry["status"] == "duplicate" and entry.get("image_id") in copies - alive:
+            entry.clear()
+            entry["status"] = "pending"
 
 
 def fail_claim(job_id: uuid.UUID, token: uuid.UUID, reason: str, *,
@@ -260,4 +307,4 @@ def batch_settings(config: Any) -> BatchSettings:
     return BatchSettings(
         storage_dir=str(config["STORAGE_DIR"]), roots=list(config.get("INGEST_ROOTS") or []),
         batch_size=int(config["JOB_BATCH_SIZE"]), max_pixels=int(config["MAX_IMAGE_PIXELS"]),
-        max_bytes=int(config["MAX_UPLOAD_BYTES"]))
+        max_bytes=int(config["MAX_UPLOAD_BYTES"]), max_attempts=int(config["JOB_MAX_ATTEMPTS"]))

@@ -25,6 +25,7 @@ class BatchSettings:
     batch_size: int
     max_pixels: int
     max_bytes: int
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)

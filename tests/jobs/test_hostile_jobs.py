@@ -201,3 +201,69 @@ def test_a_truncated_archive_fails_the_job_as_corrupt(
     assert job["error"]["code"] == "corrupt_archive" and "truncated" in job["error"]["message"]
     assert _items(jobs_app, job["id"]) == (0, 0)
     assert not (Path(jobs_app.config["STORAGE_DIR"]) / "jobs" / job["id"]).exists()
+
+
+def test_a_batch_that_keeps_killing_its_worker_splits_then_fails_alone(
+        idle_app: Flask, photos: list[Path]) -> None:
+    """A redelivered message (its worker died) must not claim the same files forever."""
+    from service.db import session_scope
+    from service.jobs import pipeline
+    from workers.tasks import expand_job
+
+    client = idle_app.test_client()
+    archive = make_archive([(p.name, p.read_bytes() + b"h-crash") for p in photos[:3]])
+    job_id = submit_archive(client, archive, collection="h-crash").get_json()["id"]
+    token = uuid.uuid4()
+    with idle_app.app_context():
+        assert expand_job.run(job_id)["pending"] == 3
+        with session_scope() as session:
+            first = pipeline.claim(uuid.UUID(job_id), token, session=session, batch_size=8)
+            assert len(first) == 3
+            # The worker died; the same message comes back: one item stays, two go back.
+            again = pipeline.claim(uuid.UUID(job_id), token, session=session, batch_size=8)
+            assert [i.id for i in again] == [first[0].id]
+            assert pipeline.claim(uuid.UUID(job_id), token, session=session, batch_size=8)
+            # Claimed three times, and the worker died each time: it fails with the reason.
+            assert pipeline.claim(uuid.UUID(job_id), token, session=session, batch_size=8,
+                                  max_attempts=3) == []
+    items = {i["id"]: i for i in client.get(f"/api/v1/jobs/{job_id}/items").get_json()["items"]}
+    assert items[first[0].id]["status"] == "failed"
+    assert "worker stopped 3 times" in items[first[0].id]["error"]
+    assert sorted(i["status"] for i in items.values()) == ["failed", "pending", "pending"]
+
+
+def test_a_copy_of_an_image_deleted_during_the_batch_is_ingested_again(
+        idle_app: Flask, photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch looked up the existing copy before its transaction; it was deleted since."""
+    from service.db import session_scope
+    from service.images import service as images
+    from service.jobs import pipeline
+    from workers.tasks import expand_job, ingest_batch
+
+    client = idle_app.test_client()
+    data = photos[4].read_bytes() + b"h-vanish"
+    original = client.post("/api/v1/images", data={
+        "file": (io.BytesIO(data), "orig.jpg"), "collection": "h-vanish"},
+        content_type="multipart/form-data").get_json()
+    archive = make_archive([("copy.jpg", data), ("new.jpg", photos[5].read_bytes() + b"h-v")])
+    job_id = submit_archive(client, archive, collection="h-vanish").get_json()["id"]
+    real = pipeline._commit_results
+
+    def delete_then_commit(*args: object, **kwargs: object) -> None:
+        with session_scope() as session:
+            images.delete_image(original["id"], session=session,
+                                store=idle_app.extensions["content_store"])
+        real(*args, **kwargs)
+
+    with idle_app.app_context():
+        assert expand_job.run(job_id)["pending"] == 2
+        monkeypatch.setattr(pipeline, "_commit_results", delete_then_commit)
+        first = ingest_batch.run(job_id, str(uuid.uuid4()))
+        monkeypatch.setattr(pipeline, "_commit_results", real)
+        second = ingest_batch.run(job_id, str(uuid.uuid4()))
+    assert first["failed"] == 0 and first["done"] == 1, first
+    assert second["done"] == 1 and second["finished"] == "done", second
+    items = {i["name"]: i for i in client.get(f"/api/v1/jobs/{job_id}/items").get_json()["items"]}
+    assert items["copy.jpg"]["status"] == "done" and items["copy.jpg"]["image_id"]
+    stored = client.get(f"/api/v1/images/{items['copy.jpg']['image_id']}/file")
+    assert stored.status_code == 200 and stored.data == data
