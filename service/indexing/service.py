@@ -96,7 +96,12 @@ def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
     except ImageDecodeError as exc:
         raise PermanentEmbedError(exc.message) from exc
     derived = compute_derived(names, {digest: data}, embedder=embedder, max_pixels=max_pixels)
-    if session.get(Image, image_id) is None:
+    # Locked until the commit: a delete now waits instead of pulling the row from under the
+    # inserts (their foreign keys would fail).
+    alive = session.scalar(select(Image.id).where(Image.id == image_id)
+                           .with_for_update(key_share=True))
+    if alive is None:
+        session.rollback()
         return "deleted"
     logits = None if result.logits is None else result.logits[0]
     index_embedded(model, [EmbeddedImage(image_id, digest, result.vectors[0], logits)],
