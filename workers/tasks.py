@@ -52,6 +52,7 @@ def embed_image(self: object, image_id: str) -> str:
                 model_dir=config["MODEL_DIR"], model_name=default_model(session=session),
                 max_pixels=int(config["MAX_IMAGE_PIXELS"]),
                 link=bool(config["GRAPH_LINK_ON_EMBED"]),
+                max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
             )
         except indexing.PermanentEmbedError as exc:
             session.rollback()

@@ -70,6 +70,8 @@ class Image(Base):
     )
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     error: Mapped[str | None] = mapped_column(Text)
+    # Embedding tasks started for it: one that keeps killing its worker must not loop.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )

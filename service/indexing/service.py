@@ -73,11 +73,19 @@ def index_embedded(model: EmbeddingModel, images: list[EmbeddedImage], *, sessio
 
 def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
                 model_dir: str | Path, model_name: str, max_pixels: int,
-                link: bool = False) -> str:
+                link: bool = False, max_attempts: int = 3) -> str:
     """Embed and index one stored image in one commit; idempotent. Returns its final status."""
     image = session.get(Image, image_id)
     if image is None:
         return "deleted"
+    if image.status == "pending":
+        # Counted and committed before the model runs: a file that kills the worker (the
+        # message comes back each time) is failed with the reason after `max_attempts`.
+        image.attempts += 1
+        session.commit()
+        if image.attempts > max_attempts:
+            raise PermanentEmbedError(f"the worker stopped {max_attempts} times while "
+                                      "processing this image (too large, or malformed?)")
     embedder = get_embedder(model_dir, model_name)
     model = ensure_model_row(embedder.info, session=session)
     done = session.scalar(select(ImageEmbedding.image_id).where(
