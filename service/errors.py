@@ -33,7 +33,8 @@ def parse_uuid(value: str | uuid.UUID, *, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(str(value))
     except ValueError as exc:
-        raise NotFound("not_found", f"no {what} {value!r}") from exc
+        shown = str(value) if len(str(value)) <= 64 else f"{str(value)[:64]}…"
+        raise NotFound("not_found", f"no {what} {shown!r}") from exc
 
 
 class Unauthorized(ApiError):

@@ -16,7 +16,7 @@ from service.errors import ApiError
 
 log = logging.getLogger(__name__)
 # Messages may quote what the client sent (an id, a value): an error never echoes more.
-MAX_MESSAGE = 500
+MAX_MESSAGE = 2000
 
 
 class ApiJSONProvider(DefaultJSONProvider):

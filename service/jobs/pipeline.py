@@ -106,8 +106,10 @@ def _settle_repeated_claims(items: list[IngestItem], *, max_attempts: int,
                                       "processing this file (too large, or malformed?)"))
     items = [i for i in items if i.attempts <= max_attempts]
     if len(items) > 1 and items[0].attempts >= ALONE_AFTER_ATTEMPTS:
+        # Released unprocessed: this claim does not count against them.
         session.execute(update(IngestItem).where(IngestItem.id.in_([i.id for i in items[1:]]))
-                        .values(status="pending", claim_token=None, updated_at=func.now()))
+                        .values(status="pending", claim_token=None, updated_at=func.now(),
+                                attempts=IngestItem.attempts - 1))
         items = items[:1]
     return items
 
