@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from service.app import create_app
+from service.queue import SWEEP_JOBS
 
 flask_app = create_app()
 celery_app = flask_app.extensions["celery"]
@@ -11,7 +12,7 @@ celery_app.conf.update(include=["workers.tasks"])
 # The sweeper recovers job items whose worker died or whose message Redis lost.
 _sweep_every = float(flask_app.config["JOB_SWEEP_INTERVAL"])
 celery_app.conf.beat_schedule = {
-    "sweep-jobs": {"task": "lookalike.sweep_jobs", "schedule": _sweep_every,
+    "sweep-jobs": {"task": SWEEP_JOBS, "schedule": _sweep_every,
                    # A sweep that waited longer than the interval is replaced by the next one.
                    "options": {"expires": _sweep_every}},
 }

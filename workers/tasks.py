@@ -8,38 +8,34 @@ from typing import Any
 
 from celery import shared_task
 from flask import current_app
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.db import session_scope
 from service.embedding.defaults import default_model
 from service.images import service as images
 from service.indexing import service as indexing
-from service.jobs.service import EXPAND_JOB, INGEST_BATCH
+from service.queue import (
+    EMBED_IMAGE,
+    EXPAND_JOB,
+    FIT_CODES,
+    INGEST_BATCH,
+    LINK_JOB_IMAGES,
+    REBUILD_GRAPH,
+    REINDEX,
+    RUN_EVALUATION,
+    SWEEP_JOBS,
+    TRANSIENT,
+    durable_task,
+    enqueue,
+    enqueue_or_sweep,
+    internal_reason,
+    is_transient,
+)
+from service.recovery import stale_work
 
 log = logging.getLogger(__name__)
 
-# Worth retrying: the database went away or was busy (OperationalError covers lost
-# connections, deadlocks, serialization failures and statement timeouts), a pool or socket
-# timeout. Not DBAPIError as a whole: a ProgrammingError, DataError or IntegrityError fails
-# the same way every time, and retrying it only delays the failure.
-TRANSIENT = (OperationalError, DisconnectionError, PoolTimeout, ConnectionError, TimeoutError)
 
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a retry may succeed: TRANSIENT, or any driver error that lost its connection."""
-    return isinstance(exc, TRANSIENT) or (isinstance(exc, DBAPIError)
-                                          and bool(exc.connection_invalidated))
-
-
-def internal_reason(exc: BaseException) -> str:
-    """The reason recorded for work an unexpected error stopped (details go to the log)."""
-    return f"internal error: {type(exc).__name__}"
-
-
-@shared_task(name="lookalike.embed_image", bind=True, acks_late=True,
-             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
-             retry_backoff_max=120, retry_jitter=True, max_retries=8)
+@durable_task(EMBED_IMAGE)
 def embed_image(self: object, image_id: str) -> str:
     """Embed one image with the default model; permanent failures mark it failed."""
     config = current_app.config
@@ -61,9 +57,7 @@ def embed_image(self: object, image_id: str) -> str:
             return "failed"
 
 
-@shared_task(name="lookalike.fit_codes", bind=True, acks_late=True,
-             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
-             retry_backoff_max=120, retry_jitter=True, max_retries=8)
+@durable_task(FIT_CODES)
 def fit_codes(self: object, code_set_id: int) -> str:
     """Fit a code set on its vectors, encode them and build its Hamming index."""
     from service.hashing.service import fit_code_set
@@ -72,9 +66,7 @@ def fit_codes(self: object, code_set_id: int) -> str:
         return fit_code_set(int(code_set_id), session=session)
 
 
-@shared_task(name="lookalike.rebuild_graph", bind=True, acks_late=True,
-             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
-             retry_backoff_max=120, retry_jitter=True, max_retries=8)
+@durable_task(REBUILD_GRAPH)
 def rebuild_graph(self: object, collection: str, model_id: int) -> int:
     """Recompute one collection's kNN graph exactly; returns the edges written."""
     from service.embedding.models import EmbeddingModel
@@ -85,9 +77,7 @@ def rebuild_graph(self: object, collection: str, model_id: int) -> int:
         return 0 if model is None else rebuild(collection, session=session, model=model)
 
 
-@shared_task(name="lookalike.run_evaluation", bind=True, acks_late=True,
-             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
-             retry_backoff_max=120, max_retries=5)
+@durable_task(RUN_EVALUATION, max_retries=5)
 def run_evaluation(self: object, run_id: str) -> str:
     """Run one queued evaluation."""
     from service.evaluation.service import execute_run
@@ -96,12 +86,10 @@ def run_evaluation(self: object, run_id: str) -> str:
         return execute_run(uuid.UUID(run_id), session=session)
 
 
-@shared_task(name="lookalike.reindex", bind=True, acks_late=True, reject_on_worker_lost=True,
-             autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
+@durable_task(REINDEX)
 def reindex(self: object, run_id: str) -> str:
     """Embed a slice of a reindex run's missing images, then queue the next slice."""
     from service.indexing.reindex import reindex_step
-    from service.queue import enqueue
 
     config = current_app.config
     with session_scope() as session:
@@ -111,16 +99,14 @@ def reindex(self: object, run_id: str) -> str:
                             max_pixels=int(config["MAX_IMAGE_PIXELS"]))
     if more:
         # Short tasks keep the queue fair to uploads and bound what a lost worker costs.
-        enqueue("lookalike.reindex", run_id)
+        enqueue(REINDEX, run_id)
     return "more" if more else "done"
 
 
 # --- Issue 5: bulk ingestion jobs -----------------------------------------------------------
 
 
-@shared_task(name=INGEST_BATCH, bind=True, acks_late=True,
-             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
-             retry_backoff_max=60, retry_jitter=True, max_retries=12)
+@durable_task(INGEST_BATCH, retry_backoff_max=60, max_retries=12)
 def ingest_batch(self: Any, job_id: str, token: str) -> dict[str, object]:
     """Process one batch of a job's items; a retry (same token) resumes the same claim.
 
@@ -156,11 +142,8 @@ def ingest_batch(self: Any, job_id: str, token: str) -> dict[str, object]:
         if is_transient(exc):
             raise self.retry(exc=exc, countdown=5) from exc
         return _fail_batch(job_id, token, exc)
-    if result.more:
-        try:  # Each finished batch sends the next; a lost one is re-sent by the sweeper.
-            enqueue_batches(job_id, 1)
-        except Exception:
-            log.exception("could not enqueue the next batch of job %s", job_id)
+    if result.more:  # each finished batch sends the next; a lost one is re-sent by the sweeper
+        enqueue_batches(job_id, 1)
     return {"claimed": result.claimed, "done": result.done, "duplicates": result.duplicates,
             "failed": result.failed, "finished": result.finished}
 
@@ -183,9 +166,7 @@ def _fail_batch(job_id: str, token: str, exc: Exception) -> dict[str, object]:
             "finished": finished, "error": internal_reason(exc)}
 
 
-@shared_task(name=EXPAND_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
-             autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60,
-             retry_jitter=True, max_retries=8)
+@durable_task(EXPAND_JOB, retry_backoff_max=60)
 def expand_job(self: Any, job_id: str) -> dict[str, object]:
     """Extract an uploaded archive into items, then send its first batches (idempotent)."""
     from service.jobs import expansion
@@ -207,18 +188,13 @@ def expand_job(self: Any, job_id: str) -> dict[str, object]:
                                      session=session, storage_dir=config["STORAGE_DIR"])
         return {"status": "failed", "error": internal_reason(exc)}
     if outcome.pending:
-        try:  # The items are durable; the sweeper re-sends a stalled job's batches.
-            enqueue_batches(job_id, batches_for(outcome.pending,
-                                                batch_size=int(config["JOB_BATCH_SIZE"]),
-                                                parallelism=int(config["JOB_PARALLELISM"])))
-        except Exception:
-            log.exception("could not enqueue the batches of job %s", job_id)
+        enqueue_batches(job_id, batches_for(outcome.pending,
+                                            batch_size=int(config["JOB_BATCH_SIZE"]),
+                                            parallelism=int(config["JOB_PARALLELISM"])))
     return {"status": outcome.status, "pending": outcome.pending}
 
 
-@shared_task(name="lookalike.link_job_images", bind=True, acks_late=True,
-             reject_on_worker_lost=True, autoretry_for=TRANSIENT, retry_backoff=True,
-             retry_backoff_max=120, max_retries=8)
+@durable_task(LINK_JOB_IMAGES)
 def link_job_images(self: object, job_id: str) -> int:
     """Link every image a job created into the kNN graph (idempotent: edges are upserted)."""
     from service.jobs.pipeline import done_image_ids
@@ -228,12 +204,11 @@ def link_job_images(self: object, job_id: str) -> int:
         return indexing.link_images(ids, session=session)
 
 
-@shared_task(name="lookalike.sweep_jobs", acks_late=True, reject_on_worker_lost=True)
+@shared_task(name=SWEEP_JOBS, acks_late=True, reject_on_worker_lost=True)
 def sweep_jobs() -> dict[str, int]:
     """Re-enqueue stuck items and stalled jobs from PostgreSQL; close finished jobs."""
     from service.jobs.expansion import remove_stray_dirs
     from service.jobs.service import enqueue_batches, enqueue_expansion, sweep
-    from service.queue import EMBED_IMAGE, enqueue
 
     config = current_app.config
     with session_scope() as session:
@@ -249,18 +224,24 @@ def sweep_jobs() -> dict[str, int]:
     with session_scope() as session:
         strays = remove_stray_dirs(config["STORAGE_DIR"], session=session,
                                    older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
+    # Evaluations, code-set fits and reindex runs whose message was lost.
+    with session_scope() as session:
+        work = stale_work(session=session, older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
+    for task, args in work:
+        enqueue_or_sweep(task, *args)
     # Single uploads whose embed message was lost (Redis down at upload, or restarted).
     with session_scope() as session:
         stale = images.claim_stale_pending(session=session,
                                            older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
     for image_id in stale:
-        enqueue(EMBED_IMAGE, str(image_id))
+        enqueue_or_sweep(EMBED_IMAGE, str(image_id))
     if (report.reset or report.gave_up or report.enqueue or report.finished or report.expand
-            or report.abandoned or strays):
+            or report.abandoned or strays or work):
         log.info("sweep: reset %d, gave up %d, re-enqueued %s, finished %d, re-expanding %s, "
                  "abandoned %d, stray folders %d", report.reset, report.gave_up,
                  {str(k): v for k, v in report.enqueue.items()}, report.finished,
                  [str(j) for j in report.expand], report.abandoned, strays)
     return {"reset": report.reset, "gave_up": report.gave_up,
             "enqueued": sum(report.enqueue.values()), "finished": report.finished,
-            "expanding": len(report.expand), "abandoned": report.abandoned, "strays": strays}
+            "expanding": len(report.expand), "abandoned": report.abandoned, "strays": strays,
+            "work": len(work)}

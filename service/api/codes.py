@@ -17,12 +17,11 @@ from service.embedding.service import find_model
 from service.errors import ApiError
 from service.hashing import service as hashing
 from service.hashing.models import CodeSet
-from service.queue import enqueue
+from service.queue import FIT_CODES, enqueue_or_sweep
 
 bp = Blueprint("codes", __name__, url_prefix="/api/v1/codes")
 log = logging.getLogger(__name__)
 TAGS = ["codes"]
-FIT_CODES = "lookalike.fit_codes"
 
 
 def code_set_json(code_set: CodeSet, model: EmbeddingModel | str, encoded: int) -> dict[str, Any]:
@@ -58,10 +57,7 @@ def create_code_set() -> tuple[dict[str, Any], int]:
         session.refresh(code_set)
         out = code_set_json(code_set, model, 0)
         code_set_id = code_set.id
-    try:
-        enqueue(FIT_CODES, code_set_id)
-    except Exception:  # The set stays pending; POST again under another name to retry.
-        log.exception("could not enqueue fitting of code set %s", code_set_id)
+    enqueue_or_sweep(FIT_CODES, code_set_id)  # a pending set is re-sent by the sweeper
     return out, 202
 
 

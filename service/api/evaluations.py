@@ -15,10 +15,9 @@ from service.embedding.defaults import default_model
 from service.errors import NotFound, parse_uuid
 from service.evaluation import service as evaluation
 from service.evaluation.models import EvaluationRun
-from service.queue import enqueue
+from service.queue import RUN_EVALUATION, enqueue_or_sweep
 
 bp = Blueprint("evaluations", __name__, url_prefix="/api/v1/evaluations")
-RUN_EVALUATION = "lookalike.run_evaluation"
 
 
 class EvaluationRequest(BaseModel):
@@ -64,7 +63,7 @@ def create() -> tuple[dict[str, Any], int]:
     with session_scope() as session:
         params["model"] = params["model"] or default_model(session=session)
         out = run_json(evaluation.create_run(params, session=session))
-    enqueue(RUN_EVALUATION, out["id"])
+    enqueue_or_sweep(RUN_EVALUATION, out["id"])  # a queued run is re-sent by the sweeper
     return out, 202
 
 

@@ -27,12 +27,11 @@ from service.embedding.service import find_model
 from service.errors import NotFound
 from service.graph import service as graph
 from service.images.service import get_image, validate_collection
-from service.queue import enqueue
+from service.queue import REBUILD_GRAPH, enqueue
 
 bp = Blueprint("graph", __name__, url_prefix="/api/v1")
 log = logging.getLogger(__name__)
 TAGS = ["graph"]
-REBUILD_GRAPH = "lookalike.rebuild_graph"
 
 
 def _model(name: str | None, *, session: Session) -> EmbeddingModel:

@@ -26,7 +26,7 @@ from service.errors import ApiError
 from service.images import service as images
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
-from service.queue import EMBED_IMAGE, enqueue
+from service.queue import EMBED_IMAGE, enqueue_or_sweep
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
 log = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ def upload_image() -> tuple[dict[str, Any], int]:
         body = image_json(stored.image, duplicate=stored.duplicate)
     if stored.duplicate:
         return body, 200
-    try:
-        enqueue(EMBED_IMAGE, body["id"])
-    except Exception:  # The row stays pending; the sweeper re-enqueues it.
-        log.exception("could not enqueue %s", body["id"])
+    enqueue_or_sweep(EMBED_IMAGE, body["id"])  # the row stays pending until embedded
     return body, 202
 
 

@@ -171,10 +171,7 @@ def _create_from_form() -> tuple[dict[str, Any], int]:
     finally:
         if not committed:
             shutil.rmtree(folder, ignore_errors=True)
-    try:
-        jobs.enqueue_expansion(job_id)
-    except Exception:  # The upload and the job are durable; the sweeper re-sends it.
-        log.exception("could not enqueue the expansion of job %s", job_id)
+    jobs.enqueue_expansion(job_id)
     return out, 202
 
 
@@ -203,12 +200,9 @@ def _create_from_json(body: JobCreate, *,
         pending = jobs.item_counts([job.id], session=session)[job.id]["pending"]
         out = {"id": str(job.id), "status": job.status, "total": job.total}
     if pending:
-        try:
-            jobs.enqueue_batches(out["id"], jobs.batches_for(
-                pending, batch_size=int(config["JOB_BATCH_SIZE"]),
-                parallelism=int(config["JOB_PARALLELISM"])))
-        except Exception:  # The items are durable; the sweeper enqueues the stalled job.
-            log.exception("could not enqueue job %s", out["id"])
+        jobs.enqueue_batches(out["id"], jobs.batches_for(
+            pending, batch_size=int(config["JOB_BATCH_SIZE"]),
+            parallelism=int(config["JOB_PARALLELISM"])))
     return out, 202
 
 

@@ -20,14 +20,14 @@ def reindex(collection: str, model_name: str, no_wait: bool) -> None:
 
     from service.db import session_scope
     from service.indexing.reindex import progress, start_reindex
-    from service.queue import enqueue
+    from service.queue import REINDEX, enqueue
 
     with app_session() as (app, session), domain_errors():
         run = start_reindex(collection, model_name, session=session,
                             model_dir=app.config["MODEL_DIR"])
         run_id, total = run.id, run.total
     with app.app_context():
-        enqueue("lookalike.reindex", str(run_id))
+        enqueue(REINDEX, str(run_id))
         click.echo(f"reindex {run_id}: {total} images of {collection!r} with {model_name}")
         if no_wait:
             return

@@ -27,3 +27,6 @@ class EvaluationRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
                                                  server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its task message was last sent: the sweeper re-sends work whose message was lost.
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                              server_default=func.now())

@@ -55,6 +55,9 @@ class CodeSet(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now())
     fitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its task message was last sent: the sweeper re-sends work whose message was lost.
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                              server_default=func.now())
 
 
 class ImageCode(Base):

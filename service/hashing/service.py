@@ -142,9 +142,13 @@ def _write_codes(code_set: CodeSet, ids: list[uuid.UUID], bits: np.ndarray, *,
 
 def fit_code_set(code_set_id: int, *, session: Session) -> str:
     """Fit the encoder on the covered vectors, encode them all and build the Hamming index."""
-    code_set = session.get(CodeSet, code_set_id)
+    # Locked while it fits: a message sent again (by the sweeper) finds it busy, not twice fitted.
+    code_set = session.scalar(select(CodeSet).where(CodeSet.id == code_set_id)
+                              .with_for_update(skip_locked=True))
     if code_set is None:
-        return "deleted"
+        return "busy" if session.get(CodeSet, code_set_id) is not None else "deleted"
+    if code_set.status == "ready":
+        return "ready"
     ids, vectors = _load_vectors(code_set, session=session)
     try:
         params = fit(code_set.method, vectors, code_set.bits, code_set.seed)

@@ -53,6 +53,9 @@ class ReindexRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
                                                  server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its task message was last sent: the sweeper re-sends work whose message was lost.
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                              server_default=func.now())
 
 
 @dataclass
@@ -103,6 +106,9 @@ def reindex_step(run_id: uuid.UUID, *, session: Session, store: ContentStore,
     run = session.get(ReindexRun, run_id)
     if run is None or run.status != "running":
         return False
+    # This chain is alive: the sweeper re-sends only runs whose chain stopped.
+    run.sent_at = datetime.now(UTC)
+    session.commit()
     if is_derived(run.model):  # hand-crafted features and region vectors
         return reindex_derived(run_id, session=session, store=store, model_dir=model_dir,
                                max_pixels=max_pixels, batch_size=batch_size,

@@ -26,11 +26,8 @@ from service.hashing.service import encode_images
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
 from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
-from service.queue import enqueue
+from service.queue import LINK_JOB_IMAGES, REBUILD_GRAPH, enqueue
 from service.text.labels import save_labels
-
-REBUILD_GRAPH = "lookalike.rebuild_graph"
-LINK_JOB_IMAGES = "lookalike.link_job_images"
 
 
 class PermanentEmbedError(Exception):

@@ -32,10 +32,8 @@ from service.jobs.models import (
     IngestItem,
     IngestJob,
 )
+from service.queue import EXPAND_JOB, INGEST_BATCH, enqueue_or_sweep
 
-INGEST_BATCH = "lookalike.ingest_batch"
-EXPAND_JOB = "lookalike.expand_job"
-SWEEP_JOBS = "lookalike.sweep_jobs"
 INSERT_CHUNK = 5_000
 FIRST_ERRORS = 10
 # Any constant works: it only has to be the same in every process that sweeps.
@@ -482,15 +480,15 @@ def sweep(*, session: Session, timeout_s: float, max_attempts: int, batch_size: 
 
 
 def enqueue_batches(job_id: uuid.UUID | str, count: int) -> None:
-    """Send `count` batch messages for a job, each with its own claim token; after commit."""
-    from service.queue import enqueue
+    """Send `count` batch messages for a job, each with its own claim token; after commit.
 
+    The items are durable: a message the broker refuses is re-sent by the sweeper.
+    """
     for _ in range(count):
-        enqueue(INGEST_BATCH, str(job_id), str(uuid.uuid4()))
+        if not enqueue_or_sweep(INGEST_BATCH, str(job_id), str(uuid.uuid4())):
+            return
 
 
 def enqueue_expansion(job_id: uuid.UUID | str) -> None:
-    """Send an archive job's expansion message; after commit."""
-    from service.queue import enqueue
-
-    enqueue(EXPAND_JOB, str(job_id))
+    """Send an archive job's expansion message; after commit (the sweeper re-sends it)."""
+    enqueue_or_sweep(EXPAND_JOB, str(job_id))

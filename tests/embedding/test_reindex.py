@@ -20,7 +20,7 @@ from service.embedding.defaults import ServiceSetting, default_model
 from service.embedding.service import find_model
 from service.errors import ApiError
 from service.indexing.reindex import drop_model, progress, start_reindex, unindexed
-from service.queue import enqueue
+from service.queue import REINDEX, enqueue
 from tests.conftest import wait_for_status
 from tests.embedding.test_registry import tiny_onnx
 
@@ -85,7 +85,7 @@ def test_reindex_under_concurrent_searches(app: Flask, photos: list[Path], setti
                 run = start_reindex(collection, tiny_model, session=session,
                                     model_dir=app.config["MODEL_DIR"])
                 run_id = run.id
-            enqueue("lookalike.reindex", str(run_id))
+            enqueue(REINDEX, str(run_id))
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 with session_scope() as session:
