@@ -11,8 +11,19 @@ from flask import current_app
 
 from service.db import session_scope
 from service.embedding.defaults import default_model
+from service.embedding.models import EmbeddingModel
+from service.embedding.session import get_embedder
+from service.evaluation.service import execute_run
+from service.graph.service import rebuild_graph as rebuild
+from service.hashing.service import fit_code_set
 from service.images import service as images
 from service.indexing import service as indexing
+from service.indexing.reindex import reindex_step
+from service.jobs import expansion, pipeline
+from service.jobs.expansion import remove_stray_dirs
+from service.jobs.pipeline import done_image_ids
+from service.jobs.states import finish_if_complete
+from service.jobs.sweeper import batches_for, enqueue_batches, enqueue_expansion, sweep
 from service.queue import (
     EMBED_IMAGE,
     EXPAND_JOB,
@@ -60,8 +71,6 @@ def embed_image(self: object, image_id: str) -> str:
 @durable_task(FIT_CODES)
 def fit_codes(self: object, code_set_id: int) -> str:
     """Fit a code set on its vectors, encode them and build its Hamming index."""
-    from service.hashing.service import fit_code_set
-
     with session_scope() as session:
         return fit_code_set(int(code_set_id), session=session)
 
@@ -69,9 +78,6 @@ def fit_codes(self: object, code_set_id: int) -> str:
 @durable_task(REBUILD_GRAPH)
 def rebuild_graph(self: object, collection: str, model_id: int) -> int:
     """Recompute one collection's kNN graph exactly; returns the edges written."""
-    from service.embedding.models import EmbeddingModel
-    from service.graph.service import rebuild_graph as rebuild
-
     with session_scope() as session:
         model = session.get(EmbeddingModel, int(model_id))
         return 0 if model is None else rebuild(collection, session=session, model=model)
@@ -80,8 +86,6 @@ def rebuild_graph(self: object, collection: str, model_id: int) -> int:
 @durable_task(RUN_EVALUATION, max_retries=5)
 def run_evaluation(self: object, run_id: str) -> str:
     """Run one queued evaluation."""
-    from service.evaluation.service import execute_run
-
     with session_scope() as session:
         return execute_run(uuid.UUID(run_id), session=session)
 
@@ -89,8 +93,6 @@ def run_evaluation(self: object, run_id: str) -> str:
 @durable_task(REINDEX)
 def reindex(self: object, run_id: str) -> str:
     """Embed a slice of a reindex run's missing images, then queue the next slice."""
-    from service.indexing.reindex import reindex_step
-
     config = current_app.config
     with session_scope() as session:
         more = reindex_step(uuid.UUID(run_id), session=session,
@@ -113,9 +115,6 @@ def ingest_batch(self: Any, job_id: str, token: str) -> dict[str, object]:
     An error that is not transient fails the batch's claimed items at once, with a reason,
     and the job goes on: nothing waits for the sweeper's timeout.
     """
-    from service.embedding.session import get_embedder
-    from service.jobs import pipeline
-    from service.jobs.service import enqueue_batches
 
     config = current_app.config
     with session_scope() as session:
@@ -150,9 +149,6 @@ def ingest_batch(self: Any, job_id: str, token: str) -> dict[str, object]:
 
 def _fail_batch(job_id: str, token: str, exc: Exception) -> dict[str, object]:
     """Fail what the batch had claimed, then let the job go on or finish."""
-    from service.jobs import pipeline
-    from service.jobs.service import enqueue_batches, finish_if_complete
-
     log.error("batch %s of job %s failed", token, job_id, exc_info=exc)
     with session_scope() as session:
         failed, more = pipeline.fail_claim(uuid.UUID(job_id), uuid.UUID(token),
@@ -169,9 +165,6 @@ def _fail_batch(job_id: str, token: str, exc: Exception) -> dict[str, object]:
 @durable_task(EXPAND_JOB, retry_backoff_max=60)
 def expand_job(self: Any, job_id: str) -> dict[str, object]:
     """Extract an uploaded archive into items, then send its first batches (idempotent)."""
-    from service.jobs import expansion
-    from service.jobs.service import batches_for, enqueue_batches
-
     config = current_app.config
     try:
         with session_scope() as session:
@@ -197,8 +190,6 @@ def expand_job(self: Any, job_id: str) -> dict[str, object]:
 @durable_task(LINK_JOB_IMAGES)
 def link_job_images(self: object, job_id: str) -> int:
     """Link every image a job created into the kNN graph (idempotent: edges are upserted)."""
-    from service.jobs.pipeline import done_image_ids
-
     with session_scope() as session:
         ids = done_image_ids(uuid.UUID(job_id), session=session)
         return indexing.link_images(ids, session=session)
@@ -207,9 +198,6 @@ def link_job_images(self: object, job_id: str) -> int:
 @shared_task(name=SWEEP_JOBS, acks_late=True, reject_on_worker_lost=True)
 def sweep_jobs() -> dict[str, int]:
     """Re-enqueue stuck items and stalled jobs from PostgreSQL; close finished jobs."""
-    from service.jobs.expansion import remove_stray_dirs
-    from service.jobs.service import enqueue_batches, enqueue_expansion, sweep
-
     config = current_app.config
     with session_scope() as session:
         report = sweep(session=session, timeout_s=float(config["JOB_ITEM_TIMEOUT"]),

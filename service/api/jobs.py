@@ -29,6 +29,7 @@ from service.api.paging import decode_cursor, keyset_page
 from service.api.schemas import ErrorResponse
 from service.db import session_scope
 from service.errors import ApiError
+from service.jobs import paths, progress, states, sweeper
 from service.jobs import service as jobs
 from service.jobs.expansion import UploadSink, create_archive_job
 from service.jobs.models import IngestItem
@@ -56,7 +57,7 @@ def _body_size_limit() -> None:
                        status=413)
 
 
-def job_json(p: jobs.Progress) -> dict[str, Any]:
+def job_json(p: progress.Progress) -> dict[str, Any]:
     """The public shape of a job with its counts."""
     job, counts = p.job, p.counts
     return {
@@ -143,7 +144,7 @@ def _create_from_form() -> tuple[dict[str, Any], int]:
     """An archive upload (saved, then expanded by a worker) or a server path with metadata."""
     config = current_app.config
     job_id = uuid.uuid4()
-    folder = jobs.job_dir(config["STORAGE_DIR"], job_id)
+    folder = paths.job_dir(config["STORAGE_DIR"], job_id)
     committed = False
     try:
         form, files = _parse_form(UploadSink(folder))
@@ -171,7 +172,7 @@ def _create_from_form() -> tuple[dict[str, Any], int]:
     finally:
         if not committed:
             shutil.rmtree(folder, ignore_errors=True)
-    jobs.enqueue_expansion(job_id)
+    sweeper.enqueue_expansion(job_id)
     return out, 202
 
 
@@ -197,10 +198,10 @@ def _create_from_json(body: JobCreate, *,
             raise ApiError("invalid_request", "give an archive as multipart field 'file', "
                            "or exactly one of 'source' and 'items'")
         session.commit()
-        pending = jobs.item_counts([job.id], session=session)[job.id]["pending"]
+        pending = progress.item_counts([job.id], session=session)[job.id]["pending"]
         out = {"id": str(job.id), "status": job.status, "total": job.total}
     if pending:
-        jobs.enqueue_batches(out["id"], jobs.batches_for(
+        sweeper.enqueue_batches(out["id"], sweeper.batches_for(
             pending, batch_size=int(config["JOB_BATCH_SIZE"]),
             parallelism=int(config["JOB_PARALLELISM"])))
     return out, 202
@@ -231,7 +232,7 @@ def list_jobs() -> dict[str, Any]:
     """Jobs newest first, with a cursor for the next page."""
     q: JobListQuery = request.context.query  # type: ignore[attr-defined]
     with session_scope() as session:
-        rows = jobs.list_jobs(session=session, status=q.status, collection=q.collection,
+        rows = progress.list_jobs(session=session, status=q.status, collection=q.collection,
                               limit=q.limit + 1, cursor=decode_cursor(q.cursor))
         page, next_cursor = keyset_page(rows, q.limit, lambda p: (p.job.created_at, p.job.id))
         return {"items": [job_json(p) for p in page], "next_cursor": next_cursor}
@@ -242,7 +243,7 @@ def list_jobs() -> dict[str, Any]:
 def get_job(job_id: str) -> dict[str, Any]:
     """A job's status, counts, rate, ETA and first errors."""
     with session_scope() as session:
-        return job_json(jobs.job_progress(job_id, session=session))
+        return job_json(progress.job_progress(job_id, session=session))
 
 
 @bp.get("/<job_id>/items")
@@ -256,7 +257,7 @@ def list_items(job_id: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ApiError("invalid_cursor", "cursor is not one this API returned") from exc
     with session_scope() as session:
-        rows = jobs.list_items(job_id, session=session, status=q.status, limit=q.limit + 1,
+        rows = progress.list_items(job_id, session=session, status=q.status, limit=q.limit + 1,
                                after=after)
         page = rows[: q.limit]
         next_cursor = str(page[-1].id) if len(rows) > q.limit else None
@@ -268,6 +269,6 @@ def list_items(job_id: str) -> dict[str, Any]:
 def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancel a job: no further items are processed; finished ones stay."""
     with session_scope() as session:
-        job = jobs.cancel_job(job_id, session=session,
+        job = states.cancel_job(job_id, session=session,
                               storage_dir=current_app.config["STORAGE_DIR"])
-        return job_json(jobs.job_progress(job.id, session=session))
+        return job_json(progress.job_progress(job.id, session=session))

@@ -28,16 +28,10 @@ from service.images.service import validate_collection
 from service.jobs.archives import METADATA_MAX_BYTES, ArchiveLimits, Entry, extract_archive
 from service.jobs.metadata import MetadataIndex, normalise_key, parse_metadata
 from service.jobs.models import ACTIVE_JOB_STATUSES, EXPANDING, IngestJob
-from service.jobs.service import (
-    EXPAND_LOCK_CLASS,
-    NewItem,
-    expand_lock_key,
-    insert_items,
-    job_dir,
-    lock_job,
-    remove_job_dir,
-    typed_items,
-)
+from service.jobs.paths import job_dir, remove_job_dir
+from service.jobs.service import NewItem, insert_items, typed_items
+from service.jobs.states import lock_job
+from service.jobs.sweeper import EXPAND_LOCK_CLASS, expand_lock_key
 
 UPLOAD = "upload"
 SIDE_METADATA = "metadata"

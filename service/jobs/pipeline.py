@@ -29,7 +29,7 @@ from service.jobs.reading import (
     read_item,
     read_reason,
 )
-from service.jobs.service import finish_if_complete, lock_job
+from service.jobs.states import finish_if_complete, lock_job
 
 log = logging.getLogger(__name__)
 # Items claimed this many times already are retried one at a time, so a file that kills the

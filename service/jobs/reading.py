@@ -13,7 +13,7 @@ import numpy as np
 from service.embedding.session import Embedder, Embeddings
 from service.embedding.transforms import batch, preprocess
 from service.images.decode import ImageDecodeError, image_header
-from service.jobs.service import readable_source
+from service.jobs.paths import readable_source
 
 
 @dataclass

@@ -14,7 +14,8 @@ from sqlalchemy import select, update
 from service.db import session_scope
 from service.jobs.expansion import remove_stray_dirs
 from service.jobs.models import IngestItem, IngestJob
-from service.jobs.service import job_dir, sweep
+from service.jobs.paths import job_dir
+from service.jobs.sweeper import sweep
 from tests.jobs.conftest import make_archive, submit_archive
 
 
