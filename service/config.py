@@ -119,8 +119,10 @@ class Settings(BaseSettings):
     TRUSTED_PROXIES: int = Field(0, ge=0, description="Proxies in front whose "
                                  "X-Forwarded-For/-Proto to believe (`lookalike run` sets 1 "
                                  "behind its nginx)")
-    RATE_LIMIT_ENABLED: bool = Field(True, description="Per-key (per address when open) "
-                                     "request limits, counted in Redis")
+    RATE_LIMIT_ENABLED: bool | Literal["auto"] = Field(
+        "auto", description="Per-key request limits, counted in Redis; auto: on where keys "
+                            "are required (a single local user is not throttled), true: also "
+                            "per address when open")
     RATE_LIMIT_DEFAULT: str = Field("600/minute", description="Limit over all routes")
     RATE_LIMIT_UPLOAD: str = Field("120/minute", description="Limit over uploads and jobs")
     CELERY: dict[str, Any] = Field(default_factory=dict, description="Extra Celery settings "

@@ -173,7 +173,9 @@ def init_rate_limits(app: Flask) -> Limiter:
     """Redis-backed limits per API key (per address when open): one for all, one for uploads."""
     config = app.config
     redis_url = config.get("REDIS_URL")
-    app.config.setdefault("RATELIMIT_ENABLED", bool(config.get("RATE_LIMIT_ENABLED", True)))
+    wanted = config.get("RATE_LIMIT_ENABLED", "auto")
+    enabled = bool(config.get("AUTH_ENFORCED")) if wanted == "auto" else bool(wanted)
+    app.config.setdefault("RATELIMIT_ENABLED", enabled)
     limiter = Limiter(
         key_func=_rate_key,
         application_limits=[str(config["RATE_LIMIT_DEFAULT"])],

@@ -386,3 +386,14 @@ def test_openapi_documents_the_key_scheme_and_its_errors(secure: Flask) -> None:
     assert {"401", "403", "429"} <= set(images["responses"])
     assert {"bearer": []} in images["security"]
     assert doc["paths"]["/healthz"]["get"]["security"] == []
+
+
+def test_an_open_loopback_instance_does_not_throttle_its_user(settings: dict[str, Any]) -> None:
+    """Local mode: a script uploading photo after photo must not meet a 429."""
+    app = create_app({**settings, "BIND_HOST": "127.0.0.1", "RATE_LIMIT_ENABLED": "auto",
+                      "RATE_LIMIT_DEFAULT": "3/day"})
+    client = app.test_client()
+    assert all(client.get("/api/v1/images?limit=1").status_code == 200 for _ in range(6))
+    keyed = create_app({**settings, "BIND_HOST": "0.0.0.0", "RATE_LIMIT_ENABLED": "auto",
+                        "RATE_LIMIT_DEFAULT": "3/day"})
+    assert keyed.config["RATELIMIT_ENABLED"] is True
