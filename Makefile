@@ -77,10 +77,12 @@ compose-deps:
 test: install reference-deps browser-deps proxy-deps compose-deps
 	$(VENV)/bin/lookalike models install $(MODEL)
 	$(VENV)/bin/lookalike models install all-minilm-l6-v2
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check service workers tests bench migrations
+	$(VENV)/bin/lint-imports
 
 services-stop: install
 	$(VENV)/bin/lookalike services stop

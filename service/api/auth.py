@@ -8,11 +8,9 @@ applied below the views (service/auth/visibility.py), so an id in another collec
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
-from typing import Any
 
 from flask import (
     Flask,
@@ -29,6 +27,7 @@ from flask_limiter.errors import RateLimitExceeded
 
 from service.api.errors import error_response
 from service.auth import service as keys
+from service.auth.policy import auth_required, is_loopback
 from service.auth.service import OPEN, Principal
 from service.auth.visibility import install_visibility
 from service.db import session_scope
@@ -64,33 +63,6 @@ def required_scope(endpoint: str, method: str) -> str:
     if method in SAFE_METHODS or endpoint in READ_ENDPOINTS:
         return "read"
     return "write"
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether a bind address only accepts connections from this machine."""
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def auth_required(config: dict[str, Any] | Any) -> bool:
-    """AUTH_REQUIRED true/false, or "auto": required unless BIND_HOST is a loopback address."""
-    value = config.get("AUTH_REQUIRED", "auto")
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        if lowered != "auto":
-            raise RuntimeError(f"AUTH_REQUIRED must be true, false or auto, not {value!r}")
-        return not is_loopback(config.get("BIND_HOST"))
-    return bool(value)
 
 
 def current_principal() -> Principal:

@@ -49,7 +49,7 @@ def run(host: str, port: int, api_workers: int, concurrency: int) -> None:
 
 def _check_auth(settings: dict[str, object], env: dict[str, str], host: str) -> None:
     """Tell the API its bind host; refuse to serve a network without keys."""
-    from service.api.auth import auth_required, is_loopback
+    from service.auth.policy import auth_required, is_loopback
     from service.auth.service import count_active_keys
 
     env["LOOKALIKE_BIND_HOST"] = host

@@ -265,7 +265,7 @@ def proxy_for_run(var_dir: Path, host: str, port: int, settings: dict[str, objec
                   binary: Path | None = None) -> EmbeddedProxy | None:
     """The proxy `lookalike run` puts in front of gunicorn; None (gunicorn serves directly)
     only on loopback when nginx is missing. Raises ProxyUnavailable anywhere else."""
-    from service.api.auth import is_loopback
+    from service.auth.policy import is_loopback
 
     binary = binary or nginx_binary()
     if binary is None:

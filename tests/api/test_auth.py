@@ -14,9 +14,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.api.auth import KEY_COOKIE, auth_required, is_loopback
+from service.api.auth import KEY_COOKIE
 from service.app import create_app
 from service.auth import service as keys
+from service.auth.policy import auth_required, is_loopback
 from service.db import session_scope
 from tests.conftest import wait_for_status
 
