@@ -61,7 +61,7 @@ def settings(stack: ServiceStack, model_dir: Path,
         "MODEL_DIR": str(model_dir),
         "DEFAULT_MODEL": DEFAULT_MODEL,
         "MAX_UPLOAD_BYTES": 5 * 1024 * 1024,
-        # Issue 9: the suite's app listens on loopback (keys optional, see tests/api/test_auth.py)
+        # The suite's app listens on loopback (keys optional, see tests/api/test_auth.py)
         # and its rate limits are tested on their own app, so no other test trips them.
         "BIND_HOST": "127.0.0.1",
         "RATE_LIMIT_ENABLED": False,

@@ -125,3 +125,21 @@ def test_service_never_imports_workers() -> None:
     graph = package_graph()
     offenders = sorted(p for p, targets in graph.items() if p != "workers" and "workers" in targets)
     assert offenders == []
+
+
+def test_long_modules_say_why_and_no_comment_names_an_issue() -> None:
+    """Modules over 300 lines say why in their first docstring; history belongs to git."""
+    import re
+
+    too_long, history = [], []
+    for root in (*ROOTS, "tests"):
+        for path in sorted((PROJECT_ROOT / root).rglob("*.py")):
+            text = path.read_text()
+            if root != "tests" and text.count("\n") > 300:
+                doc = ast.get_docstring(ast.parse(text)) or ""
+                if "Over 300 lines" not in doc:
+                    too_long.append(str(path.relative_to(PROJECT_ROOT)))
+            if re.search(r"\b[Ii]ssues? [0-9]+\b", text):
+                history.append(str(path.relative_to(PROJECT_ROOT)))
+    assert too_long == [], f"over 300 lines without a reason: {too_long}"
+    assert history == [], f"name an issue number: {history}"

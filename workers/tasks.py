@@ -105,7 +105,6 @@ def reindex(self: object, run_id: str) -> str:
     return "more" if more else "done"
 
 
-# --- Issue 5: bulk ingestion jobs -----------------------------------------------------------
 
 
 @durable_task(INGEST_BATCH, retry_backoff_max=60, max_retries=12)

@@ -26,7 +26,8 @@ from service.embedding.models import EmbeddingModel
 from service.embedding.service import find_model
 from service.errors import NotFound
 from service.graph import service as graph
-from service.images.service import get_image, validate_collection
+from service.images.service import get_image
+from service.images.validation import validate_collection
 from service.queue import REBUILD_GRAPH, enqueue
 
 bp = Blueprint("graph", __name__, url_prefix="/api/v1")

@@ -26,6 +26,7 @@ from service.errors import ApiError
 from service.images import service as images
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
+from service.images.validation import validate_metadata
 from service.queue import EMBED_IMAGE, enqueue_or_sweep
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
@@ -56,7 +57,7 @@ def parse_metadata_field(raw: str | None) -> dict[str, Any]:
         value = json.loads(raw)
     except ValueError as exc:
         raise ApiError("invalid_metadata", f"metadata is not valid JSON: {exc}") from exc
-    return images.validate_metadata(value, max_bytes=int(current_app.config["MAX_METADATA_BYTES"]))
+    return validate_metadata(value, max_bytes=int(current_app.config["MAX_METADATA_BYTES"]))
 
 
 @bp.post("")

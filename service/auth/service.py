@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from service.auth.models import SCOPES, ApiKey
 from service.errors import ApiError, NotFound, Unauthorized
-from service.images.service import validate_collection
+from service.images.validation import validate_collection
 
 log = logging.getLogger(__name__)
 TOKEN_PREFIX = "lk"

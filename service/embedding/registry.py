@@ -1,4 +1,8 @@
-"""Model catalogue and installed model folders (`model.onnx` + `model.json`)."""
+"""Model catalogue and installed model folders (`model.onnx` + `model.json`).
+
+Over 300 lines: the catalogue, installing, verifying and reading a model folder are one
+format (model.json beside model.onnx) that every reader and writer must agree on.
+"""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError
-from service.images.service import validate_collection
+from service.images.validation import validate_collection
 from service.jobs.archives import METADATA_MAX_BYTES, ArchiveLimits, Entry, extract_archive
 from service.jobs.metadata import MetadataIndex, normalise_key, parse_metadata
 from service.jobs.models import ACTIVE_JOB_STATUSES, EXPANDING, IngestJob

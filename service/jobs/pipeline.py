@@ -1,4 +1,8 @@
-"""Processing one batch of a job's items: claim, read, dedup, decode+embed once, write in bulk."""
+"""Processing one batch of a job's items: claim, read, dedup, decode+embed once, write in bulk.
+
+Over 300 lines: claiming, deduplicating and committing a batch form one state machine whose
+steps share the claim's ownership checks; split, each half would re-derive them.
+"""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError, NotFound, parse_uuid
-from service.images.service import validate_collection, validate_metadata
+from service.images.validation import validate_collection, validate_metadata
 from service.jobs.metadata import METADATA_NAMES, MetadataIndex, normalise_key, parse_metadata
 from service.jobs.models import IngestItem, IngestJob
 from service.jobs.paths import resolve_under_roots

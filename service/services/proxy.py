@@ -4,6 +4,9 @@ gunicorn's threads read request bodies themselves, so a dozen clients trickling 
 at one byte a second hold every thread (gunicorn's deployment docs: put a buffering proxy in
 front). nginx reads each request whole, within timeouts, and only then hands it to gunicorn
 over a unix socket that only nginx can reach; its own refusals use the API's JSON error shape.
+
+Over 300 lines: the config, its rendering for compose and the process that runs it change
+together; split, the limits would sit apart from the server that enforces them.
 """
 
 from __future__ import annotations

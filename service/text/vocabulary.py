@@ -1,4 +1,4 @@
-"""A fine-tuned head's own classes as the label bridge's vocabulary (issue 10).
+"""A fine-tuned head's own classes as the label bridge's vocabulary.
 
 `lookalike finetune` (service/training) records the class names of a labelled head, sorted, in
 its model.json (`extra.training.classes`), and the head's embedding ends with one number per

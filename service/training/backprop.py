@@ -16,6 +16,9 @@ GlobalAveragePool; Flatten), and run with onnxruntime (`build`, then `StepRunner
   channel over the batch's images.
 
 Shapes must be static except the batch: the graphs are built for one input size.
+
+Over 300 lines: the forward taps and the backward graph of each op must match one to one;
+they are kept together until training computes every gradient one way.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 All start with the same input transform, a signed square root (power normalisation) and
 standardisation, so that the ONNX export is a short chain of elementwise ops and MatMuls.
+
+Over 300 lines: the head kinds share the input transform and the fitting loop; they are
+kept together until training computes every gradient one way.
 """
 
 from __future__ import annotations

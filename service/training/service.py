@@ -1,4 +1,8 @@
-"""Fine-tune a retrieval head on a labelled collection and install it as a new model version."""
+"""Fine-tune a retrieval head on a labelled collection and install it as a new model version.
+
+Over 300 lines: the single and joined-backbone paths share the split, shots and install
+steps; kept together until training computes every gradient one way.
+"""
 
 from __future__ import annotations
 

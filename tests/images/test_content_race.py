@@ -161,7 +161,7 @@ def _delete_meanwhile(app: Flask, settings: dict[str, Any], image_id: uuid.UUID)
 def test_a_patch_racing_a_delete_is_a_404_or_a_200(app: Flask, settings: dict[str, Any],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     image = _stored(app, settings, f"patch-{uuid.uuid4().hex[:6]}")
-    real = images.validate_metadata
+    real = images.validate_metadata  # the name replace_metadata calls
 
     def validate_while_deleted(meta: Any, *, max_bytes: int) -> dict[str, Any]:
         _delete_meanwhile(app, settings, image.id)
