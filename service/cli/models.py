@@ -180,7 +180,17 @@ def models_verify(name: str) -> None:
 
     from service.embedding import registry
     from service.embedding.session import get_embedder
+    from service.text import sentence
 
+    if name == sentence.NAME:
+        if not sentence.is_installed(model_dir()):
+            raise click.ClickException(f"{name} is not installed: lookalike models install {name}")
+        with domain_errors():
+            vectors = sentence.get_sentence_encoder(model_dir()).encode(["a red summer dress"])
+        if vectors.ndim != 2 or vectors.shape[0] != 1 or not np.isfinite(vectors).all():
+            raise click.ClickException(f"{name}: smoke inference gave shape {vectors.shape}")
+        click.echo(f"{name}: inference ok, dim={vectors.shape[1]}")
+        return
     with domain_errors():
         info = registry.verify(model_dir(), name)
         embedder = get_embedder(model_dir(), name)

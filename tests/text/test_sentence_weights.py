@@ -121,3 +121,18 @@ def test_the_graph_builder_names_a_misshapen_tensor() -> None:
     del weights["encoder.layer.5.output.LayerNorm.bias"]
     with pytest.raises(WeightsError, match="no tensor 'encoder.layer.5.output.LayerNorm.bias'"):
         build_minilm(weights)
+
+
+def test_models_verify_knows_the_sentence_model(sentence_model: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from service.cli import main
+
+    monkeypatch.setenv("LOOKALIKE_MODEL_DIR", str(sentence_model))
+    done = CliRunner().invoke(main, ["models", "verify", "all-minilm-l6-v2"])
+    assert done.exit_code == 0, done.output
+    assert "inference ok, dim=384" in done.output
+    monkeypatch.setenv("LOOKALIKE_MODEL_DIR", str(tmp_path))
+    missing = CliRunner().invoke(main, ["models", "verify", "all-minilm-l6-v2"])
+    assert missing.exit_code == 1 and "not installed" in missing.output
