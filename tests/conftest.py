@@ -164,19 +164,8 @@ def live_server(settings: dict[str, Any],
              "--threads", "4", "--timeout", "120", "service.wsgi:app"],
             cwd=PROJECT_ROOT, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or still loading the app
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn not up: {log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+        _wait_healthy(base, proc, log_path)
         yield base
     finally:
         proc.terminate()

@@ -6,14 +6,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, String, Text, func
+from sqlalchemy import DateTime, String, Text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
+from service.db import Base, QueuedWork
 
 
-class EvaluationRun(Base):
+class EvaluationRun(QueuedWork, Base):
     """An evaluation queued for a worker, with its parameters and, when done, its result."""
 
     __tablename__ = "evaluations"
@@ -24,9 +24,4 @@ class EvaluationRun(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
-                                                 server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When its task message was last sent: the sweeper re-sends work whose message was lost.
-    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
-                                              server_default=func.now())

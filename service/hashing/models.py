@@ -18,16 +18,15 @@ from sqlalchemy import (
     Table,
     Text,
     cast,
-    func,
     literal_column,
 )
 from sqlalchemy.dialects.postgresql import BIT, UUID
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-from service.db import Base
+from service.db import Base, QueuedWork
 
 
-class CodeSet(Base):
+class CodeSet(QueuedWork, Base):
     """A named encoder (method, bits, fitted arrays) over one model's vectors of a collection."""
 
     __tablename__ = "code_sets"
@@ -52,12 +51,7 @@ class CodeSet(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     error: Mapped[str | None] = mapped_column(Text)
     fitted_rows: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now())
     fitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When its task message was last sent: the sweeper re-sends work whose message was lost.
-    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
-                                              server_default=func.now())
 
 
 class ImageCode(Base):

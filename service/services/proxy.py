@@ -4,15 +4,11 @@ gunicorn's threads read request bodies themselves, so a dozen clients trickling 
 at one byte a second hold every thread (gunicorn's deployment docs: put a buffering proxy in
 front). nginx reads each request whole, within timeouts, and only then hands it to gunicorn
 over a unix socket that only nginx can reach; its own refusals use the API's JSON error shape.
-
-Over 300 lines: the config, its rendering for compose and the process that runs it change
-together; split, the limits would sit apart from the server that enforces them.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -22,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from service.services.accounts import is_root, open_path_to, system_user
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 PLACEHOLDER = re.compile(r"@[A-Z_]+@")
@@ -103,25 +101,10 @@ def render_config(*, listen: str, upstream: str, limits: ProxyLimits, pid_file: 
     return render(TEMPLATE.read_text(), values)
 
 
-def _is_root() -> bool:
-    return os.geteuid() == 0
 
 
-def _system_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", SYSTEM_USER], check=True, capture_output=True)
-        return pwd.getpwnam(SYSTEM_USER)
 
 
-def _open_path_to(path: Path) -> None:
-    """Let other users traverse (not list) every parent, so nginx's workers reach `path`."""
-    for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if mode & 0o001 == 0:
-            parent.chmod(mode | 0o001)
 
 
 @dataclass
@@ -173,12 +156,12 @@ class EmbeddedProxy:
         sock_dir.mkdir(parents=True, exist_ok=True)
         user = None
         sock_dir.chmod(0o700)
-        if _is_root():
+        if is_root():
             # Root's nginx master hands requests to unprivileged workers: they need to write
             # the temp folders (nginx chowns them) and to enter the socket's folder.
-            account = _system_user()
+            account = system_user(SYSTEM_USER)
             user = f"{account.pw_name} {account.pw_name}"
-            _open_path_to(self.base_dir)
+            open_path_to(self.base_dir)
             os.chown(sock_dir, 0, account.pw_gid)
             sock_dir.chmod(0o750)
         text = render_config(
