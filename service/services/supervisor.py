@@ -72,5 +72,6 @@ def supervise_once(children: list[Child]) -> list[str]:
             raise RuntimeError(f"{child.name} exited {MAX_STARTS} times within "
                                f"{WINDOW_S:.0f} s (last status {code}); giving up")
         events.append(f"{child.name} exited with status {code}; restarting it")
+        child.stop(timeout=0)  # what its group left behind (a pool child of a killed master)
         child.start()
     return events
