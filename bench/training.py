@@ -188,20 +188,28 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                         f"{len(classes)} classes.")
 
     validation: list[float] = []  # the best validation mAP of the last tail fitted
+    epoch_ends: list[float] = []  # when each epoch of the last head fitted ended
 
     def row(name: str, fit: Callable[[], np.ndarray]) -> None:
         started = time.perf_counter()
         validation.clear()
+        epoch_ends[:] = [started]
         feats = fit()
         seconds = time.perf_counter() - started
         s = exact_cosine_scores(feats, test_labels, ks=(10,))
         if validation:
             name += f" (validation mAP {validation[0]:.3f})"
+        if len(epoch_ends) > 2:  # the first epoch also pays for the setup: left out
+            name += f", {np.mean(np.diff(epoch_ends[1:])):.2f} s/epoch"
         lines.append(f"| {model_name} | {name} | {feats.shape[1]} | {s.mean_ap:.3f} | "
                      f"{s.precision[10]:.3f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
 
     tuned: tuple[np.ndarray, np.ndarray, Tail | GraphTail] | None = None
+
+    def epoch_ended(stage: str, done: int, total: int) -> None:
+        # Validation mAP is computed after each epoch, inside its time (as in finetune).
+        epoch_ends.append(time.perf_counter())
 
     def head(kind: str, augment: bool, shots: int | None = None, seed: int = 0) -> np.ndarray:
         fit_idx = pick_shots(labels, train_idx, classes, shots, seed) if shots else train_idx
@@ -209,7 +217,8 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
             assert tuned is not None
             maps, map_views, tail = tuned
             fitted = train_head(maps, labels, senders, fit_idx, classes, validate=not shots,
-                                views_of=lambda r: map_views[r], seed=seed, tail=tail)
+                                views_of=lambda r: map_views[r], seed=seed, tail=tail,
+                                progress=epoch_ended)
             if fitted.record["history"]:
                 curve = [round(h["val_map"], 4) for h in fitted.record["history"]]
                 print(f"validation mAP by epoch: {curve}", flush=True)
@@ -217,7 +226,7 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
             return fitted.transform_maps(maps[test_idx])
         fitted = train_head(vectors, labels, senders, fit_idx, classes, validate=not shots,
                             head_kind=kind, views_of=(lambda r: views[r]) if augment else None,
-                            seed=seed)
+                            seed=seed, progress=epoch_ended)
         return fitted.transform(vectors[test_idx])
 
     def shots_row(name: str, kind: str, augment: bool, shots: int) -> None:
