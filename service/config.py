@@ -127,6 +127,17 @@ class Settings(BaseSettings):
     RATE_LIMIT_UPLOAD: str = Field("120/minute", description="Limit over uploads and jobs")
     CELERY: dict[str, Any] = Field(default_factory=dict, description="Extra Celery settings "
                                    "(JSON), e.g. another default queue")
+    LOG_FORMAT: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines as JSON objects or readable text; auto: JSON from the "
+                            "servers (gunicorn, Celery worker and beat), text from the CLI")
+    WORKER_METRICS_PORT: int | None = Field(None, ge=1, le=65535, description="A Celery "
+                                            "worker serves its own /metrics on this port "
+                                            "(unset: its values reach the API's /metrics "
+                                            "through PROMETHEUS_MULTIPROC_DIR on one machine)")
+    METRICS_EXACT_COUNT_MAX_ROWS: int = Field(200_000, ge=0, description="/metrics counts "
+                                              "images and vectors exactly up to this many "
+                                              "rows; larger tables are estimated from "
+                                              "PostgreSQL's statistics (docs/operations.md)")
 
     @field_validator("INGEST_ROOTS", "ALLOWED_HOSTS", mode="before")
     @classmethod
