@@ -8,23 +8,26 @@ from typing import TYPE_CHECKING
 
 from pgvector.sqlalchemy import BIT, HALFVEC
 from sqlalchemy import (
+    CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     cast,
     func,
     literal_column,
 )
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
+from service.db import Base, QueuedWork
 
 if TYPE_CHECKING:
     from service.embedding.registry import ModelInfo
@@ -53,13 +56,23 @@ class EmbeddingModel(Base):
 
 
 class ImageEmbedding(Base):
-    """The vector of one image under one model.
+    """The vector of one image under one model, with its image's filter columns.
 
     The column has no fixed dimension so that models of any size share the table;
-    each model gets a partial HNSW index over `vector::halfvec(dim)`.
+    each model gets a partial HNSW index over `vector::halfvec(dim)`. `collection`, `status`,
+    `meta` and `image_created_at` are the image's, copied by triggers (migration 0012) so that
+    a filtered search reads one table; `compact` is the vector's projection
+    (service/embedding/projection.py), NULL until the model has one.
     """
 
     __tablename__ = "image_embeddings"
+    __table_args__ = (
+        Index("ix_image_embeddings_metadata", "metadata", postgresql_using="gin",
+              postgresql_ops={"metadata": "jsonb_path_ops"}),
+        Index("ix_image_embeddings_model_collection", "model_id", "collection"),
+        Index("ix_image_embeddings_uncompacted", "model_id",
+              postgresql_where=literal_column("compact IS NULL")),
+    )
 
     image_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
@@ -71,6 +84,36 @@ class ImageEmbedding(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+    # Filled by the insert trigger from the image row, never by the ORM.
+    collection: Mapped[str] = mapped_column(String(128), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    meta: Mapped[dict] = mapped_column("metadata", JSONB, nullable=False)
+    image_created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                       nullable=False)
+    compact: Mapped[list[float] | None] = mapped_column(HALFVEC())
+
+
+class IndexProjection(QueuedWork, Base):
+    """A model's projection on its principal directions, which fills `compact` (dim x model dim).
+
+    `filling` until every vector of the model has its compact form and the compact index is
+    built; search uses the compact path only once `ready`.
+    """
+
+    __tablename__ = "index_projections"
+    __table_args__ = (CheckConstraint("status IN ('filling', 'ready', 'failed')",
+                                      name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("models.id", ondelete="CASCADE"), nullable=False, unique=True)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    components: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    fitted_rows: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="filling")
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                                 server_default=func.now())
 
 
 def index_metric(info: ModelInfo) -> str:
@@ -100,7 +143,21 @@ def hnsw_index(model_id: int, dim: int, metric: str) -> Index:
                  postgresql_ops={"v": INDEX_OPS[metric]}, postgresql_where=where)
 
 
+def compact_index_name(model_id: int) -> str:
+    """Name of the partial HNSW index over one model's compact vectors."""
+    return f"ix_image_embeddings_hnsw_compact_m{int(model_id)}"
+
+
+def compact_index(model_id: int, dim: int) -> Index:
+    """One model's partial HNSW index over its compact vectors (cosine)."""
+    vector = cast(_RUNTIME.c.compact, HALFVEC(int(dim)))
+    where = _RUNTIME.c.model_id == literal_column(str(int(model_id)))
+    return Index(compact_index_name(model_id), vector.label("v"), postgresql_using="hnsw",
+                 postgresql_with=HNSW_BUILD, postgresql_ops={"v": INDEX_OPS["cosine"]},
+                 postgresql_where=where)
+
+
 # The table as seen by the per-model indexes, on a metadata of its own: an index declared on
 # the real table would join the schema that migrations compare and `create_all` builds.
 _RUNTIME = Table("image_embeddings", MetaData(), Column("model_id", Integer),
-                 Column("vector", HALFVEC()))
+                 Column("vector", HALFVEC()), Column("compact", HALFVEC()))

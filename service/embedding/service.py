@@ -31,6 +31,7 @@ from service.embedding.models import (
     hnsw_index_name,
     index_metric,
 )
+from service.embedding.projection import compact_values
 from service.embedding.registry import ModelInfo
 from service.embedding.session import get_embedder
 from service.images.models import Image
@@ -86,17 +87,30 @@ def halfvec_literal(vector: np.ndarray) -> ColumnElement[Any]:
 def save_vectors(model: EmbeddingModel, pairs: list[tuple[uuid.UUID, np.ndarray]], *,
                  session: Session, tags: dict[uuid.UUID, list[dict[str, object]]] | None = None,
                  mark_ready: bool = True) -> None:
-    """Upsert vectors and (unless told not to) mark their images ready, with their tags."""
+    """Upsert vectors (with their compact forms) and, unless told not to, mark images ready."""
     if not pairs:
         return
-    stmt = insert(ImageEmbedding).values(
-        [{"image_id": image_id, "model_id": model.id, "vector": halfvec_literal(vec)}
-         for image_id, vec in pairs]
-    )
-    session.execute(stmt.on_conflict_do_update(
-        index_elements=["image_id", "model_id"], set_={"vector": stmt.excluded.vector}))
-    if not mark_ready:
-        return
+    if mark_ready:
+        # Before the vectors: their insert trigger then copies the ready status, instead of
+        # the image's update rewriting each vector row a second time.
+        _mark_ready(pairs, session=session, tags=tags)
+    compact = compact_values(model, np.asarray([vec for _, vec in pairs]), session=session)
+    rows = []
+    for i, (image_id, vec) in enumerate(pairs):
+        row = {"image_id": image_id, "model_id": model.id, "vector": halfvec_literal(vec)}
+        if compact is not None:
+            row["compact"] = halfvec_literal(compact[i])
+        rows.append(row)
+    stmt = insert(ImageEmbedding).values(rows)
+    changed = {"vector": stmt.excluded.vector}
+    if compact is not None:
+        changed["compact"] = stmt.excluded.compact
+    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_id"],
+                                               set_=changed))
+
+
+def _mark_ready(pairs: list[tuple[uuid.UUID, np.ndarray]], *, session: Session,
+                tags: dict[uuid.UUID, list[dict[str, object]]] | None) -> None:
     if tags:
         # Ready and tagged in one UPDATE … FROM (VALUES …): one new version of each row.
         rows = values(column("id", PG_UUID(as_uuid=True)), column("tags", JSONB),

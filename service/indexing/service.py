@@ -25,7 +25,7 @@ from service.graph.service import link_image
 from service.hashing.service import encode_images
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
-from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
+from service.images.storage import ContentMissing, ContentStore
 from service.queue import LINK_JOB_IMAGES, REBUILD_GRAPH, enqueue
 from service.text.labels import save_labels
 
@@ -57,10 +57,11 @@ def index_embedded(model: EmbeddingModel, images: list[EmbeddedImage], *, sessio
         return
     tags = save_labels(model, [(i.image_id, i.logits) for i in images if i.logits is not None],
                        session=session, set_tags=False)
+    # First of the image's vectors: this statement also marks it ready (and tags it), so the
+    # vectors written after it are copied the ready status by their insert trigger.
+    save_vectors(model, [(i.image_id, i.vector) for i in images], session=session, tags=tags)
     if derived is not None:
         write_derived(derived, [(i.image_id, i.digest) for i in images], session=session)
-    # Last of the image's vectors: this statement also marks it ready (and tags it).
-    save_vectors(model, [(i.image_id, i.vector) for i in images], session=session, tags=tags)
     # Codes read the vectors just written, of images that are ready in this transaction.
     encode_images([i.image_id for i in images], collection, session=session)
     if link:
@@ -95,7 +96,7 @@ def embed_image(image_id: uuid.UUID, *, session: Session, store: ContentStore,
     try:
         data = store.get(digest)
     except ContentMissing as exc:
-        raise PermanentEmbedError(MISSING_ORIGINAL) from exc
+        raise PermanentEmbedError(exc.reason) from exc
     try:
         result = embedder.embed_bytes([data], max_pixels=max_pixels)
     except ImageDecodeError as exc:

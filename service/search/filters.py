@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -33,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 
+from service.embedding.models import ImageEmbedding
 from service.errors import ApiError
 from service.images.models import STATUSES, Image
 
@@ -47,6 +49,25 @@ COLUMNS = {"collection", "status", "created_at", "id"}
 Scalar = str | int | float | bool | None
 
 
+@dataclass(frozen=True)
+class FilterColumns:
+    """Where a filter's fields live: the image rows, or their copies beside the vectors."""
+
+    meta: Any
+    collection: Any
+    status: Any
+    created_at: Any
+    id: Any
+
+
+IMAGE_COLUMNS = FilterColumns(Image.meta, Image.collection, Image.status, Image.created_at,
+                              Image.id)
+# Copied onto each vector by triggers (migration 0012): a vector search filters one table.
+VECTOR_COLUMNS = FilterColumns(ImageEmbedding.meta, ImageEmbedding.collection,
+                               ImageEmbedding.status, ImageEmbedding.image_created_at,
+                               ImageEmbedding.image_id)
+
+
 class FilterError(ApiError):
     """A malformed filter; the message names the offending part."""
 
@@ -57,8 +78,9 @@ class FilterError(ApiError):
 class _Budget:
     """Counts clauses so that a filter cannot grow without bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, columns: FilterColumns) -> None:
         self.clauses = 0
+        self.columns = columns
 
     def spend(self, where: str) -> None:
         self.clauses += 1
@@ -66,9 +88,9 @@ class _Budget:
             raise FilterError(where, f"the filter has more than {MAX_CLAUSES} clauses")
 
 
-def compile_filter(doc: Any) -> ColumnElement[bool]:
+def compile_filter(doc: Any, columns: FilterColumns = IMAGE_COLUMNS) -> ColumnElement[bool]:
     """Compile a filter document; raises FilterError (400) pointing at what is wrong."""
-    return _compile_doc(doc, "filter", 1, _Budget())
+    return _compile_doc(doc, "filter", 1, _Budget(columns))
 
 
 def parse_datetime(value: Any) -> datetime | None:
@@ -134,8 +156,8 @@ def _compile_field(key: str, cond: Any, where: str, depth: int,
         raise FilterError(where, f"field names must be 1 to {MAX_KEY_LENGTH} characters")
     if depth > MAX_DEPTH:
         raise FilterError(where, f"nesting deeper than {MAX_DEPTH} levels")
-    field = _Column(key, where) if key in COLUMNS else _MetaField(
-        key.removeprefix("metadata.") if key.startswith("metadata.") else key)
+    field = _Column(key, budget.columns) if key in COLUMNS else _MetaField(
+        key.removeprefix("metadata.") if key.startswith("metadata.") else key, budget.columns)
     if not isinstance(cond, dict) or not cond:
         return field.op("$eq", cond, where)
     if not all(k.startswith("$") for k in cond):
@@ -154,13 +176,14 @@ def _compile_field(key: str, cond: Any, where: str, depth: int,
 class _MetaField:
     """A top-level key of the jsonb `metadata` column; the key is always a bound parameter."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, columns: FilterColumns) -> None:
         self.key = key
-        self.value = Image.meta[key]  # metadata -> :key
+        self.meta = columns.meta
+        self.value = columns.meta[key]  # metadata -> :key
 
     def _contains(self, value: Any) -> ColumnElement[bool]:
         # jsonb @> is served by the GIN jsonb_path_ops index.
-        return Image.meta.contains({self.key: value})
+        return self.meta.contains({self.key: value})
 
     def _equals(self, value: Scalar) -> ColumnElement[bool]:
         # As in MongoDB, a scalar also matches an array that holds it.
@@ -184,7 +207,7 @@ class _MetaField:
         if op == "$exists":
             if not isinstance(operand, bool):
                 raise FilterError(where, "expected true or false")
-            present = Image.meta.has_key(self.key)
+            present = self.meta.has_key(self.key)
             return present if operand else not_(present)
         if op in ("$all", "$any"):
             values = _check_list(operand, where)
@@ -195,7 +218,7 @@ class _MetaField:
     def _compare(self, op: str, operand: Any, where: str) -> ColumnElement[bool]:
         moment = parse_datetime(operand)
         if moment is not None:
-            text_value = Image.meta[self.key].astext
+            text_value = self.meta[self.key].astext
             # CASE guarantees the cast only runs on valid timestamps (no SQL error possible).
             as_time = case((func.pg_input_is_valid(text_value, "timestamptz"),
                             cast(text_value, TIMESTAMP(timezone=True))), else_=None)
@@ -212,9 +235,9 @@ class _MetaField:
 class _Column:
     """One of the real columns: collection, status, created_at, id."""
 
-    def __init__(self, key: str, where: str) -> None:
+    def __init__(self, key: str, columns: FilterColumns) -> None:
         self.key = key
-        self.column = getattr(Image, key)
+        self.column = getattr(columns, key)
 
     def _value(self, value: Any, where: str) -> Any:
         if self.key == "created_at":

@@ -3,7 +3,10 @@
 A filtered HNSW search in pgvector can return too few rows, and PostgreSQL's planner may drop
 the index. So each query is routed here, from the planner's row estimate for its filter: an
 exact scan over the filtered rows for small sets, an iterative HNSW scan for large ones (which
-is re-run exactly when it comes back short). A pure function of numbers, tested on its own.
+is re-run exactly when it comes back short). Once a model has compact vectors
+(service/embedding/projection.py), the bands are: exact for a few hundred rows, a scan of the
+compact vectors up to COMPACT_SCAN_MAX_ROWS, the compact graph above; both compact routes
+re-rank on the full vectors. A pure function of numbers, tested on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from dataclasses import dataclass
 # them costs less than walking the graph past all the rows the filter rejects. Measured at
 # 100k x 1280 (docs/benchmarks.md): exact costs ~4 us a row, 38 ms at 10,000 rows.
 EXACT_MAX_ROWS = 3_000
+# With compact vectors: exact up to this many rows (their full vectors are read out of line),
+# a scan of the compact vectors up to the next bound, the compact graph above it. Measured at
+# 100k and 1M x 1280 (docs/benchmarks.md).
+COMPACT_EXACT_MAX_ROWS = 1_000
+COMPACT_SCAN_MAX_ROWS = 20_000
 # The graph is explored this wide at least (more for k above it). A fixed width makes the
 # strict-order scan one deterministic stream, so later pages continue the first one exactly.
 EF_SEARCH = 100
@@ -23,6 +31,7 @@ MAX_EF_SEARCH = 1000
 QUALIFYING_PER_STEP = 15
 # Methods a caller may force (evaluation, benches): the names the explain record uses.
 FORCED = {"exact": "exact", "index": "hnsw"}
+COMPACT_FORCED = {"exact": "exact", "index": "compact-graph"}
 
 
 @dataclass(frozen=True)
@@ -42,12 +51,24 @@ def ef_search_for(k: int, selectivity: float) -> int:
 
 def route(*, k: int, filtered: bool, estimated_rows: float, selectivity: float,
           exact_max_rows: int = EXACT_MAX_ROWS, force_method: str | None = None,
-          cursor_ef: int | None = None) -> Route:
-    """Exact for a filter expected to match few rows, else HNSW; a cursor keeps its width."""
+          cursor_ef: int | None = None, compact: bool = False) -> Route:
+    """Exact for a filter expected to match few rows, else a graph walk; a cursor keeps its width.
+
+    With `compact` (the model's compact vectors are ready), mid-sized filtered sets are
+    scanned on the compact vectors and large ones walk the compact graph.
+    """
+    forced = COMPACT_FORCED if compact else FORCED
     if force_method is not None:
-        if force_method not in FORCED:
+        if force_method not in forced:
             raise ValueError(f"force_method is exact or index, not {force_method!r}")
-        strategy = FORCED[force_method]
+        strategy = forced[force_method]
+    elif compact:
+        if filtered and estimated_rows <= min(exact_max_rows, COMPACT_EXACT_MAX_ROWS):
+            strategy = "exact"
+        elif filtered and estimated_rows <= COMPACT_SCAN_MAX_ROWS:
+            strategy = "compact-scan"
+        else:
+            strategy = "compact-graph"
     else:
         strategy = "exact" if filtered and estimated_rows <= exact_max_rows else "hnsw"
     ef = cursor_ef if cursor_ef is not None else ef_search_for(k, selectivity)

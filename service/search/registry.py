@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from service.search.strategies import codes, crops, exact, hnsw, hybrid, text
+from service.search.strategies import codes, compact, crops, exact, hnsw, hybrid, text
 from service.search.types import Strategy
 
 STRATEGIES: dict[str, Strategy] = {
     "exact": exact.search,
     "hnsw": hnsw.search,
+    "compact-graph": compact.graph,
+    "compact-scan": compact.scan,
     "codes": codes.search,
     "crops": crops.search,
     "text": text.search,

@@ -26,7 +26,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable, Subquery
 
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.images.models import Image
-from service.search.filters import compile_filter
+from service.search.filters import IMAGE_COLUMNS, VECTOR_COLUMNS, FilterColumns, compile_filter
 from service.search.metrics import Metric
 from service.search.types import Cursor, ImageRef, QueryPlan, SearchHit, SearchPlan, SearchResult
 
@@ -78,29 +78,29 @@ def index_exists(session: Session, name: str) -> bool:
 
 
 def candidate_conditions(*, collection: str | None, filter_doc: dict[str, Any] | None,
-                         exclude_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
+                         exclude_id: uuid.UUID | None,
+                         columns: FilterColumns = IMAGE_COLUMNS) -> list[ColumnElement[bool]]:
     """Which images may be results: ready, in the collection, passing the filter, not the query."""
-    conditions: list[ColumnElement[bool]] = [Image.status == "ready"]
+    conditions: list[ColumnElement[bool]] = [columns.status == "ready"]
     if collection is not None:
-        conditions.append(Image.collection == collection)
+        conditions.append(columns.collection == collection)
     if filter_doc:
-        conditions.append(compile_filter(filter_doc))
+        conditions.append(compile_filter(filter_doc, columns))
     if exclude_id is not None:
-        conditions.append(Image.id != exclude_id)
+        conditions.append(columns.id != exclude_id)
     return conditions
 
 
 def plan_conditions(plan: QueryPlan) -> list[ColumnElement[bool]]:
-    """The candidate conditions of a query plan."""
+    """The candidate conditions of a query plan, on the image rows."""
     return candidate_conditions(collection=plan.collection, filter_doc=plan.filter_doc,
                                 exclude_id=plan.exclude_id)
 
 
-def estimate(session: Session, conditions: list[ColumnElement[bool]]) -> tuple[float, float]:
-    """The planner's estimate of the candidates: rows, and their share of all ready images."""
-    total = max(1.0, plan_rows(session, select(Image.id).where(Image.status == "ready")))
-    rows = plan_rows(session, select(Image.id).where(*conditions))
-    return rows, min(1.0, rows / total)
+def vector_conditions(plan: QueryPlan) -> list[ColumnElement[bool]]:
+    """The candidate conditions of a vector query, on the vectors' own copies of the columns."""
+    return candidate_conditions(collection=plan.collection, filter_doc=plan.filter_doc,
+                                exclude_id=plan.exclude_id, columns=VECTOR_COLUMNS)
 
 
 def after(cursor: Cursor, distance: Any, image_id: Any) -> ColumnElement[bool]:

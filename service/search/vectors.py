@@ -14,13 +14,16 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
+from service.embedding.projection import ready
+from service.search.estimates import estimate
 from service.search.metrics import get_metric
 from service.search.planner import EXACT_MAX_ROWS, route
-from service.search.sql import estimate, plan_conditions
-from service.search.strategies import exact, hnsw
+from service.search.strategies import compact, exact, hnsw
 from service.search.types import Cursor, QueryPlan, SearchResult, Strategy
 
-ROUTES: dict[str, Strategy] = {"exact": exact.search, "hnsw": hnsw.search}
+# The routes of a vector query (the registry names every strategy; these are the planner's).
+ROUTES: dict[str, Strategy] = {"exact": exact.search, "hnsw": hnsw.search,
+                               "compact-graph": compact.graph, "compact-scan": compact.scan}
 
 
 def route_vector_query(plan: QueryPlan, *, session: Session,
@@ -29,11 +32,15 @@ def route_vector_query(plan: QueryPlan, *, session: Session,
     """The plan with its strategy, graph width and the filter's estimated selectivity."""
     rows, selectivity = 0.0, 1.0
     if plan.filtered:
-        rows, selectivity = estimate(session, plan_conditions(plan))
+        rows, selectivity = estimate(plan, session=session)
+    _, model = plan.vector_model()
+    # The projection preserves cosine only: other metrics keep the full-vector routes.
+    with_compact = plan.metric == "cosine" and ready(model, session=session) is not None
     chosen = route(k=plan.k, filtered=plan.filtered, estimated_rows=rows,
                    selectivity=selectivity, exact_max_rows=exact_max_rows,
                    force_method=force_method,
-                   cursor_ef=plan.cursor.ef_search if plan.cursor else None)
+                   cursor_ef=plan.cursor.ef_search if plan.cursor else None,
+                   compact=with_compact)
     return replace(plan, strategy=chosen.strategy, ef_search=chosen.ef_search,
                    estimated_rows=rows, estimated_selectivity=selectivity,
                    exact_fallback=chosen.exact_fallback)

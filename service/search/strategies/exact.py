@@ -15,8 +15,8 @@ from service.search.sql import (
     analyzed_rows,
     image_column,
     model_is,
-    plan_conditions,
     query_vector,
+    vector_conditions,
     vector_result,
 )
 from service.search.types import QueryPlan, SearchPlan, SearchResult
@@ -35,17 +35,21 @@ def rank_exactly(plan: QueryPlan, explained: SearchPlan, *, session: Session) ->
     vector, model = plan.vector_model()
     explained.method, explained.ef_search, explained.index_metric = "exact", None, None
     exact = exact_distance(get_metric(plan.metric), query_vector(vector, int(model.dim)))
-    conditions = plan_conditions(plan)
+    conditions = vector_conditions(plan)
     if plan.cursor is not None:
-        conditions.append(after(plan.cursor, exact, Image.id))
-    distance = exact.label("distance")
-    statement = (
-        select(image_column(plan.ids_only), distance)
-        .join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
+        conditions.append(after(plan.cursor, exact, ImageEmbedding.image_id))
+    # The filter reads the vectors' own copies of the image columns: the images join only
+    # the k rows kept.
+    ranked = (
+        select(ImageEmbedding.image_id, exact.label("distance"))
         .where(model_is(model), *conditions)
-        .order_by(distance, Image.id)
+        .order_by(exact, ImageEmbedding.image_id)
         .limit(plan.k)
+        .subquery("ranked")
     )
+    statement = (select(image_column(plan.ids_only), ranked.c.distance)
+                 .join(ranked, ranked.c.image_id == Image.id)
+                 .order_by(ranked.c.distance, Image.id))
     if plan.explain:
         explained.rows_scanned = analyzed_rows(session, statement)
     return list(session.execute(statement).all())

@@ -22,8 +22,8 @@ from service.search.sql import (
     image_column,
     index_exists,
     model_is,
-    plan_conditions,
     query_vector,
+    vector_conditions,
     vector_result,
 )
 from service.search.strategies.exact import exact_distance, rank_exactly
@@ -57,7 +57,7 @@ def walk_graph(plan: QueryPlan, explained: SearchPlan, *, session: Session) -> l
         "index", plan.ef_search, index_metric)
     exact = exact_distance(ranking, q)
     reranked = index_metric != ranking.name
-    inner_where = plan_conditions(plan)
+    inner_where = vector_conditions(plan)
     if reranked:
         # Re-rank a fixed pool of index candidates, the same pool for every page.
         candidates = max(plan.ef_search, plan.offset + plan.k)
@@ -66,7 +66,7 @@ def walk_graph(plan: QueryPlan, explained: SearchPlan, *, session: Session) -> l
         # swapped: fetch a margin and let the outer query order exactly.
         candidates = 2 * plan.k + 10
         if plan.cursor is not None:
-            inner_where.append(after(plan.cursor, exact, Image.id))
+            inner_where.append(after(plan.cursor, exact, ImageEmbedding.image_id))
     session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
                          "set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.max_scan_tuples', :mst, true), "
@@ -76,7 +76,6 @@ def walk_graph(plan: QueryPlan, explained: SearchPlan, *, session: Session) -> l
                     {"ef": str(plan.ef_search), "mst": str(MAX_SCAN_TUPLES)})
     inner = (
         select(ImageEmbedding.image_id.label("image_id"), exact.label("distance"))
-        .join(Image, Image.id == ImageEmbedding.image_id)
         .where(model_is(model), *inner_where)
         .order_by(_walk_distance(index_metric, q, dim))
         .limit(candidates)

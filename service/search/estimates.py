@@ -1,0 +1,73 @@
+"""The planner's estimate of a vector query's candidates: one EXPLAIN per new filter at most.
+
+Routing needs to know how many vectors a filter leaves. Asking PostgreSQL twice per request
+(all ready vectors, then the filtered ones) cost two round trips and two plannings on every
+query; the answers change slowly, so they are kept per model, collection and filter for
+CACHE_SECONDS in each process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.embedding.models import EmbeddingModel, ImageEmbedding
+from service.search.sql import model_is, plan_rows, vector_conditions
+from service.search.types import QueryPlan
+
+CACHE_SECONDS = 30.0
+# Counting further costs more than it tells: past this size the selectivity only widens the
+# graph walk, and a filter that leaves more rows than this walks the graph whatever the share.
+COUNT_CAP = 100_000
+MAX_ENTRIES = 4096
+
+_lock = threading.Lock()
+_cache: OrderedDict[tuple[Any, ...], tuple[float, float]] = OrderedDict()
+
+
+def _cached(key: tuple[Any, ...], compute: Any) -> float:
+    now = time.monotonic()
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            _cache.move_to_end(key)
+            return hit[1]
+    value = float(compute())
+    with _lock:
+        _cache[key] = (now, value)
+        _cache.move_to_end(key)
+        while len(_cache) > MAX_ENTRIES:
+            _cache.popitem(last=False)
+    return value
+
+
+def clear() -> None:
+    """Forget every cached estimate (tests, and after bulk loads)."""
+    with _lock:
+        _cache.clear()
+
+
+def model_rows(model: EmbeddingModel, *, session: Session) -> float:
+    """The model's ready vectors, counted up to COUNT_CAP (a fresh table has no statistics)."""
+    capped = (select(ImageEmbedding.image_id)
+              .where(model_is(model), ImageEmbedding.status == "ready")
+              .limit(COUNT_CAP).subquery())
+    return _cached(("model", int(model.id)),
+                   lambda: session.scalar(select(func.count()).select_from(capped)) or 0)
+
+
+def estimate(plan: QueryPlan, *, session: Session) -> tuple[float, float]:
+    """Rows the plan's filter leaves of its model's vectors, and their share of all of them."""
+    _, model = plan.vector_model()
+    total = max(1.0, model_rows(model, session=session))
+    key = ("filter", int(model.id), plan.collection,
+           json.dumps(plan.filter_doc, sort_keys=True, default=str))
+    statement = select(ImageEmbedding.image_id).where(model_is(model), *vector_conditions(plan))
+    rows = _cached(key, lambda: plan_rows(session, statement))
+    return rows, min(1.0, rows / total)
