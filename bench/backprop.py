@@ -22,7 +22,8 @@ import onnx
 from bench.harness import append_results
 from service.config import load_settings
 from service.embedding import registry
-from service.training.backprop import StepRunner, build
+from service.training.backprop import build
+from service.training.steps import StepRunner
 
 ROUNDS = 3
 

@@ -34,8 +34,7 @@ from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS, embed_views
 from service.training.heads import fit_pca_whitening
 from service.training.service import _side, pick_shots, train_head
-from service.training.tail import DEPTHS, TAIL_LR, Tail
-from service.training.top import TOP, TOP_SCHEDULE, GraphTail
+from service.training.tails import DEPTHS, TAIL_LR, TOP, TOP_SCHEDULE, GraphTail
 
 SHOTS = (5, 10, 20)
 SEEDS = 3  # draws of the shots (and seeds of the head) averaged
@@ -70,7 +69,7 @@ def clothing_views(model_name: str, rows: list[dict[str, str]]) -> np.ndarray:
 
 
 def clothing_maps(model_name: str, rows: list[dict[str, str]], depth: str,
-                  at: str | None = None) -> tuple[np.ndarray, np.ndarray, Tail | GraphTail]:
+                  at: str | None = None) -> tuple[np.ndarray, np.ndarray, GraphTail]:
     """Input maps of the backbone's tail, of every photo (N, C, H, W) and of its views
     (N, views, C·H·W), cached as float16; and the pretrained tail. With `at`, the backbone
     sees that model's input, resized inside its graph (as in a joined model)."""
@@ -205,7 +204,7 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
                      f"{s.precision[10]:.3f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
 
-    tuned: tuple[np.ndarray, np.ndarray, Tail | GraphTail] | None = None
+    tuned: tuple[np.ndarray, np.ndarray, GraphTail] | None = None
 
     def epoch_ended(stage: str, done: int, total: int) -> None:
         # Validation mAP is computed after each epoch, inside its time (as in finetune).

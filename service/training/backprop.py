@@ -1,39 +1,39 @@
-"""Backward passes of a CNN backbone as ONNX graphs, run by the same ONNX Runtime as inference.
+"""Backward passes of ONNX graphs, built as ONNX graphs and run by the inference onnxruntime.
 
-Fine-tuning deeper than the last block needs the whole network's backward pass; PyTorch is
-not a run-time dependency, and onnxruntime-training would replace the inference package. So
-the gradient graph is built here from the backbone's own graph, for the ops that the
-convolutional backbones use (Conv of any group, stride and padding; Clip/Relu; Add;
-GlobalAveragePool; Flatten), and run with onnxruntime (`build`, then `StepRunner`):
+Every gradient of fine-tuning comes from here: the backbone's re-trained layers, the head on
+top of them and the logistic classifier. PyTorch is not a run-time dependency, and
+onnxruntime-training would replace the inference package, so reverse mode is written once
+over ONNX graphs (`build`):
 
-- the forward graph: the backbone with its trainable weights as inputs, and every tensor that
-  the backward pass needs as an extra output;
-- the backward graph: those tensors, the weights and the gradient of the embedding in, the
-  gradient of each weight out. A convolution's input gradient is a ConvTranspose with the
-  same kernel (a Conv by the transposed kernel for pointwise ones); its weight gradient
-  correlates the input with the output gradient: for full convolutions a MatMul over
-  positions per kernel offset, for depthwise ones a single convolution with a group per
-  channel over the batch's images.
+- the forward graph: the source graph's nodes from tensor `start` to its outputs, with its
+  trainable weights as inputs, and every tensor that the backward pass needs as an extra
+  output;
+- the backward graph: those tensors, the weights and the gradient of each output in, the
+  gradient of each weight out, made of one backward rule per forward node (conv_rules.py
+  for the backbones' ops, math_rules.py for the heads').
 
-Shapes must be static except the batch: the graphs are built for one input size.
-
-Over 300 lines: the forward taps and the backward graph of each op must match one to one;
-they are kept together until training computes every gradient one way.
+Trainable: every Conv weight and bias on the way, and the initializers named in `trainable`.
+Other graph inputs (a dropout mask) are fed with each call. Shapes must be static except the
+batch: the graphs are built for one input shape. steps.py runs them (`StepRunner`), or runs
+forward, the loss's seed and backward in one session (`TrainingStep`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from service.embedding.convert.graph import IR_VERSION, OPSET
 from service.errors import ApiError
-from service.training.tail import clip_layer
+from service.training import conv_rules, math_rules
 
-SUPPORTED = ("Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "Flatten")
+RULES = {**conv_rules.RULES, **math_rules.RULES}
+SUPPORTED = tuple(RULES)
+NO_GRADIENT = ("Constant",)  # in the forward graph, never differentiated
 
 
 @dataclass
@@ -43,9 +43,15 @@ class GradientGraphs:
     forward: onnx.ModelProto
     backward: onnx.ModelProto
     start: str
-    embedding: str
+    outputs: list[str]
     weights: dict[str, np.ndarray]
     saved: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # fed each call, not trained
+
+    @property
+    def embedding(self) -> str:
+        """The first output."""
+        return self.outputs[0]
 
     def grad_name(self, tensor: str) -> str:
         """Name of a tensor's gradient in the backward graph."""
@@ -53,85 +59,68 @@ class GradientGraphs:
 
 
 def grad_name(tensor: str) -> str:
-    """Name of a tensor's gradient in the backward graph (the embedding's is an input)."""
+    """Name of a tensor's gradient in the backward graph (the outputs' are inputs)."""
     return f"grad/{tensor}"
 
 
-class StepRunner:
-    """The two graphs in onnxruntime sessions; the weights are fed with every call."""
+def trace(model: onnx.ModelProto, *, start: str, outputs: Iterable[str],
+          trainable: Iterable[str] = ()) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """The nodes from `start` to `outputs` in topological order, and their trainable weights.
 
-    def __init__(self, graphs: GradientGraphs) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # unused initializers (the clips' bounds) are expected
-        self.graphs = graphs
-        self._forward = ort.InferenceSession(graphs.forward.SerializeToString(), options,
-                                             providers=["CPUExecutionProvider"])
-        self._backward = ort.InferenceSession(graphs.backward.SerializeToString(), options,
-                                              providers=["CPUExecutionProvider"])
-        self._outputs = [o.name for o in graphs.forward.graph.output]
-
-    def forward(self, x: np.ndarray, weights: dict[str, np.ndarray]
-                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The embedding of a batch, and what the backward pass reads."""
-        out = dict(zip(self._outputs, self._forward.run(
-            self._outputs, {self.graphs.start: x, **weights}), strict=True))
-        out[self.graphs.start] = x
-        return out[self.graphs.embedding], out
-
-    def embed(self, x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-        """The embedding of a batch only (nothing kept for a backward pass)."""
-        return self._forward.run([self.graphs.embedding], {self.graphs.start: x, **weights})[0]
-
-    def backward(self, saved: dict[str, np.ndarray], weights: dict[str, np.ndarray],
-                 grad: np.ndarray) -> dict[str, np.ndarray]:
-        """Each weight's gradient, given the embedding's."""
-        feed = {n: saved[n] for n in self.graphs.saved} | weights
-        feed[grad_name(self.graphs.embedding)] = grad
-        names = list(self.graphs.weights)
-        return dict(zip(names, self._backward.run(
-            [self.graphs.grad_name(n) for n in names], feed), strict=True))
-
-
-def build(model: onnx.ModelProto, *, start: str, embedding: str = "embedding",
-          input_shape: tuple[int, int, int]) -> GradientGraphs:
-    """Forward and backward graphs of `model` from tensor `start` (C, H, W) to `embedding`.
-
-    Every Conv weight and bias between the two is trainable. 409 when the path holds an op
-    outside SUPPORTED.
+    409 when the path holds an op without a backward rule or a conv of computed weights.
     """
     producers = {out: node for node in model.graph.node for out in node.output}
-    path = _path(producers, start, embedding)
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    path = _path(producers, start, list(outputs))
+    inits = {i.name: i for i in model.graph.initializer}
     names = [n for node in path if node.op_type == "Conv" for n in node.input[1:] if n]
     if any(n not in inits for n in names):
         raise ApiError("unsupported_backbone", "cannot train a convolution whose weights are "
                        "computed, not stored", status=409)
-    weights = {n: inits[n].astype(np.float32) for n in names}
-    shapes = _shapes(model, path, start, input_shape, inits)
-    constants = [numpy_helper.from_array(inits[n], n) for node in path
-                 for n in node.input if n in inits and n not in weights]
+    names += [n for n in trainable if n not in names]
+    return path, {n: numpy_helper.to_array(inits[n]) for n in names}
+
+
+def build(model: onnx.ModelProto, *, start: str, input_shape: tuple[int, ...],
+          embedding: str = "embedding", outputs: list[str] | None = None,
+          trainable: Iterable[str] = (), dtype: type = np.float32) -> GradientGraphs:
+    """Forward and backward graphs of `model` from tensor `start` (shape without the batch)
+    to `outputs` (default: `embedding`), in float32 or float64 (`dtype`)."""
+    outputs = outputs or [embedding]
+    path, weights = trace(model, start=start, outputs=outputs, trainable=trainable)
+    weights = {n: w.astype(dtype) for n, w in weights.items()}
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    used = {n for node in path for n in node.input}
+    extras = {v.name: v for v in model.graph.input if v.name in used and v.name != start
+              and v.name not in inits}
+    shapes = _shapes(path, start, input_shape, extras, inits, outputs, elem)
+    constants = _unique([numpy_helper.from_array(inits[n], n) for node in path
+                         for n in node.input if n in inits and n not in weights])
+
+    def value(name: str, like: str | None = None) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, elem, list(shapes[like or name]))
+
+    differentiable = set(weights)
+    for node in path:
+        if any(i in differentiable for i in node.input) and node.op_type not in NO_GRADIENT:
+            differentiable.update(node.output)
+    tape = Backward(model, shapes, inits, weights, start, dtype, differentiable)
+    saved = tape.run(path, outputs)
     fwd = helper.make_graph(
-        path, "forward",
-        [_value(start, (None, *input_shape))] + [_value(n, w.shape) for n, w in weights.items()],
-        [_value(embedding, (None, *shapes[embedding][1:]))],
-        initializer=_unique(constants))
-    grads = _Backward(model, shapes, inits, weights, start)
-    saved = grads.run(path, embedding)
-    fwd.output.extend(_value(n, (None, *shapes[n][1:])) for n in saved
-                      if n not in (embedding, start))
+        path, "forward", [value(start)] + [value(n) for n in extras] +
+        [value(n) for n in weights], [value(n) for n in outputs], initializer=constants)
+    fwd.output.extend(value(n) for n in saved if n not in (*outputs, start, *extras))
     bwd = helper.make_graph(
-        grads.nodes, "backward",
-        [_value(n, (None, *shapes[n][1:])) for n in saved] +
-        [_value(n, w.shape) for n, w in weights.items()] +
-        [_value(grad_name(embedding), (None, *shapes[embedding][1:]))],
-        [_value(grad_name(n), w.shape) for n, w in weights.items()],
-        initializer=_unique(constants + grads.constants))
-    return GradientGraphs(_model(fwd), _model(bwd), start, embedding, weights, saved)
+        tape.nodes, "backward", [value(n) for n in saved] + [value(n) for n in weights] +
+        [value(grad_name(n), n) for n in outputs],
+        [value(grad_name(n), n) for n in weights],
+        initializer=_unique(constants + tape.constants))
+    return GradientGraphs(model_of(fwd), model_of(bwd), start, list(outputs), weights, saved,
+                          list(extras))
 
 
-def _model(graph: onnx.GraphProto, check: bool = True) -> onnx.ModelProto:
+def model_of(graph: onnx.GraphProto, check: bool = True) -> onnx.ModelProto:
+    """A graph as a model at the service's opset, checked."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     if check:
@@ -146,13 +135,9 @@ def _unique(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
     return list(seen.values())
 
 
-def _value(name: str, shape: tuple) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
 def _path(producers: dict[str, onnx.NodeProto], start: str,
-          embedding: str) -> list[onnx.NodeProto]:
-    """Nodes that `embedding` depends on from `start`, in topological order."""
+          outputs: list[str]) -> list[onnx.NodeProto]:
+    """Nodes that `outputs` depend on from `start`, in topological order."""
     order: list[onnx.NodeProto] = []
     seen: set[int] = set()
 
@@ -160,190 +145,126 @@ def _path(producers: dict[str, onnx.NodeProto], start: str,
         node = producers.get(name)
         if name == start or node is None or id(node) in seen:
             return
-        if node.op_type not in SUPPORTED:
+        if node.op_type not in RULES and node.op_type not in NO_GRADIENT:
             raise ApiError("unsupported_backbone", f"cannot train through {node.op_type} "
                            f"({node.name or name}); fine-tune with --tune none or last-conv",
                            status=409)
         seen.add(id(node))
-        for inp in node.input[:1] if node.op_type in ("Conv", "Clip") else node.input:
+        for inp in node.input:
             visit(inp)
         order.append(node)
 
-    visit(embedding)
+    for out in outputs:
+        visit(out)
     return order
 
 
-def _shapes(model: onnx.ModelProto, path: list[onnx.NodeProto], start: str,
-            input_shape: tuple[int, int, int],
-            inits: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    graph = helper.make_graph(
-        list(path), "shapes", [_value(start, (1, *input_shape))],
-        [helper.make_empty_tensor_value_info(path[-1].output[0])],
-        initializer=_unique([numpy_helper.from_array(inits[n], n) for node in path
-                             for n in node.input if n in inits]))
-    inferred = shape_inference.infer_shapes(_model(graph, check=False), strict_mode=True)
-    shapes = {start: (1, *input_shape)}
-    for info in [*inferred.graph.value_info, *inferred.graph.output]:
-        shapes[info.name] = tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
-    return shapes
+def _shapes(path: list[onnx.NodeProto], start: str, input_shape: tuple[int, ...],
+            extras: dict[str, onnx.ValueInfoProto], inits: dict[str, np.ndarray],
+            outputs: list[str], elem: int) -> dict[str, tuple[int | None, ...]]:
+    """Each tensor's shape, None where it is the batch: inferred at batch 1 and at batch 2."""
+    found = []
+    for batch in (1, 2):
+        inputs = [helper.make_tensor_value_info(start, elem, (batch, *input_shape))]
+        for name, info in extras.items():
+            dims = [batch if d.dim_param else d.dim_value
+                    for d in info.type.tensor_type.shape.dim]
+            inputs.append(helper.make_tensor_value_info(
+                name, info.type.tensor_type.elem_type, dims))
+        graph = helper.make_graph(
+            list(path), "shapes", inputs,
+            [helper.make_empty_tensor_value_info(n) for n in outputs],
+            initializer=_unique([numpy_helper.from_array(inits[n], n) for node in path
+                                 for n in node.input if n in inits]))
+        inferred = shape_inference.infer_shapes(model_of(graph, check=False),
+                                                strict_mode=True)
+        shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+                  for i in inputs}
+        for info in [*inferred.graph.value_info, *inferred.graph.output]:
+            shapes[info.name] = tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
+        shapes.update({n: tuple(a.shape) for n, a in inits.items()})
+        found.append(shapes)
+    one, two = found
+    return {n: tuple(None if a != b else a for a, b in zip(s, two[n], strict=True))
+            for n, s in one.items()}
 
 
-class _Backward:
+class Backward:
     """Appends the gradient nodes of each forward node, last node first."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                 inits: dict[str, np.ndarray], weights: dict[str, np.ndarray],
-                 start: str) -> None:
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]],
+                 inits: dict[str, np.ndarray], weights: dict[str, np.ndarray], start: str,
+                 dtype: type, differentiable: set[str]) -> None:
         self.model = model
         self.shapes, self.inits, self.weights, self.start = shapes, inits, weights, start
+        self.dtype = np.dtype(dtype)
+        self.elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.differentiable = differentiable
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[onnx.TensorProto] = []
         self.saved: list[str] = []
         self.count = 0
 
+    def wants(self, name: str) -> bool:
+        """Whether tensor `name` depends on a trainable weight (so needs a gradient)."""
+        return name in self.differentiable
+
     def fresh(self, stem: str) -> str:
+        """A new tensor name."""
         self.count += 1
         return f"bw/{stem}/{self.count}"
 
-    def const(self, values: np.ndarray | list[int], stem: str) -> str:
+    def const(self, values: np.ndarray | list[int] | float, stem: str) -> str:
+        """A constant: integers as int64 (shapes, axes), floats in the graphs' type."""
         name = self.fresh(stem)
         arr = np.asarray(values)
         self.constants.append(numpy_helper.from_array(
-            arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32), name))
+            arr.astype(np.int64 if arr.dtype.kind in "iu" else self.dtype), name))
         return name
 
     def add(self, op: str, inputs: list[str], stem: str, **attrs: object) -> str:
+        """A backward node with one output; its name."""
         out = self.fresh(stem)
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
     def save(self, name: str) -> str:
-        if name not in self.saved:
+        """A forward tensor that the backward graph reads (weights and constants it has)."""
+        if name not in self.saved and name not in self.weights and name not in self.inits:
             self.saved.append(name)
         return name
 
-    def run(self, path: list[onnx.NodeProto], embedding: str) -> list[str]:
+    def shape_const(self, name: str) -> str:
+        """The static shape of tensor `name`, -1 for the batch, as a Reshape input."""
+        return self.const([-1 if d is None else d for d in self.shapes[name]], "shape")
+
+    def unbroadcast(self, grad: str, out: str, to: str) -> str:
+        """`grad` (of output `out`) summed over the axes along which input `to` was broadcast."""
+        have, want = self.shapes[out], self.shapes[to]
+        lead = len(have) - len(want)
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(want)
+                                    if d == 1 and have[lead + i] != 1]
+        if not axes:
+            return grad
+        summed = self.add("ReduceSum", [grad, self.const(axes, "axes")], "unbroadcast",
+                          keepdims=1)
+        return self.add("Reshape", [summed, self.shape_const(to)], "unbroadcast")
+
+    def run(self, path: list[onnx.NodeProto], outputs: list[str]) -> list[str]:
         """Build every gradient; returns the forward tensors that the backward graph reads."""
-        pending: dict[str, list[str]] = {embedding: [grad_name(embedding)]}
+        pending: dict[str, list[str]] = {o: [grad_name(o)] for o in outputs}
         for node in reversed(path):
             parts = pending.pop(node.output[0], [])
-            if not parts:
+            if not parts or node.op_type in NO_GRADIENT:
                 continue
             grad = parts[0] if len(parts) == 1 else self.add("Sum", parts, "sum")
-            for name, g in self.node_grads(node, grad):
-                if name in self.weights:
-                    self.nodes.append(helper.make_node("Identity", [g], [grad_name(name)]))
-                elif name != self.start and name not in self.inits:
+            for name, g in RULES[node.op_type](self, node, grad):
+                if self.wants(name):  # a weight, or a tensor computed from one
                     pending.setdefault(name, []).append(g)
+        for name in self.weights:
+            parts = pending.pop(name, [])
+            total = parts[0] if len(parts) == 1 else (
+                self.add("Sum", parts, "sum") if parts else self.add(
+                    "Mul", [name, self.const(0.0, "zero")], "unused"))
+            self.nodes.append(helper.make_node("Identity", [total], [grad_name(name)]))
         return self.saved
-
-    def node_grads(self, node: onnx.NodeProto, grad: str) -> list[tuple[str, str]]:
-        """(input name, its gradient) for each input of `node` that needs one."""
-        x = node.input[0]
-        if node.op_type == "Flatten":
-            return [(x, self.add("Reshape", [grad, self.const(list(
-                (-1, *self.shapes[x][1:])), "shape")], "flat"))]
-        if node.op_type == "GlobalAveragePool":
-            _, c, h, w = self.shapes[x]
-            scaled = self.add("Mul", [grad, self.const(np.float32(1 / (h * w)), "area")], "gap")
-            return [(x, self.add("Expand", [scaled, self.const([1, c, h, w], "shape")], "gap"))]
-        if node.op_type == "Add":
-            return [(x, grad), (node.input[1], grad)]
-        if node.op_type in ("Clip", "Relu"):
-            clip = clip_layer(self.model, node)  # the bounds as the numpy tail reads them
-            inside = self.add("Greater", [self.save(x), self.const(
-                np.float32(clip.low), "low")], "gt")
-            if np.isfinite(clip.high):
-                inside = self.add("And", [inside, self.add(
-                    "Less", [x, self.const(np.float32(clip.high), "high")], "lt")], "and")
-            # A cast mask times the gradient: Where, or the mask as float ops (Sign of Relu),
-            # measured slower in onnxruntime.
-            mask = self.add("Cast", [inside], "mask", to=TensorProto.FLOAT)
-            return [(x, self.add("Mul", [grad, mask], "clip"))]
-        return self.conv_grads(node, grad)
-
-    def conv_grads(self, node: onnx.NodeProto, grad: str) -> list[tuple[str, str]]:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        x, w_name = node.input[0], node.input[1]
-        weight = self.weights[w_name]
-        out_c, in_per_group, k, kw = weight.shape
-        group = int(attrs.get("group", 1))
-        strides = list(attrs.get("strides", [1, 1]))
-        pads = list(attrs.get("pads", [0, 0, 0, 0]))
-        if list(attrs.get("dilations", [1, 1])) != [1, 1] or \
-                attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise ApiError("unsupported_backbone", "cannot train through a dilated or "
-                           "auto-padded convolution", status=409)
-        _, in_c, hx, wx = self.shapes[x]
-        _, _, hy, wy = self.shapes[node.output[0]]
-        out: list[tuple[str, str]] = []
-        if len(node.input) > 2 and node.input[2]:
-            out.append((node.input[2], self.add("ReduceSum", [grad, self.const(
-                [0, 2, 3], "axes")], "db", keepdims=0)))
-        xp = self.save(x)
-        if any(pads):
-            xp = self.add("Pad", [x, self.const([0, 0, pads[0], pads[1], 0, 0, pads[2],
-                                                 pads[3]], "pads")], "pad")
-        if group > 1:
-            if not (in_per_group == 1 and group == out_c == in_c):
-                raise ApiError("unsupported_backbone", "cannot train through a grouped "
-                               "convolution other than a depthwise one", status=409)
-            out.append((w_name, self.depthwise_weight_grad(xp, grad, weight.shape, strides,
-                                                           hx + pads[0] + pads[2],
-                                                           wx + pads[1] + pads[3])))
-        else:
-            out.append((w_name, self.dense_weight_grad(xp, grad, weight.shape, strides,
-                                                       in_c, hy, wy)))
-        if x == self.start:
-            return out
-        if (k, kw, group, *strides, *pads) == (1, 1, 1, 1, 1, 0, 0, 0, 0):
-            # A pointwise convolution's input gradient is the pointwise convolution by the
-            # transposed kernel: onnxruntime runs that as one GEMM, faster than ConvTranspose.
-            dx = self.add("Conv", [grad, self.add("Transpose", [w_name], "wt",
-                                                  perm=[1, 0, 2, 3])], "dx")
-        else:
-            extra = [hx - ((hy - 1) * strides[0] - pads[0] - pads[2] + k),
-                     wx - ((wy - 1) * strides[1] - pads[1] - pads[3] + kw)]
-            dx = self.add("ConvTranspose", [grad, w_name], "dx", group=group, strides=strides,
-                          pads=pads, output_padding=extra, kernel_shape=[k, kw])
-        return [*out, (x, dx)]
-
-    def depthwise_weight_grad(self, xp: str, grad: str, shape: tuple[int, ...],
-                              strides: list[int], hp: int, wp: int) -> str:
-        """dW[c] = Σ_n correlation of the padded input's channel c with the grad's."""
-        # One convolution with a group per channel, each over the batch's N images: the
-        # input (1, C·N, Hp, Wp), the output gradient as its kernel (C, N, Hy, Wy), dilated
-        # by the stride. Per kernel offset, a slice, product and sum over the whole batch
-        # cost 5-6 times as much (most of a backward step through depthwise blocks).
-        channels, _, k, kw = shape
-        rows = self.add("Reshape", [self.add("Transpose", [xp], "dwx", perm=[1, 0, 2, 3]),
-                                    self.const([1, -1, hp, wp], "shape")], "dwx")
-        kernel = self.add("Transpose", [grad], "dwg", perm=[1, 0, 2, 3])
-        dw = self.add("Conv", [rows, kernel], "dw", group=channels, dilations=strides)
-        dw = self.add("Slice", [dw, self.const([0, 0], "starts"), self.const([k, kw], "ends"),
-                                self.const([2, 3], "axes")], "dw")  # rows the stride skipped
-        return self.add("Reshape", [dw, self.const(list(shape), "shape")], "dw")
-
-    def dense_weight_grad(self, xp: str, grad: str, shape: tuple[int, ...],
-                          strides: list[int], in_c: int, hy: int, wy: int) -> str:
-        """dW of an ungrouped convolution: per kernel offset, grad rows times shifted input."""
-        out_c, _, k, kw = shape
-        per_offset = []
-        # (O, N·HW) times (N·HW, I): one GEMM per offset that sums over the batch too (a
-        # batched MatMul per image, then a sum, wrote an (N, O, I) array first).
-        grad_rows = self.add("Reshape", [self.add("Transpose", [grad], "rows", perm=[
-            1, 0, 2, 3]), self.const([out_c, -1], "shape")], "rows")
-        for a in range(k):
-            for b in range(kw):
-                shifted = xp
-                if (k, kw, *strides) != (1, 1, 1, 1):
-                    shifted = self.add("Slice", [xp, self.const([a, b], "starts"), self.const(
-                        [a + (hy - 1) * strides[0] + 1, b + (wy - 1) * strides[1] + 1], "ends"),
-                        self.const([2, 3], "axes"), self.const(strides, "steps")], "shift")
-                cols = self.add("Reshape", [self.add("Transpose", [shifted], "cols", perm=[
-                    0, 2, 3, 1]), self.const([-1, in_c], "shape")], "cols")
-                per_offset.append(self.add("MatMul", [grad_rows, cols], "dw"))  # (O, I)
-        stacked = per_offset[0] if len(per_offset) == 1 else self.add(
-            "Concat", [self.add("Unsqueeze", [p, self.const([-1], "axes")], "dw")
-                       for p in per_offset], "dw", axis=-1)
-        return self.add("Reshape", [stacked, self.const(list(shape), "shape")], "dw")

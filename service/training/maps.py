@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 
 from service.embedding.transforms import Preprocessing, batch, preprocess
-from service.training.tail import Tail, find_tail
-from service.training.top import TOP, GraphTail, top_tail
+from service.training.tails import GraphTail, tail_of
 
 TAP = "lookalike_tail_input"
 
@@ -17,15 +16,14 @@ TAP = "lookalike_tail_input"
 class MapRunner:
     """A backbone that outputs the input maps of its tail, (N, C, H, W) float16.
 
-    `depth`: a numpy tail's (tail.DEPTHS), or "top" for the GraphTail of top.py.
+    `depth`: tails.DEPTHS or tails.TOP.
     """
 
     def __init__(self, model: onnx.ModelProto, input_name: str,
                  embedding: str = "embedding", depth: str = "last-conv") -> None:
         import onnxruntime as ort
 
-        self.tail: Tail | GraphTail = (top_tail(model, embedding) if depth == TOP
-                                       else find_tail(model, embedding, depth))
+        self.tail: GraphTail = tail_of(model, embedding, depth)
         tapped = onnx.ModelProto()
         tapped.CopyFrom(model)
         tapped.graph.output.append(onnx.helper.make_tensor_value_info(

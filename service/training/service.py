@@ -29,17 +29,12 @@ from service.evaluation.service import LabelledSet, load_labelled
 from service.images.models import Image
 from service.images.storage import ContentStore
 from service.training.augment import VIEWS, embed_views
-from service.training.heads import (
-    Head,
-    fit_classifier,
-    fit_cosine_head,
-    fit_pca_whitening,
-)
+from service.training.cosine import fit_cosine_head
+from service.training.heads import Head, fit_classifier, fit_pca_whitening
 from service.training.joined import join, resized_input
 from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
-from service.training.tail import DEPTHS, Tail
-from service.training.top import TOP, TOP_SCHEDULE, GraphTail
+from service.training.tails import DEPTHS, TOP, TOP_SCHEDULE, GraphTail
 
 HEADS = ("cosine", "linear")
 # progress(stage, done, total): finetune's long steps report through it (the CLI draws bars).
@@ -128,7 +123,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
                head_kind: str = "cosine",
                views_of: Callable[[np.ndarray], np.ndarray] | None = None,
                hidden: int | None = None, epochs: int | None = None, seed: int = 0,
-               tail: Tail | GraphTail | None = None,
+               tail: GraphTail | None = None,
                progress: Progress | None = None) -> Head:
     """Fit a labelled head on the training rows (what `finetune` and bench/training.py run).
 
@@ -161,7 +156,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, values: list[str],
         "val_x": vectors[held], "val_labels": labels[held].tolist()}
     if head_kind == "cosine":
         schedule: dict[str, Any] = cosine_schedule(len(fit), epochs, hidden)
-        if isinstance(tail, GraphTail):
+        if tail is not None and tail.depth == TOP:
             schedule.update({**TOP_SCHEDULE, "epochs": epochs or TOP_SCHEDULE["epochs"],
                              "groups": groups})
         head = fit_cosine_head(x, fit_y, classes, seed=seed, tail=tail,

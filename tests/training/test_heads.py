@@ -14,11 +14,8 @@ from PIL import Image as PILImage
 from service.embedding.transforms import Preprocessing
 from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS, embed_views, views
-from service.training.heads import (
-    fit_classifier,
-    fit_cosine_head,
-    fit_pca_whitening,
-)
+from service.training.cosine import fit_cosine_head
+from service.training.heads import fit_classifier, fit_pca_whitening
 from service.training.onnx_head import append_head
 
 

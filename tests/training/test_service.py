@@ -21,8 +21,7 @@ from service.errors import ApiError
 from service.evaluation.metrics import exact_cosine_scores
 from service.training.augment import VIEWS
 from service.training.service import _side, finetune
-from service.training.tail import find_tail
-from service.training.top import TOP_SCHEDULE, find_top, top_tail
+from service.training.tails import TOP_SCHEDULE, find_tail, find_top, top_tail
 from tests.conftest import wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -119,15 +118,16 @@ def test_finetune_retrains_the_backbones_last_layers(app: Flask, labelled, model
                       depth)
     stock = find_tail(onnx.load_model(models / "efficientnet-lite0" / "model.onnx"), depth=depth)
     assert record["tail"]["layers"] == stock.nodes == tuned.nodes
-    assert len(stock.nodes) == (7 if tune else 2)  # the whole last block, or the last conv
+    # The whole last block, or the last conv; then the pool and the flatten.
+    assert len(stock.nodes) == (9 if tune else 4)
     last = {stage: (done, total) for stage, done, total in reports}
     assert last == {"feature maps": (len(labelled), len(labelled)),
                     "augmentation views": (record["fit_images"], record["fit_images"]),
                     "epochs": (2, 2)}
-    for new, old in zip(tuned.layers, stock.layers, strict=True):
-        if old.weight is not None:
-            assert new.weight is not None and new.weight.shape == old.weight.shape
-            assert not np.allclose(new.weight, old.weight)
+    assert set(tuned.weights) == set(stock.weights)
+    for name, old in stock.weights.items():
+        assert tuned.weights[name].shape == old.shape
+        assert not np.allclose(tuned.weights[name], old), name
     embedder = Embedder(info, models / out.model / "model.onnx")
     result = embedder.embed_bytes([(clothing / labelled[0][1]).read_bytes()], max_pixels=10**8)
     assert result.vectors.shape == (1, 32 + 4) and np.isfinite(result.vectors).all()

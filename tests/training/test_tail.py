@@ -1,4 +1,4 @@
-"""The backbone's tail: found in ONNX graphs, differentiated in numpy, swapped back in."""
+"""The backbone's tail: found in ONNX graphs, trained through gradient graphs, swapped back."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from service.embedding.session import Embedder
 from service.embedding.transforms import preprocess
 from service.errors import ApiError
 from service.evaluation.metrics import exact_cosine_scores
-from service.training.heads import _tail_grads, fit_cosine_head, layer_rates
+from service.training.cosine import fit_cosine_head, layer_rates
+from service.training.head_graph import CosineStep
 from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
-from service.training.tail import Layer, Tail, find_tail
+from service.training.tails import find_tail
 from tests.conftest import DEFAULT_MODEL
 from tests.training.test_heads import backbone
 
@@ -64,30 +65,57 @@ def block_backbone(seed: int = 0, head_bias: bool = True) -> onnx.ModelProto:
     return model
 
 
-def pooled_by_hand(maps: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
-    """The block of `block_backbone` written out with loops, in float64."""
+def pooled_by_hand(maps: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    """The block of `block_backbone` written out with loops, in float64 (weights by name)."""
     relu6 = lambda v: np.clip(v, 0, 6)  # noqa: E731
     x = maps.astype(np.float64).transpose(0, 2, 3, 1)  # N, H, W, C
-    e = relu6(x @ p["t0w"] + p["t0b"])
+
+    def pointwise(v: np.ndarray, name: str) -> np.ndarray:
+        return v @ w[f"{name}_w"][:, :, 0, 0].T + w.get(f"{name}_b", 0.0)
+
+    e = relu6(pointwise(x, "expand"))
     padded = np.pad(e, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = w["dw_w"][:, 0].transpose(1, 2, 0)  # k, k, channels
     d = np.zeros_like(e)
     for i in range(e.shape[1]):
         for j in range(e.shape[2]):
-            d[:, i, j] = (padded[:, i:i + 3, j:j + 3] * p["t2w"]).sum(axis=(1, 2))
-    d = relu6(d + p["t2b"])
-    a = relu6((d @ p["t4w"] + p["t4b"]) @ p["t5w"] + p["t5b"])
+            d[:, i, j] = (padded[:, i:i + 3, j:j + 3] * kernel).sum(axis=(1, 2))
+    d = relu6(d + w["dw_b"])
+    a = relu6(pointwise(pointwise(d, "project"), "head"))
     return a.mean(axis=(1, 2))
+
+
+def conv_backbone(weight: np.ndarray) -> onnx.ModelProto:
+    """image (N, 12, 4, 4) -> 1x1 conv by `weight` (in, out), ReLU6, average pool."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["conv"], name="conv",
+                          kernel_shape=[1, 1]),
+         helper.make_node("Clip", ["conv", "lo", "hi"], ["act"], name="act"),
+         helper.make_node("GlobalAveragePool", ["act"], ["pooled"], name="pool"),
+         helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1, name="flat")],
+        "conv-backbone",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 12, 4, 4])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", weight.shape[1]])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T[:, :, None, None], np.float32),
+                                 "w"),
+         numpy_helper.from_array(np.zeros(weight.shape[1], np.float32), "b"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
 
 
 def test_find_tail_reads_the_last_block_or_the_last_conv() -> None:
     model = block_backbone()
     tail = find_tail(model, depth="last-block")
-    assert [layer.kind for layer in tail.layers] == [
-        "conv", "clip", "depthwise", "clip", "conv", "conv", "clip"]
+    assert tail.nodes == ["expand", "expand_act", "depthwise", "dw_act", "project",
+                          "head_conv", "act", "pooled", "embedding"]
+    assert set(tail.weights) == {"expand_w", "expand_b", "dw_w", "dw_b", "project_w",
+                                 "project_b", "head_w", "head_b"}
     assert tail.tap == "block_in" and tail.spatial
-    assert tail.nodes[0] == "expand" and tail.nodes[-2] == "head_conv"
     conv = find_tail(model)  # the default
-    assert [layer.kind for layer in conv.layers] == ["conv", "clip"]
+    assert conv.nodes[:2] == ["head_conv", "act"] and set(conv.weights) == {"head_w", "head_b"}
     assert conv.tap == "project" and not conv.spatial
     images = np.random.default_rng(1).uniform(0, 1, (4, 3, 5, 5)).astype(np.float32)
     stock = ort.InferenceSession(model.SerializeToString()).run(["embedding"],
@@ -95,7 +123,7 @@ def test_find_tail_reads_the_last_block_or_the_last_conv() -> None:
     maps = MapRunner(model, "image", depth="last-block").run(images)
     np.testing.assert_allclose(maps, 2 * images, atol=1e-2)  # float16 of the Add's output
     np.testing.assert_allclose(tail.pool(2 * images), stock, atol=1e-5)
-    np.testing.assert_allclose(pooled_by_hand(2 * images, tail.params()), stock, atol=1e-5)
+    np.testing.assert_allclose(pooled_by_hand(2 * images, tail.weights), stock, atol=1e-5)
 
 
 def test_a_backbone_without_a_tail_is_refused() -> None:
@@ -104,37 +132,47 @@ def test_a_backbone_without_a_tail_is_refused() -> None:
     assert err.value.status == 409
 
 
-def test_tail_gradients_match_finite_differences() -> None:
+def test_tail_and_head_gradients_match_finite_differences() -> None:
+    # One graph from the block's input maps to the cosine logits: the convolutions, the
+    # head's square root and standardisation, hidden layer, dropout mask and normalisations.
     tail = find_tail(block_backbone(2), depth="last-block")
     rng = np.random.default_rng(5)
     maps = rng.uniform(0, 1, (4, 3, 5, 5))
     mean, std = np.full(5, 0.5), np.full(5, 2.0)
     target = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    keep = (rng.random((4, 4)) >= 0.25) / 0.75
     params = {**tail.params(), "w1": rng.normal(0, 0.5, (5, 4)).astype(np.float32),
               "b1": np.full(4, 0.3, np.float32),
               "w2": rng.normal(0, 0.5, (4, 3)).astype(np.float32)}
+    keys = tail.keys()
 
     def loss(p: dict[str, np.ndarray]) -> float:  # written out again, in float64
-        z = (np.sqrt(pooled_by_hand(maps, p)) - mean) / std
-        h = np.maximum(z @ p["w1"] + p["b1"], 0)
+        z = (np.sqrt(pooled_by_hand(maps, {n: p[k] for n, k in keys.items()})) - mean) / std
+        h = np.maximum(z @ p["w1"] + p["b1"], 0) * keep
         u = h / (np.linalg.norm(h, axis=1, keepdims=True) + 1e-6)
         v = p["w2"] / (np.linalg.norm(p["w2"], axis=0, keepdims=True) + 1e-6)
         logits = 16.0 * u @ v
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         return float(-(target * logp).sum(axis=1).mean())
 
-    grads = _tail_grads(params, maps, target, mean, std, tail, 16.0, 0.0,
-                        np.random.default_rng(0), kept=25)
-    checked = [("t0w", (1, 2)), ("t0b", (3,)), ("t2w", (0, 1, 4)), ("t2w", (2, 2, 0)),
-               ("t2b", (5,)), ("t4w", (3, 1)), ("t5w", (2, 4)), ("t5b", (0,)), ("w1", (1, 2))]
-    for key, index in checked:
-        step = 1e-4
+    step = CosineStep(params, scale=16.0, dropout=True, input_shape=(3, 5, 5), tail=tail,
+                      mean=mean.astype(np.float32), std=std.astype(np.float32))
+    grads = step.grads(maps, target, params, keep)
+    assert set(grads) == set(params)
+    checked = [("expand_w", (1, 2, 0, 0)), ("expand_b", (3,)), ("dw_w", (4, 0, 0, 1)),
+               ("dw_w", (0, 0, 2, 2)), ("dw_b", (5,)), ("project_w", (1, 3, 0, 0)),
+               ("head_w", (4, 2, 0, 0)), ("head_b", (0,)), ("w1", (1, 2)), ("b1", (3,)),
+               ("w2", (2, 1))]
+    for name, index in checked:
+        key = keys.get(name, name)
+        step_size = 1e-4
         plus = {k: v.astype(np.float64) for k, v in params.items()}
         minus = {k: v.astype(np.float64) for k, v in params.items()}
-        plus[key][index] += step
-        minus[key][index] -= step
-        numeric = (loss(plus) - loss(minus)) / (2 * step)
-        assert grads[key][index] == pytest.approx(numeric, rel=2e-2, abs=1e-4), key
+        plus[key][index] += step_size
+        minus[key][index] -= step_size
+        numeric = (loss(plus) - loss(minus)) / (2 * step_size)
+        # float32 graphs against a float64 reference: 2 % or 1e-4.
+        assert grads[key][index] == pytest.approx(numeric, rel=2e-2, abs=1e-4), name
 
 
 def toy_maps(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +189,8 @@ def test_retrained_tail_recovers_what_the_pretrained_one_drops() -> None:
     # output cannot tell the classes apart; re-training the conv can.
     weight = np.random.default_rng(6).uniform(0.0, 0.3, (12, 8)).astype(np.float32)
     weight[:3] = 0.001
-    tail = Tail([Layer("conv", weight, np.zeros(8, np.float32)), Layer("clip", high=6.0)])
+    tail = find_tail(conv_backbone(weight))
+    assert tail.tap == "image" and not tail.spatial
     maps, y = toy_maps(40, 0)
     test_maps, test_y = toy_maps(30, 1)
     labels = [str(v) for v in test_y]
@@ -162,7 +201,8 @@ def test_retrained_tail_recovers_what_the_pretrained_one_drops() -> None:
     stock_map = exact_cosine_scores(stock.transform(tail.pool(test_maps)), labels).mean_ap
     tuned_map = exact_cosine_scores(tuned.transform_maps(test_maps), labels).mean_ap
     assert tuned_map > stock_map + 0.2, (stock_map, tuned_map)
-    assert tuned.tail is not None and not np.allclose(tuned.tail.layers[0].weight, weight)
+    assert tuned.tail is not None and not np.allclose(tuned.tail.weights["w"],
+                                                      tail.weights["w"])
     assert tuned.record["tail"]["lr"] == 1e-2 and tuned.record["tail"]["positions"] == 0.5
 
 
@@ -171,14 +211,14 @@ def test_warm_up_and_layer_scaling_set_the_tails_rates() -> None:
                          "c": np.full((4, 1, 1, 1), 1.0), "c_bias": np.full(4, 5.0)})
     assert rates == pytest.approx({"a": 0.1, "b": 1.0, "c": 10.0, "c_bias": 1.0})
     weight = np.random.default_rng(6).uniform(0.0, 0.3, (12, 8)).astype(np.float32)
-    tail = Tail([Layer("conv", weight, np.zeros(8, np.float32)), Layer("clip", high=6.0)])
+    tail = find_tail(conv_backbone(weight))
     maps, y = toy_maps(40, 0)
 
     def moved(warmup: float) -> float:
         head = fit_cosine_head(maps, y, ["0", "1", "2"], hidden=0, epochs=1, batch_size=16,
                                tail=tail, tail_lr=1e-2, tail_warmup=warmup)
         assert head.tail is not None and head.record["tail"]["warmup_epochs"] == warmup
-        return float(np.abs(head.tail.layers[0].weight - weight).mean())
+        return float(np.abs(head.tail.weights["w"] - tail.weights["w"]).mean())
 
     plain, ramped = moved(0.0), moved(1.0)
     # Adam's steps are about the rate each: a linear ramp over the epoch halves the distance.
@@ -201,13 +241,12 @@ def test_onnx_export_swaps_in_the_retrained_tail(head_bias: bool) -> None:
     np.testing.assert_allclose(outputs["embedding"], head.transform_maps(2 * images),
                                atol=1e-4)
     swapped = find_tail(model, "embedding_backbone", "last-block")
-    for new, tuned, old in zip(swapped.layers, head.tail.layers, tail.layers, strict=True):
-        if new.weight is not None:
-            np.testing.assert_allclose(new.weight, tuned.weight, atol=1e-6)
-            np.testing.assert_allclose(new.bias, tuned.bias, atol=1e-6)
-            assert not np.allclose(new.weight, old.weight)  # every layer was trained
-    np.testing.assert_allclose(find_tail(base, depth="last-block").layers[2].weight,
-                               tail.layers[2].weight)  # the base graph is not mutated
+    assert set(swapped.weights) == set(tail.weights)  # a conv without a bias stays so
+    for name, old in tail.weights.items():
+        np.testing.assert_allclose(swapped.weights[name], head.tail.weights[name], atol=1e-6)
+        assert not np.allclose(swapped.weights[name], old), name  # every layer was trained
+    np.testing.assert_allclose(find_tail(base, depth="last-block").weights["dw_w"],
+                               tail.weights["dw_w"])  # the base graph is not mutated
 
 
 def test_retrained_tail_in_the_real_backbone_computes_what_numpy_does(

@@ -14,10 +14,10 @@ from service.embedding import registry
 from service.embedding.session import Embedder
 from service.errors import ApiError
 from service.evaluation.metrics import exact_cosine_scores
-from service.training.heads import epoch_order, fit_cosine_head
+from service.training.cosine import epoch_order, fit_cosine_head
 from service.training.maps import MapRunner, centre_maps
 from service.training.onnx_head import append_head
-from service.training.top import GraphTail, find_top
+from service.training.tails import GraphTail, find_top
 from tests.conftest import DEFAULT_MODEL
 from tests.training.test_tail import block_backbone, toy_maps
 
