@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Flask
@@ -17,21 +16,27 @@ from service.api import (
     health,
     images,
     jobs,
+    metrics,
     search,
 )
 from service.api.auth import init_auth
 from service.api.edge import init_edge
 from service.api.errors import ApiJSONProvider
+from service.api.metrics import init_request_telemetry
 from service.api.openapi import spec
 from service.config import load_settings
 from service.db import init_db
 from service.images.storage import ContentStore
+from service.logs import configure_logging, resolve_format
 from service.queue import celery_init_app
 from service.web import views as web
 
 
-def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """Build the app: settings, database, broker, blueprints, error handlers, OpenAPI."""
+def create_app(config: dict[str, Any] | None = None, *, log_format: str = "text") -> Flask:
+    """Build the app: settings, database, broker, blueprints, error handlers, OpenAPI.
+
+    `log_format` is what LOG_FORMAT=auto means here: json for the servers, text for the CLI.
+    """
     app = Flask(__name__)
     app.config.from_mapping(load_settings(config))
     # Werkzeug refuses larger bodies with 413 before reading them.
@@ -39,17 +44,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024
     app.json = ApiJSONProvider(app)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(resolve_format(app.config.get("LOG_FORMAT"), default=log_format))
 
     init_db(app)
     celery_init_app(app)
     app.extensions["content_store"] = ContentStore(app.config["STORAGE_DIR"])
 
     for module in (health, images, search, codes, jobs, graph, facets, web, evaluations,
-                   explain):
+                   explain, metrics):
         app.register_blueprint(module.bp)
     errors.register_error_handlers(app)
     spec.register(app)
+    init_request_telemetry(app)  # first: refused requests are counted and get their id too
     init_edge(app)  # before authentication: a foreign Host or Origin gets no further
     init_auth(app)
     return app

@@ -7,8 +7,11 @@ from contextlib import contextmanager
 from datetime import datetime
 
 from flask import Flask, current_app
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, func
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import Pool
+
+from service.metrics import DB_POOL_CHECKED_OUT, DB_POOL_SIZE
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -66,8 +69,28 @@ def init_db(app: Flask) -> None:
             "run `lookalike services start` or set DATABASE_URL"
         )
     engine = make_engine(url)
+    watch_pool(engine.pool)
     app.extensions["db_engine"] = engine
     app.extensions["db_sessionmaker"] = sessionmaker(engine, expire_on_commit=False)
+
+
+def watch_pool(pool: Pool) -> None:
+    """Keep the pool gauges current: checked out and size, updated on every checkout and return.
+
+    Counted here rather than read at scrape time, since a scrape reaches one process and the
+    gauges add up every live process's pool (service/metrics.py).
+    """
+    size = getattr(pool, "size", None)
+
+    @event.listens_for(pool, "checkout")
+    def _checkout(*_: object) -> None:
+        DB_POOL_CHECKED_OUT.inc()
+        if callable(size):
+            DB_POOL_SIZE.set(size())
+
+    @event.listens_for(pool, "checkin")
+    def _checkin(*_: object) -> None:
+        DB_POOL_CHECKED_OUT.dec()
 
 
 def get_engine() -> Engine:

@@ -16,6 +16,8 @@ from flask import Flask, current_app
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from service.logs import TASK_HEADER, current_request_id
+
 log = logging.getLogger(__name__)
 
 EMBED_IMAGE = "lookalike.embed_image"
@@ -84,9 +86,15 @@ def celery_init_app(app: Flask) -> Celery:
 
 
 def enqueue(task_name: str, *args: Any) -> None:
-    """Send a task by name; call only after the rows it reads are committed."""
+    """Send a task by name; call only after the rows it reads are committed.
+
+    The request id being served (or the one of the task sending this one) travels in the
+    message's headers; the worker binds it to the task's log lines (workers/signals.py).
+    """
     celery_app: Celery = current_app.extensions["celery"]
-    celery_app.send_task(task_name, args=list(args))
+    request_id = current_request_id()
+    headers = {TASK_HEADER: request_id} if request_id else None
+    celery_app.send_task(task_name, args=list(args), headers=headers)
 
 
 def enqueue_or_sweep(task_name: str, *args: Any) -> bool:

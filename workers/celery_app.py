@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from service.app import create_app
-from service.queue import SWEEP_JOBS
+import os
+import tempfile
 
-flask_app = create_app()
+# A worker that serves its own /metrics adds up its pool processes through a folder, which
+# must be named before prometheus_client is first imported (by the app, below).
+if os.environ.get("LOOKALIKE_WORKER_METRICS_PORT") and not os.environ.get(
+        "PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lookalike-worker-metrics-")
+
+from service.app import create_app  # noqa: E402
+from service.queue import SWEEP_JOBS  # noqa: E402
+from workers import signals  # noqa: E402
+
+flask_app = create_app(log_format="json")
 celery_app = flask_app.extensions["celery"]
 celery_app.conf.update(include=["workers.tasks"])
+signals.install(flask_app)
 
 # The sweeper recovers job items whose worker died or whose message Redis lost.
 _sweep_every = float(flask_app.config["JOB_SWEEP_INTERVAL"])

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 # Liveness, readiness and the API description stay open to every caller.
 OPEN_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.openapi", "static",
                             "web.static"})
-# Fitting code sets, evaluations and graph rebuilds touch whole collections or every one.
-ADMIN_BLUEPRINTS = frozenset({"codes", "evaluations"})
+# Fitting code sets, evaluations and graph rebuilds touch whole collections or every one;
+# /metrics names every collection and its size.
+ADMIN_BLUEPRINTS = frozenset({"codes", "evaluations", "metrics"})
 ADMIN_ENDPOINTS = frozenset({"graph.rebuild"})
 # POSTs that only read (a query photo is uploaded, nothing is stored).
 READ_ENDPOINTS = frozenset({"search.search", "explain.explain_upload"})

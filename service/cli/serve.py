@@ -85,6 +85,18 @@ def _front_proxy(settings: dict[str, object], host: str, port: int):  # noqa: AN
     return proxy
 
 
+def _metrics_dir(env: dict[str, str]) -> None:
+    """One emptied metrics folder for gunicorn's and Celery's processes: /metrics adds them up.
+
+    Emptied at each start: the files of processes that ran before would count again.
+    """
+    path = Path(env.get("PROMETHEUS_MULTIPROC_DIR") or VAR_DIR / "metrics")
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # only prometheus_client's files: the folder may be shared
+        stale.unlink(missing_ok=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
 def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
            concurrency: int) -> None:
     from service.embedding import registry
@@ -109,11 +121,13 @@ def _serve(env: dict[str, str], host: str, port: int, api_workers: int,
         proxy.socket_path.unlink(missing_ok=True)
         bind = proxy.gunicorn_bind()
         env["LOOKALIKE_TRUSTED_PROXIES"] = "1"  # only nginx reaches the socket
+    _metrics_dir(env)
     bin_dir = Path(sys.executable).parent
     celery = [str(bin_dir / "celery"), "-A", "workers.celery_app:celery_app"]
     children = [
         Child("gunicorn", [str(bin_dir / "gunicorn"), "service.wsgi:app", *bind, "-w",
-                           str(api_workers), "--threads", "4", "--timeout", "120"], env),
+                           str(api_workers), "--threads", "4", "--timeout", "120",
+                           "-c", "python:service.services.gunicorn_config"], env),
         Child("worker", [*celery, "worker", "-c", str(concurrency), "-Q", "lookalike",
                          "--loglevel", "INFO"], env),
         # Beat sends the job sweeper (recovers work lost with a worker or Redis).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import onnxruntime as ort
 
 from service.embedding import registry
 from service.embedding.transforms import batch, preprocess
+from service.metrics import EMBED_BATCH_SIZE, EMBED_DURATION
 
 T = TypeVar("T")
 _lock = threading.Lock()
@@ -51,7 +53,10 @@ class Embedder:
 
     def run(self, images: np.ndarray) -> Embeddings:
         """Run a preprocessed NCHW batch."""
+        started = time.perf_counter()
         results = self.session.run(None, {self.info.input_name: images})
+        EMBED_DURATION.labels(self.info.name).observe(time.perf_counter() - started)
+        EMBED_BATCH_SIZE.labels(self.info.name).observe(len(images))
         named = dict(zip(self.outputs, results, strict=True))
         # model.json lists the embedding output first (it need not be called "embedding").
         vectors = named.get(self.info.outputs[0], results[0])

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base
+from service.logs import MAX_REQUEST_ID, current_request_id
 
 JOB_STATUSES = ("expanding", "queued", "running", "done", "failed", "cancelled")
 # An uploaded archive waits for a worker to extract it; its items do not exist yet.
@@ -67,6 +68,10 @@ class IngestJob(Base):
     # Last time a batch committed: the sweeper treats a job without progress as stalled.
     progress_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now())
+    # The X-Request-ID of the request that created the job, filled in at INSERT from the log
+    # context: the batch tasks log it, including those the sweeper sends again.
+    request_id: Mapped[str | None] = mapped_column(String(MAX_REQUEST_ID),
+                                                   default=current_request_id)
 
 
 class IngestItem(Base):

@@ -176,3 +176,12 @@ def get_job(job_id: str | uuid.UUID, *, session: Session) -> IngestJob:
     if job is None:
         raise NotFound("not_found", f"no job {job_id}")
     return job
+
+
+def request_id_of(job_id: str | uuid.UUID, *, session: Session) -> str | None:
+    """The request id that created a job (None for an unknown id or an older job)."""
+    try:
+        key = uuid.UUID(str(job_id))
+    except ValueError:
+        return None
+    return session.scalar(select(IngestJob.request_id).where(IngestJob.id == key))

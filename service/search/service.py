@@ -6,6 +6,7 @@ registry.py), the routing decision planner.py, the shared shapes types.py.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from service.embedding.models import EmbeddingModel
 from service.errors import ApiError
 from service.images.decode import ImageDecodeError
 from service.images.service import get_image
+from service.metrics import SEARCH_DURATION
 from service.search.filters import compile_filter
 from service.search.metrics import get_metric
 from service.search.planner import EXACT_MAX_ROWS
@@ -175,6 +177,7 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
                max_pixels: int, max_k: int,
                exact_max_rows: int = EXACT_MAX_ROWS) -> SearchOutcome:
     """Plan the request, run its strategy, then its re-ranking post-step if it asks for one."""
+    started = time.perf_counter()
     plan = plan_search(req, session=session, model_dir=model_dir, default_model=default_model,
                        max_pixels=max_pixels, max_k=max_k, exact_max_rows=exact_max_rows)
     strategy = STRATEGIES[plan.strategy]
@@ -183,4 +186,7 @@ def run_search(req: SearchRequest, *, session: Session, model_dir: str, default_
         result = RERANKERS[plan.rerank](plan, result, session=session, search=strategy)
     # A search by words reports the measure its strategy ranked by (ts_rank, rrf, ...).
     metric = result.plan.metric if plan.text is not None else plan.metric
+    # Labelled by the explain record's method: the strategy that answered (an HNSW walk that
+    # fell back to an exact scan counts as exact).
+    SEARCH_DURATION.labels(result.plan.method).observe(time.perf_counter() - started)
     return SearchOutcome(result=result, model=plan.model_name, metric=metric)
