@@ -4,8 +4,9 @@ The inventory is counted exactly while a table's planner estimate (pg_class.relt
 most METRICS_EXACT_COUNT_MAX_ROWS: at 1M images an exact GROUP BY took 0.33 s and the vectors'
 join by collection 1.0-1.3 s (docs/operations.md), too much for every scrape. Above it, the
 counts come from PostgreSQL's statistics (ANALYZE's most common values times reltuples, ~1 ms),
-and lookalike_inventory_estimated says so. Results are kept for a few seconds, so that
-several scrapers do not multiply the cost, and every statement has a timeout.
+and lookalike_inventory_estimated says so. A count that took t seconds is reused for 10 t
+(1 to 30 s), so that however many scrapers ask, counting costs a process at most a tenth of
+one database connection's time; every statement has a timeout.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ PRIORITY_STEPS = (3, 6, 9)
 MAX_COLLECTIONS = 100  # the largest ones by name; the rest are summed as "_other"
 OTHER = "_other"
 ALL = "_all"
-CACHE_S = 10.0
+REUSE_FACTOR = 10.0
+REUSE_MIN_S, REUSE_MAX_S = 1.0, 30.0
 STATEMENT_TIMEOUT_MS = 5000
 
 
@@ -153,14 +155,19 @@ class InventoryCollector(Collector):
         self.sessions = sessions
         self.exact_max_rows = exact_max_rows
         self._lock = threading.Lock()
+        # (reusable until, families)
         self._cached: tuple[float, list[GaugeMetricFamily]] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The families of the last few seconds, or counted again."""
         with self._lock:
-            if self._cached is None or time.monotonic() - self._cached[0] > CACHE_S:
+            if self._cached is None or time.monotonic() > self._cached[0]:
+                started = time.monotonic()
                 try:
-                    self._cached = (time.monotonic(), self._count())
+                    families = self._count()
+                    took = time.monotonic() - started
+                    reuse = min(max(REUSE_FACTOR * took, REUSE_MIN_S), REUSE_MAX_S)
+                    self._cached = (time.monotonic() + reuse, families)
                 except Exception as exc:  # noqa: BLE001 (a scrape must still answer)
                     log.warning("metrics: cannot count the inventory: %s", exc)
                     self._cached = None
