@@ -10,7 +10,12 @@ were chosen on the validation split inside the training side, never on test.
     python -m bench.training [--models efficientnet-lite0,efficientnet-lite2] [--shots-only]
                              [--tune-only] [--depths last-conv,last-block,top]
                              [--tail-lr 2e-4,6e-4] [--shots 5,10,20]
-                             [--beyond] [--ensemble]
+                             [--beyond] [--ensemble] [--positions 0.5]
+
+A quick configuration (lite0 only, no shots, the head-only heads and the re-trained last conv;
+about 10 minutes on 2 cores once the features are cached):
+
+    python -m bench.training --models efficientnet-lite0 --shots "" --depths last-conv
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bench.harness import (
     clothing_labels,
 )
 from service.evaluation.metrics import exact_cosine_scores
+from service.training import cosine
 from service.training.augment import VIEWS, embed_views
 from service.training.heads import fit_pca_whitening
 from service.training.service import _side, pick_shots, train_head
@@ -116,6 +122,9 @@ def main() -> None:
     parser.add_argument("--tail-warmup", type=float, default=None,
                         help="Epochs over which the top blocks' learning rate ramps up "
                              "(default: TOP_SCHEDULE's).")
+    parser.add_argument("--positions", type=float, default=None,
+                        help="Share of the map's positions a pointwise tail sees per batch "
+                             "(default: cosine.POSITIONS).")
     parser.add_argument("--seed", type=int, default=0,
                         help="Seed of the heads fitted on all training images.")
     parser.add_argument("--shots", default=",".join(map(str, SHOTS)),
@@ -150,6 +159,8 @@ def main() -> None:
              "| backbone | features | dim | test mAP | test P@10 | fit s |",
              "|---|---|---|---|---|---|"]
     TOP_SCHEDULE["layer_scaled"] = args.layer_scaled
+    if args.positions is not None:
+        cosine.POSITIONS = args.positions  # read by fit_cosine_head when none is passed
     if args.tail_warmup is not None:
         TOP_SCHEDULE["tail_warmup"] = args.tail_warmup
     for model_name in args.models.split(","):
@@ -264,7 +275,9 @@ def bench_model(model_name: str, lines: list[str], *, shots_only: bool,
         for lr in tail_lrs or (default,):
             TAIL_LR[depth] = lr  # read by fit_cosine_head when no tail_lr is passed
             name = f"cosine head + aug + re-trained {depth.replace('-', ' ')}" + (
-                f", lr {lr:g}" if tail_lrs else "") + (top_options() if depth == TOP else "")
+                f", lr {lr:g}" if tail_lrs else "") + (top_options() if depth == TOP else "") + (
+                f", positions {cosine.POSITIONS:g}" if cosine.POSITIONS != 0.5
+                and depth == "last-conv" else "")
             if not shots_only:
                 row(f"{name}, all training images{seeded}",
                     lambda: head("cosine+tail", True, seed=seed))

@@ -17,6 +17,9 @@ from service.training.head_graph import NORM_EPS, CosineStep
 from service.training.heads import Head, _standardise
 from service.training.tails import TAIL_LR, GraphTail
 
+# The share of a map's positions that a pointwise tail sees per batch (cheaper, and a little
+# augmentation); the training step's graph is built for that many positions.
+POSITIONS = 0.5
 
 def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     val_x: np.ndarray | None = None, val_labels: list[str] | None = None,
@@ -24,7 +27,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     dropout: float = 0.5, weight_decay: float = 1e-4, lr: float = 1e-3,
                     epochs: int = 10, batch_size: int = 256, mix: float | None = 1.0,
                     tolerance: float = 0.005, tail: GraphTail | None = None,
-                    tail_lr: float | None = None, positions: float = 0.5,
+                    tail_lr: float | None = None, positions: float | None = None,
                     groups: np.ndarray | None = None, layer_scaled: bool = False,
                     tail_warmup: float = 0.0, seed: int = 0,
                     on_epoch: Callable[[int, int], None] | None = None) -> Head:
@@ -65,6 +68,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
         tail_lr = TAIL_LR[tail.depth]
     params.update({k: v.copy() for k, v in pretrained.items()})
     rates = layer_rates(pretrained) if layer_scaled else dict.fromkeys(pretrained, 1.0)
+    positions = POSITIONS if positions is None else positions
     kept = max(1, round(x.shape[2] * x.shape[3] * positions)) if tail is not None else 0
     moment = {k: np.zeros_like(v) for k, v in params.items()}
     second = {k: np.zeros_like(v) for k, v in params.items()}
