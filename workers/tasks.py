@@ -10,6 +10,7 @@ from celery import shared_task
 from flask import current_app
 
 from service.db import session_scope
+from service.embedding import compact
 from service.embedding.defaults import default_model
 from service.embedding.models import EmbeddingModel
 from service.embedding.session import get_embedder
@@ -30,6 +31,7 @@ from service.queue import (
     FIT_CODES,
     INGEST_BATCH,
     LINK_JOB_IMAGES,
+    PREPARE_COMPACT,
     REBUILD_GRAPH,
     REINDEX,
     RUN_EVALUATION,
@@ -88,6 +90,13 @@ def run_evaluation(self: object, run_id: str) -> str:
     """Run one queued evaluation."""
     with session_scope() as session:
         return execute_run(uuid.UUID(run_id), session=session)
+
+
+@durable_task(PREPARE_COMPACT)
+def prepare_compact(self: object, model_id: int) -> str:
+    """Fit, fill and index a model's compact vectors (search uses them once ready)."""
+    with session_scope() as session:
+        return compact.prepare(int(model_id), session=session)
 
 
 @durable_task(REINDEX)
@@ -216,6 +225,11 @@ def sweep_jobs() -> dict[str, int]:
         work = stale_work(session=session, older_than_s=float(config["JOB_ITEM_TIMEOUT"]))
     for task, args in work:
         enqueue_or_sweep(task, *args)
+    # Models grown past the size where compact vectors pay (a running fill answers "busy").
+    with session_scope() as session:
+        compactable = compact.due(session=session)
+    for model_id in compactable:
+        enqueue_or_sweep(PREPARE_COMPACT, model_id)
     # Single uploads whose embed message was lost (Redis down at upload, or restarted).
     with session_scope() as session:
         stale = images.claim_stale_pending(session=session,

@@ -12,6 +12,7 @@ from sqlalchemy import bindparam, cast, delete, func, literal_column, or_, selec
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
+from service.embedding import compact, projection
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.graph.clustering import cut_clusters
 from service.graph.models import GraphEdge
@@ -74,19 +75,30 @@ def link_image(image_id: uuid.UUID, *, session: Session, model: EmbeddingModel |
     if image is None or vector is None:
         return 0
     q = bindparam("q", np.asarray(vector, dtype=np.float32), type_=HALFVEC(int(model.dim)))
-    # The model's HNSW index serves the candidates; the distance is the exact one on the
-    # column, as in search.
-    approx = cast(ImageEmbedding.vector, HALFVEC(int(model.dim))).cosine_distance(q)
-    candidates = (
-        select(ImageEmbedding.image_id.label("image_id"),
-               ImageEmbedding.vector.cosine_distance(q).label("distance"))
-        .join(Image, Image.id == ImageEmbedding.image_id)
-        .where(_model_is(model), Image.collection == image.collection,
-               Image.status == "ready", Image.id != image_id)
-        .order_by(approx).limit(2 * k + 10).subquery())
+    vector = np.asarray(vector, dtype=np.float32)
+    where = [ImageEmbedding.collection == image.collection, ImageEmbedding.status == "ready",
+             ImageEmbedding.image_id != image_id]
+    found = projection.ready(model, session=session)
+    if found is not None:
+        # The model's compact graph serves the candidates (its full-vector index is gone).
+        compact.walk_settings(session, ef_search=100, max_scan_tuples=20_000)
+        pool = compact.candidates(model, found, vector, where, limit=4 * k + 20, walk=True)
+        candidates = select(pool.c.image_id.label("image_id"),
+                            pool.c.vector.cosine_distance(q).label("distance")).subquery()
+    else:
+        # The model's HNSW index serves the candidates; the distance is the exact one on the
+        # column, as in search.
+        approx = cast(ImageEmbedding.vector, HALFVEC(int(model.dim))).cosine_distance(q)
+        candidates = (
+            select(ImageEmbedding.image_id.label("image_id"),
+                   ImageEmbedding.vector.cosine_distance(q).label("distance"))
+            .where(_model_is(model), *where)
+            .order_by(approx).limit(2 * k + 10).subquery())
     rows = session.execute(select(candidates.c.image_id, candidates.c.distance)
                            .order_by(candidates.c.distance, candidates.c.image_id)
                            .limit(k)).all()
+    if found is not None:
+        compact.end_walk(session)
     edges = [{"model_id": model.id, "source_id": image_id, "target_id": t, "distance": float(d)}
              for t, d in rows]
     edges += [{"model_id": model.id, "source_id": t, "target_id": image_id, "distance": float(d)}

@@ -31,7 +31,7 @@ MAX_EF_SEARCH = 1000
 QUALIFYING_PER_STEP = 15
 # Methods a caller may force (evaluation, benches): the names the explain record uses.
 FORCED = {"exact": "exact", "index": "hnsw"}
-COMPACT_FORCED = {"exact": "exact", "index": "compact-graph"}
+COMPACT_FORCED = {"exact": "exact", "index": "compact-graph", "scan": "compact-scan"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def route(*, k: int, filtered: bool, estimated_rows: float, selectivity: float,
     forced = COMPACT_FORCED if compact else FORCED
     if force_method is not None:
         if force_method not in forced:
-            raise ValueError(f"force_method is exact or index, not {force_method!r}")
+            raise ValueError(f"force_method is one of {', '.join(forced)}, not {force_method!r}")
         strategy = forced[force_method]
     elif compact:
         if filtered and estimated_rows <= min(exact_max_rows, COMPACT_EXACT_MAX_ROWS):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.search.planner import (
+    COMPACT_EXACT_MAX_ROWS,
+    COMPACT_SCAN_MAX_ROWS,
     EF_SEARCH,
     EXACT_MAX_ROWS,
     MAX_EF_SEARCH,
@@ -63,3 +65,24 @@ def test_the_graph_is_widened_as_the_filter_narrows(k: int, selectivity: float,
 def test_a_cursor_keeps_the_width_of_its_first_page() -> None:
     chosen = route(k=10, filtered=True, estimated_rows=1e6, selectivity=0.01, cursor_ef=123)
     assert chosen.ef_search == 123
+
+
+@pytest.mark.parametrize("filtered,rows,strategy", [
+    (False, 5.0, "compact-graph"), (True, 1.0, "exact"), (True, COMPACT_EXACT_MAX_ROWS, "exact"),
+    (True, COMPACT_EXACT_MAX_ROWS + 1, "compact-scan"), (True, COMPACT_SCAN_MAX_ROWS,
+                                                         "compact-scan"),
+    (True, COMPACT_SCAN_MAX_ROWS + 1, "compact-graph"), (True, 1e6, "compact-graph"),
+])
+def test_compact_vectors_add_a_scan_band_between_exact_and_the_graph(
+        filtered: bool, rows: float, strategy: str) -> None:
+    chosen = route(k=10, filtered=filtered, estimated_rows=rows, selectivity=0.01, compact=True)
+    assert chosen.strategy == strategy and chosen.exact_fallback
+
+
+def test_with_compact_vectors_a_forced_index_walks_the_compact_graph() -> None:
+    assert route(k=10, filtered=True, estimated_rows=1.0, selectivity=0.1, compact=True,
+                 force_method="index").strategy == "compact-graph"
+    assert route(k=10, filtered=False, estimated_rows=0.0, selectivity=1.0, compact=True,
+                 force_method="scan").strategy == "compact-scan"
+    with pytest.raises(ValueError):
+        route(k=10, filtered=False, estimated_rows=0.0, selectivity=1.0, force_method="scan")

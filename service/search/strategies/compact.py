@@ -12,19 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgvector.sqlalchemy import HALFVEC
-from sqlalchemy import ColumnElement, bindparam, cast, select, text, union_all
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.embedding.models import ImageEmbedding
-from service.embedding.projection import Compact, project, ready
+from service.embedding.compact import candidates, end_walk, walk_settings
+from service.embedding.projection import Compact, ready
 from service.images.models import Image
 from service.search.metrics import get_metric
 from service.search.sql import (
     after,
     analyzed_rows,
     image_column,
-    model_is,
     query_vector,
     vector_conditions,
     vector_result,
@@ -46,23 +44,6 @@ def pool_size(plan: QueryPlan) -> int:
     return max(CANDIDATES, CANDIDATES_PER_RESULT * (plan.offset + plan.k))
 
 
-def _pool(plan: QueryPlan, found: Compact, *, walk: bool) -> Any:
-    """(image_id, vector) of the candidates: the compact top of the pool, and the uncompacted."""
-    vector, model = plan.vector_model()
-    cq = bindparam("compact_query", project(vector, found.components)[0],
-                   type_=HALFVEC(found.dim))
-    conditions = vector_conditions(plan)
-    compact: ColumnElement[Any] = ImageEmbedding.compact
-    if walk:  # the index's expression, so that the planner walks the graph
-        compact = cast(ImageEmbedding.compact, HALFVEC(found.dim))
-    top = (select(ImageEmbedding.image_id, ImageEmbedding.vector)
-           .where(model_is(model), ImageEmbedding.compact.is_not(None), *conditions)
-           .order_by(compact.cosine_distance(cq)).limit(pool_size(plan)).subquery("top"))
-    stragglers = select(ImageEmbedding.image_id, ImageEmbedding.vector).where(
-        model_is(model), ImageEmbedding.compact.is_(None), *conditions)
-    return union_all(select(top.c.image_id, top.c.vector), stragglers).subquery("pool")
-
-
 def rank_pool(plan: QueryPlan, found: Compact, explained: SearchPlan, *, session: Session,
               walk: bool) -> list[Any]:
     """This page's (image, distance) rows: the pool ordered by exact distance, ties by id."""
@@ -72,15 +53,10 @@ def rank_pool(plan: QueryPlan, found: Compact, explained: SearchPlan, *, session
     explained.index_metric = "cosine" if walk else None
     explained.ef_search = plan.ef_search if walk else None
     if walk:
-        session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
-                             "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-                             "set_config('hnsw.max_scan_tuples', :mst, true), "
-                             "set_config('enable_seqscan', 'off', true), "
-                             "set_config('enable_sort', 'off', true), "
-                             "set_config('enable_bitmapscan', 'off', true)"),
-                        {"ef": str(max(plan.ef_search, pool_size(plan))),
-                         "mst": str(MAX_SCAN_TUPLES)})
-    pool = _pool(plan, found, walk=walk)
+        walk_settings(session, ef_search=max(plan.ef_search, pool_size(plan)),
+                      max_scan_tuples=MAX_SCAN_TUPLES)
+    pool = candidates(model, found, vector, vector_conditions(plan), limit=pool_size(plan),
+                      walk=walk)
     exact = ranking.distance(pool.c.vector, query_vector(vector, int(model.dim)))
     where = [] if plan.cursor is None else [after(plan.cursor, exact, pool.c.image_id)]
     ranked = (select(pool.c.image_id, exact.label("distance")).where(*where)
@@ -92,9 +68,7 @@ def rank_pool(plan: QueryPlan, found: Compact, explained: SearchPlan, *, session
         explained.rows_scanned = analyzed_rows(session, statement)
     rows = list(session.execute(statement).all())
     if walk:
-        session.execute(text("SELECT set_config('enable_seqscan', 'on', true), "
-                             "set_config('enable_sort', 'on', true), "
-                             "set_config('enable_bitmapscan', 'on', true)"))
+        end_walk(session)
     explained.notes.append(f"{pool_size(plan)} candidates from {found.dim}-d compact vectors, "
                            "re-ranked on the full vectors")
     return rows
