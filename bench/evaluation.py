@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from bench.harness import append_results, bench_services, clothing_embeddings, percentiles
-from bench.search import build_index, load
+from bench.search_data import build_index, load
 
 
 def main() -> None:

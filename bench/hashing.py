@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench.harness import append_results, bench_services, clothing_embeddings, percentiles
-from bench.search import build_index, load
+from bench.search_data import build_index, load
 
 K = 10
 # ITQ's rotation at 1,024 bits takes minutes on this shared machine and its recall is
