@@ -21,6 +21,7 @@ from service.training.tails import TAIL_LR, GraphTail
 # augmentation); the training step's graph is built for that many positions.
 POSITIONS = 0.5
 
+
 def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     val_x: np.ndarray | None = None, val_labels: list[str] | None = None,
                     hidden: int = 512, scale: float = 16.0, smoothing: float = 0.1,
@@ -108,14 +109,14 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             if tail is None:
-                rows = z[idx]
+                batch = z[idx]
             else:
                 idx = np.sort(idx)  # sorted: faster gathers from the large map array
-                rows = _positions(np.asarray(z[idx], np.float32), tail, kept, rng)
+                batch = _positions(np.asarray(z[idx], np.float32), tail, kept, rng)
             keep = None
             if hidden and dropout:
                 keep = (rng.random((len(idx), hidden)) >= dropout) / (1 - dropout)
-            grads = step_for(rows.shape[1:]).grads(rows, target[idx], params, keep)
+            grads = step_for(batch.shape[1:]).grads(batch, target[idx], params, keep)
             steps += 1
             warm = steps / (warmup_steps + 1) if steps <= warmup_steps else 1.0
             for k, g in grads.items():
@@ -126,7 +127,7 @@ def fit_cosine_head(x: np.ndarray, y: np.ndarray, classes: list[str], *,
                     assert tail_lr is not None
                     step = tail_lr * rates[k] * decay * warm
                 elif k.startswith("w"):
-                    g = g + weight_decay * params[k]  # L2 penalty on the weights
+                    g = g + weight_decay * params[k]  # the optimiser's L2 weight decay
                 moment[k] = 0.9 * moment[k] + 0.1 * g
                 second[k] = 0.999 * second[k] + 0.001 * g * g
                 update = (moment[k] / (1 - 0.9 ** steps)) / (
