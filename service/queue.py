@@ -30,6 +30,7 @@ REBUILD_GRAPH = "lookalike.rebuild_graph"
 RUN_EVALUATION = "lookalike.run_evaluation"
 REINDEX = "lookalike.reindex"
 PREPARE_COMPACT = "lookalike.prepare_compact"
+BUILD_INDEX = "lookalike.build_index"
 
 # Worth retrying: the database went away or was busy (OperationalError covers lost
 # connections, deadlocks, serialization failures and statement timeouts), a pool or socket
