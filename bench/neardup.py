@@ -337,6 +337,7 @@ def latency(feats: dict[str, np.ndarray], queries: int, seed: int) -> str:
 
     from bench.harness import bench_services, percentiles
     from service.db import make_engine
+    from service.embedding.indexes import build_now
     from service.embedding.models import EmbeddingModel
     from service.embedding.service import ensure_indexes
     from service.features.models import region_model_name
@@ -368,9 +369,11 @@ def latency(feats: dict[str, np.ndarray], queries: int, seed: int) -> str:
             conn.commit()
         engine = make_engine(url)
         with Session(engine) as session:
-            for model in session.query(EmbeddingModel).all():
-                ensure_indexes(model, session=session)  # built after the load, as a reindex
+            # Built after the load, as a reindex; CONCURRENTLY, once nothing here is open.
+            builds = [ensure_indexes(model, session=session)
+                      for model in session.query(EmbeddingModel).all()]
             session.commit()
+        build_now(builds, engine=engine)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
         picks = np.random.default_rng(seed).choice(n, queries, replace=False)

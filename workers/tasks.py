@@ -9,13 +9,12 @@ from typing import Any
 from celery import shared_task
 from flask import current_app
 
-from service.db import session_scope
-from service.embedding import compact
+from service.db import get_engine, session_scope
+from service.embedding import compact, indexes
 from service.embedding.defaults import default_model
-from service.embedding.models import EmbeddingModel
 from service.embedding.session import get_embedder
 from service.evaluation.service import execute_run
-from service.graph.service import rebuild_graph as rebuild
+from service.graph import rebuilds
 from service.hashing.service import fit_code_set
 from service.images import service as images
 from service.indexing import service as indexing
@@ -26,6 +25,7 @@ from service.jobs.pipeline import done_image_ids
 from service.jobs.states import finish_if_complete
 from service.jobs.sweeper import batches_for, enqueue_batches, enqueue_expansion, sweep
 from service.queue import (
+    BUILD_INDEX,
     EMBED_IMAGE,
     EXPAND_JOB,
     FIT_CODES,
@@ -78,11 +78,40 @@ def fit_codes(self: object, code_set_id: int) -> str:
 
 
 @durable_task(REBUILD_GRAPH)
-def rebuild_graph(self: object, collection: str, model_id: int) -> int:
-    """Recompute one collection's kNN graph exactly; returns the edges written."""
-    with session_scope() as session:
-        model = session.get(EmbeddingModel, int(model_id))
-        return 0 if model is None else rebuild(collection, session=session, model=model)
+def rebuild_graph(self: Any, rebuild_id: str, model_id: int | None = None) -> str:
+    """Recompute one collection's kNN graph exactly for a queued request; done or failed."""
+    try:
+        with session_scope() as session:
+            if model_id is not None:  # a message sent as (collection, model id), before rows
+                rebuild_id = str(rebuilds.request_rebuild(rebuild_id, int(model_id),
+                                                          session=session))
+                session.commit()
+            return rebuilds.run_rebuild(uuid.UUID(rebuild_id), session=session)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise self.retry(exc=exc, countdown=5) from exc
+        log.error("graph rebuild %s failed", rebuild_id, exc_info=exc)
+        with session_scope() as session:
+            rebuilds.fail_rebuild(uuid.UUID(rebuild_id), internal_reason(exc), session=session)
+        return "failed"
+
+
+@durable_task(BUILD_INDEX, max_retries=5)
+def build_index(self: Any, build_id: int) -> str:
+    """Build one recorded runtime HNSW index CONCURRENTLY (no transaction of this task open)."""
+    try:
+        return indexes.build(int(build_id), engine=get_engine())
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise self.retry(exc=exc, countdown=5) from exc
+        log.error("index build %s failed", build_id, exc_info=exc)
+        with session_scope() as session:
+            indexes.fail(int(build_id), internal_reason(exc), session=session)
+        return "failed"
 
 
 @durable_task(RUN_EVALUATION, max_retries=5)

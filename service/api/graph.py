@@ -26,9 +26,10 @@ from service.embedding.models import EmbeddingModel
 from service.embedding.service import find_model
 from service.errors import NotFound
 from service.graph import service as graph
+from service.graph.rebuilds import request_rebuild
 from service.images.service import get_image
 from service.images.validation import validate_collection
-from service.queue import REBUILD_GRAPH, enqueue
+from service.queue import REBUILD_GRAPH, enqueue_or_sweep
 
 bp = Blueprint("graph", __name__, url_prefix="/api/v1")
 log = logging.getLogger(__name__)
@@ -112,6 +113,6 @@ def rebuild() -> tuple[dict[str, Any], int]:
     with session_scope() as session:
         model = _model(body.model, session=session)
         out = {"collection": body.collection, "model": model.name, "status": "queued"}
-        model_id = model.id
-    enqueue(REBUILD_GRAPH, body.collection, model_id)
+        rebuild_id = request_rebuild(body.collection, model.id, session=session)
+    enqueue_or_sweep(REBUILD_GRAPH, str(rebuild_id))  # committed: the sweeper finds it if lost
     return out, 202

@@ -216,8 +216,10 @@ def prepare(model_id: int, *, session: Session,
                 mark(model, "ready", session=session)
             # Search, graph links and re-ranking read the compact index from now on; the
             # full-vector graph (3.9 GiB at a million rows) would only slow every insert.
-            guard.execute(text('DROP INDEX CONCURRENTLY IF EXISTS '
-                               f'"{hnsw_index_name(int(model.id), "cosine")}"'))
+            # Forgotten first, so that the sweeper does not rebuild it as a lost index.
+            full = hnsw_index_name(int(model.id), "cosine")
+            guard.execute(text("DELETE FROM index_builds WHERE name = :n"), {"n": full})
+            guard.execute(text(f'DROP INDEX CONCURRENTLY IF EXISTS "{full}"'))
         finally:
             guard.execute(text("SELECT pg_advisory_unlock(:kind, :id)"),
                           {"kind": LOCK_KIND, "id": int(model.id)})

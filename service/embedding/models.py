@@ -116,6 +116,30 @@ class IndexProjection(QueuedWork, Base):
                                                  server_default=func.now())
 
 
+class IndexBuild(QueuedWork, Base):
+    """A runtime HNSW index that should exist, built CONCURRENTLY by a task of its own.
+
+    `ddl` is the CREATE INDEX CONCURRENTLY IF NOT EXISTS statement, compiled by the package
+    that owns the index (a model's here, a code set's in hashing); `pending` until the index
+    is valid, and again when the sweeper finds it INVALID or missing
+    (service/embedding/indexes.py).
+    """
+
+    __tablename__ = "index_builds"
+    __table_args__ = (CheckConstraint("status IN ('pending', 'ready', 'failed')",
+                                      name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), nullable=False, unique=True)
+    model_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("models.id", ondelete="CASCADE"), nullable=False)
+    ddl: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    built_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 def index_metric(info: ModelInfo) -> str:
     """The metric of a model's HNSW index, as its record says (cosine unless told)."""
     return str(info.extra.get(INDEX_METRIC, "cosine"))

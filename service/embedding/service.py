@@ -22,8 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
-from sqlalchemy.schema import CreateIndex
 
+from service.embedding.indexes import request_build, send_builds
 from service.embedding.models import (
     EmbeddingModel,
     ImageEmbedding,
@@ -44,7 +44,11 @@ index_name = hnsw_index_name
 
 
 def ensure_model_row(info: ModelInfo, *, session: Session) -> EmbeddingModel:
-    """The `models` row of an installed model, created with its HNSW index on first use."""
+    """The `models` row of an installed model; on first use, commits it and sends its index build.
+
+    The HNSW index is built CONCURRENTLY by a task (service/embedding/indexes.py), after this
+    commit: a plain CREATE INDEX here held every insert into the vectors behind it.
+    """
     row = session.scalar(select(EmbeddingModel).where(
         EmbeddingModel.name == info.name, EmbeddingModel.version == info.version))
     if row is not None:
@@ -57,15 +61,21 @@ def ensure_model_row(info: ModelInfo, *, session: Session) -> EmbeddingModel:
     row = session.scalar(select(EmbeddingModel).where(
         EmbeddingModel.name == info.name, EmbeddingModel.version == info.version))
     assert row is not None
-    ensure_indexes(row, session=session, metric=index_metric(info))
+    build = ensure_indexes(row, session=session, metric=index_metric(info))
     session.commit()
+    send_builds([build])
     return row
 
 
-def ensure_indexes(model: EmbeddingModel, *, session: Session, metric: str = "cosine") -> None:
-    """Create the model's partial HNSW index (cosine, or L1/Hamming if hand-crafted)."""
+def ensure_indexes(model: EmbeddingModel, *, session: Session,
+                   metric: str = "cosine") -> int | None:
+    """Ask for the model's partial HNSW index (cosine, or L1/Hamming if hand-crafted).
+
+    Returns the build to send (`send_builds`) once the caller has committed, None if it is
+    asked for already; nothing is built inside the caller's transaction.
+    """
     index = hnsw_index(int(model.id), int(model.dim), metric)
-    session.execute(CreateIndex(index, if_not_exists=True))
+    return request_build(index, model_id=int(model.id), session=session)
 
 
 def find_model(name: str, *, session: Session) -> EmbeddingModel | None:

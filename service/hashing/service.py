@@ -12,8 +12,9 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.schema import CreateIndex, DropIndex
+from sqlalchemy.schema import DropIndex
 
+from service.embedding.indexes import forget, request_build, send_builds
 from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.errors import ApiError, Conflict, NotFound
 from service.hashing.encoders import (
@@ -25,7 +26,7 @@ from service.hashing.encoders import (
     fit,
     to_bitstring,
 )
-from service.hashing.models import CodeSet, ImageCode, code_index
+from service.hashing.models import CodeSet, ImageCode, code_index, code_index_name
 from service.images.models import Image
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def count_codes(code_set_id: int, *, session: Session) -> int:
 def delete_code_set(name: str, *, session: Session) -> None:
     """Drop a code set, its codes (cascade) and its index."""
     row = get_code_set(name, session=session)
+    forget(code_index_name(row.id), session=session)
     session.execute(DropIndex(code_index(row.id, row.bits), if_exists=True))
     session.execute(delete(CodeSet).where(CodeSet.id == row.id))
 
@@ -141,7 +143,8 @@ def _write_codes(code_set: CodeSet, ids: list[uuid.UUID], bits: np.ndarray, *,
 
 
 def fit_code_set(code_set_id: int, *, session: Session) -> str:
-    """Fit the encoder on the covered vectors, encode them all and build the Hamming index."""
+    """Fit the encoder on the covered vectors and encode them all; commits, then sends the
+    Hamming index's CONCURRENTLY build (searches rank the codes exactly until it is valid)."""
     # Locked while it fits: a message sent again (by the sweeper) finds it busy, not twice fitted.
     code_set = session.scalar(select(CodeSet).where(CodeSet.id == code_set_id)
                               .with_for_update(skip_locked=True))
@@ -159,12 +162,15 @@ def fit_code_set(code_set_id: int, *, session: Session) -> str:
     session.execute(delete(ImageCode).where(ImageCode.code_set_id == code_set.id))
     _write_codes(code_set, ids, bits, session=session)
     # Built after the bulk insert: one build is much faster than inserting into a live graph.
-    session.execute(CreateIndex(code_index(code_set.id, code_set.bits), if_not_exists=True))
+    build = request_build(code_index(code_set.id, code_set.bits), model_id=code_set.model_id,
+                          session=session)
     code_set.params = params.to_bytes()
     code_set.status, code_set.error = "ready", None
     code_set.fitted_rows = len(ids)
     code_set.fitted_at = session.scalar(select(func.now()))
     log.info("code set %s fitted on %d vectors", code_set.name, len(ids))
+    session.commit()
+    send_builds([build])
     return "ready"
 
 

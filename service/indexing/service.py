@@ -21,12 +21,13 @@ from service.embedding.models import EmbeddingModel, ImageEmbedding
 from service.embedding.service import ensure_model_row, find_model, save_vectors
 from service.embedding.session import get_embedder
 from service.features.models import DerivedVectors, compute_derived, enabled_names, write_derived
+from service.graph.rebuilds import request_rebuild
 from service.graph.service import link_image
 from service.hashing.service import encode_images
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
 from service.images.storage import ContentMissing, ContentStore
-from service.queue import LINK_JOB_IMAGES, REBUILD_GRAPH, enqueue
+from service.queue import LINK_JOB_IMAGES, REBUILD_GRAPH, enqueue, enqueue_or_sweep
 from service.text.labels import save_labels
 
 
@@ -130,7 +131,9 @@ def graph_after_job(job_id: uuid.UUID, collection: str, model_name: str, *, sess
     size = session.scalar(select(func.count()).select_from(Image).where(
         Image.collection == collection)) or 0
     if size <= rebuild_max_images:
-        enqueue(REBUILD_GRAPH, collection, model.id)
+        rebuild_id = request_rebuild(collection, model.id, session=session)
+        session.commit()
+        enqueue_or_sweep(REBUILD_GRAPH, str(rebuild_id))  # if lost, the sweeper sends it
         return REBUILD_GRAPH
     enqueue(LINK_JOB_IMAGES, str(job_id))
     return LINK_JOB_IMAGES

@@ -73,8 +73,10 @@ def analyzed_rows(session: Session, statement: Any) -> int:
 
 
 def index_exists(session: Session, name: str) -> bool:
-    """Whether a relation (an index) of this name exists."""
-    return bool(session.scalar(sql_text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}))
+    """Whether a valid index of this name exists (one still built CONCURRENTLY is not)."""
+    return bool(session.scalar(sql_text(
+        "SELECT coalesce((SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:n)), "
+        "false)"), {"n": name}))
 
 
 def candidate_conditions(*, collection: str | None, filter_doc: dict[str, Any] | None,

@@ -51,6 +51,11 @@ def walk_graph(plan: QueryPlan, explained: SearchPlan, *, session: Session) -> l
     ranking = get_metric(plan.metric)
     index_metric = ranking.name if ranking.index_ops else ranking.candidates
     if not index_exists(session, hnsw_index_name(model.id, index_metric)):
+        if not index_exists(session, hnsw_index_name(model.id, "cosine")):
+            # Being built CONCURRENTLY (service/embedding/indexes.py), or left INVALID by a
+            # build that failed: PostgreSQL would not walk it, so rank exactly.
+            explained.notes.append("the model's HNSW index is being built; ranked exactly")
+            return rank_exactly(plan, explained, session=session)
         explained.notes.append(f"no {index_metric} index for this model; using the cosine index")
         index_metric = "cosine"
     explained.method, explained.ef_search, explained.index_metric = (
@@ -106,7 +111,7 @@ def search(plan: QueryPlan, *, session: Session) -> SearchResult:
     explained = SearchPlan(metric=ranking.name, estimated_rows=plan.estimated_rows,
                            estimated_selectivity=plan.estimated_selectivity)
     rows = walk_graph(plan, explained, session=session)
-    if len(rows) < plan.k and plan.exact_fallback:
+    if len(rows) < plan.k and plan.exact_fallback and explained.method == "index":
         # The graph walk hit its limits before finding k matches: rank exactly instead.
         explained.fallback = True
         explained.notes.append(f"index scan returned {len(rows)} < k rows; re-ran exactly")
