@@ -43,10 +43,13 @@ CACHE_SECONDS = 5.0
 
 def fit_components(vectors: np.ndarray, dim: int = COMPACT_DIM) -> np.ndarray:
     """The top `dim` principal directions (dim x d, float32) of unit-normalised rows."""
-    x = np.asarray(vectors, dtype=np.float64)
+    x = np.asarray(vectors, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
-    return np.ascontiguousarray(vt[: min(dim, vt.shape[0])], dtype=np.float32)
+    x = x - x.mean(axis=0)
+    # The covariance's eigenvectors: a d x d problem, a fraction of an SVD of the sample.
+    values, vectors_ = np.linalg.eigh((x.T @ x).astype(np.float64))
+    order = np.argsort(values)[::-1][: min(dim, len(x) - 1, x.shape[1])]
+    return np.ascontiguousarray(vectors_[:, order].T, dtype=np.float32)
 
 
 def project(vectors: np.ndarray, components: np.ndarray) -> np.ndarray:
