@@ -36,6 +36,7 @@ from bench.harness import (
     CLOTHING,
     append_results,
     clothing_labels,
+    percentiles,
     stop_processes,
     wait_for,
 )
@@ -177,13 +178,18 @@ def service_pids(folder: Path) -> dict[str, int | None]:
 
 
 def run_once(workers: int, source: Path, labels: Path, total: int,
-             batch_size: int) -> dict[str, Any]:
-    """One end-to-end ingestion with `workers` worker processes on fresh services."""
+             batch_size: int, preloaded: int = 0) -> dict[str, Any]:
+    """One end-to-end ingestion with `workers` worker processes on fresh services.
+
+    With `preloaded`, the collection holds that many images before the job, and searches run
+    over HTTP before it (idle) and throughout it (busy).
+    """
     import urllib.request
 
     from sqlalchemy import text
 
     from bench.harness import bench_services
+    from bench.ingest_scale import SearchProbe, preload
     from service.cli.ingest import JobsClient
     from service.db import make_engine
 
@@ -223,6 +229,12 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
 
             wait_for(api_up, "the API")
             wait_for(lambda: b"ready." in worker_log.read_bytes(), "the worker")
+            probe, scale = None, {}
+            if preloaded:
+                scale = preload(urls["DATABASE_URL"], preloaded, COLLECTION)
+                probe = SearchProbe(url, preload.queries, COLLECTION)  # type: ignore[attr-defined]
+                scale["idle"] = probe.idle()
+                print("preloaded:", scale, flush=True)
             with engine.connect() as conn:
                 db_before = conn.scalar(text("SELECT pg_database_size(current_database())"))
             sampler = RssSampler(worker.pid)
@@ -233,6 +245,8 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
                      "redis": pids["redis"]}
             cpu_before = {k: tree_cpu(v) for k, v in parts.items()}
             started = time.perf_counter()
+            if probe is not None:
+                probe.start()
             if source.is_dir():
                 created = client.submit_path(source, collection=COLLECTION, metadata=labels)
             else:
@@ -249,6 +263,11 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
                     break
                 time.sleep(1.0 if total > 10_000 else 0.25)
             elapsed = time.perf_counter() - started
+            if probe is not None:
+                probe.stopping.set()
+                probe.join()
+                scale["busy"] = percentiles(probe.times)
+                scale["busy_n"] = len(probe.times)
             cpu = {k: tree_cpu(v) - cpu_before[k] for k, v in parts.items()}
             sampler.stopping.set()
             sampler.join()
@@ -270,7 +289,7 @@ def run_once(workers: int, source: Path, labels: Path, total: int,
                 "db_bytes_per_image": (db_after - db_before) / max(ready, 1),
                 "db_total_mb": db_after / 2**20, "searchable": len(probe["results"]) == 5,
                 "cpu_ms": {k: 1000 * v / max(total, 1) for k, v in cpu.items()},
-                "deciles": deciles(trace, total),
+                "deciles": deciles(trace, total), "preloaded": preloaded, "scale": scale,
             }
         finally:
             stop_processes(worker, api)
@@ -303,6 +322,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--synthetic", type=int, default=0,
                         help="ingest this many re-encoded crops from a server directory instead")
+    parser.add_argument("--preload", default="0",
+                        help="comma-separated sizes the collection has before the job, e.g. "
+                             "0,1000000: the rate into each, and search latency during it")
     parser.add_argument("--model-sample", type=int, default=3308,
                         help="files the model-only throughput is measured on")
     args = parser.parse_args()
@@ -315,20 +337,40 @@ def main() -> None:
     for workers in [int(w) for w in args.workers.split(",")]:
         model = model_only_rate(files[:args.model_sample], args.batch)
         print(f"model-only: {model:.1f} img/s", flush=True)
-        result = run_once(workers, source, labels, len(files), args.batch)
-        result["model_rate"] = model
-        print(result, flush=True)
-        rows.append(result)
+        for preloaded in [int(p) for p in args.preload.split(",")]:
+            result = run_once(workers, source, labels, len(files), args.batch, preloaded)
+            result["model_rate"] = model
+            print(result, flush=True)
+            rows.append(result)
     load_after = os.getloadavg()
-    table = ["| workers | images | end-to-end img/s | model-only img/s | ratio | wall s "
-             "(upload+expand s) | peak RSS / worker MB | DB bytes / image | failed | ready |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| workers | images in the collection before | images | end-to-end img/s | "
+             "model-only img/s | ratio | wall s (upload+expand s) | peak RSS / worker MB | "
+             "DB bytes / image | failed | ready |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(
-            f"| {r['workers']} | {r['total']} | {r['rate']:.1f} | {r['model_rate']:.1f} | "
+            f"| {r['workers']} | {r['preloaded']:,} | {r['total']} | {r['rate']:.1f} | "
+            f"{r['model_rate']:.1f} | "
             f"{r['rate'] / r['model_rate']:.2f} | {r['seconds']:.1f} ({r['submit_s']:.1f}) | "
             f"{r['peak_rss_mb']:.0f} | {r['db_bytes_per_image']:.0f} | {r['failed']} | "
             f"{r['ready']}{'' if r['searchable'] else ' (search failed!)'} |")
+    scaled = [r for r in rows if r["preloaded"]]
+    if scaled:
+        table += ["", "Into a grown collection, against an empty one in the same run, and "
+                  "searches (HTTP, k = 10, collection filter) before and during the job:", "",
+                  "| workers | images before | rate / empty rate | preload COPY s | compact "
+                  "index s | search p50 / p99 ms idle | during the job | p99 ratio | "
+                  "searches during |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in scaled:
+            empty = next((e for e in rows if e["workers"] == r["workers"]
+                          and not e["preloaded"]), None)
+            sc = r["scale"]
+            ratio = f"{r['rate'] / empty['rate']:.2f}" if empty else "–"
+            table.append(
+                f"| {r['workers']} | {r['preloaded']:,} | {ratio} | {sc['load_s']:.0f} | "
+                f"{sc['index_s']:.0f} | {sc['idle'][0]:.1f} / {sc['idle'][2]:.1f} | "
+                f"{sc['busy'][0]:.1f} / {sc['busy'][2]:.1f} | "
+                f"{sc['busy'][2] / sc['idle'][2]:.2f} | {sc['busy_n']} |")
     table += ["", "CPU per image (ms of CPU time, all processes of each component; robust to "
               "other load, unlike the rates):", "",
               "| workers | Celery workers | PostgreSQL | API | Redis |", "|---|---|---|---|---|"]
