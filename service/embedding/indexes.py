@@ -124,6 +124,8 @@ def _build_locked(build_id: int, connection: Connection, memory: str) -> str:
         finally:
             if not connection.invalidated:
                 connection.execute(text("RESET maintenance_work_mem"))
+        if not validity(connection, name):
+            raise RuntimeError(f"index {name} is not valid after its build")
     done = connection.scalar(update(IndexBuild).where(IndexBuild.id == build_id)
                              .values(status="ready", error=None, built_at=func.now())
                              .returning(IndexBuild.id))
