@@ -125,6 +125,8 @@ def _build_locked(build_id: int, connection: Connection, memory: str) -> str:
             if not connection.invalidated:
                 connection.execute(text("RESET maintenance_work_mem"))
         if not validity(connection, name):
+            if connection.scalar(select(IndexBuild.id).where(IndexBuild.id == build_id)) is None:
+                return "gone"  # its owner was dropped with the index meanwhile
             raise RuntimeError(f"index {name} is not valid after its build")
     done = connection.scalar(update(IndexBuild).where(IndexBuild.id == build_id)
                              .values(status="ready", error=None, built_at=func.now())

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from service.db import get_engine, session_scope
 from service.embedding.indexes import concurrent_ddl, request_build, validity
-from service.embedding.models import EmbeddingModel, ImageEmbedding, IndexBuild, hnsw_index
+from service.embedding.models import EmbeddingModel, IndexBuild, hnsw_index
 from service.embedding.service import index_name, save_vectors
 from service.images.models import Image
 from service.queue import SWEEP_JOBS, enqueue
@@ -89,7 +89,7 @@ def new_model(app: Flask) -> EmbeddingModel:
     """A fresh model row, as the first upload of a model makes it (its build is sent)."""
     with app.app_context(), session_scope() as session:
         session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        return make_model(session, DIM)
+        return make_model(session, DIM, built=False)
 
 
 def add_images(app: Flask, model: EmbeddingModel, vectors: np.ndarray,

@@ -27,6 +27,7 @@ from service.indexing.reindex import drop_model, reindex_step, start_reindex
 from service.search.metrics import get_metric
 from service.search.sql import Explain
 from tests.conftest import DEFAULT_MODEL, wait_for_status
+from tests.embedding.builds import wait_for_indexes
 
 pytestmark = pytest.mark.usefixtures("worker")
 REGION = region_model_name(DEFAULT_MODEL)
@@ -71,8 +72,11 @@ def search(client: FlaskClient, **query: Any) -> dict[str, Any]:
 def handcrafted(app: Flask) -> Iterator[None]:
     """hsv-hist and phash enabled for this module's uploads, and dropped after it."""
     with app.app_context(), session_scope() as session:
-        for name in (HSV_HIST, PHASH):
-            ensure_model_row(handcrafted_info(name), session=session)
+        models = [ensure_model_row(handcrafted_info(name), session=session).id
+                  for name in (HSV_HIST, PHASH)]
+        engine = session.get_bind()
+    for model_id in models:  # the searches below walk their HNSW indexes
+        wait_for_indexes(engine, model_id)
     yield
     with app.app_context(), session_scope() as session:
         for name in (HSV_HIST, PHASH, REGION):
@@ -268,5 +272,8 @@ def test_cli_installs_a_hand_crafted_model_into_the_database(
     with app.app_context(), session_scope() as session:
         model = find_model(PHASH, session=session)
         assert model is not None and model.dim == 64
+        engine = session.get_bind()
+    wait_for_indexes(engine, model.id)  # built CONCURRENTLY after the command's commit
+    with app.app_context(), session_scope() as session:
         assert session.scalar(text("SELECT to_regclass(:n) IS NOT NULL"),
                               {"n": index_name(model.id, "hamming")})

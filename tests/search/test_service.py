@@ -17,6 +17,7 @@ from service.embedding.service import ensure_model_row, save_vectors
 from service.images.models import Image
 from service.search.types import Cursor, ImageRef, SearchResult
 from service.search.vectors import search_vectors
+from tests.embedding.builds import wait_for_indexes
 
 VECTORS = {
     "a": [1.0, 0.0, 0.0],
@@ -27,11 +28,15 @@ VECTORS = {
 }
 
 
-def make_model(session, dim: int) -> EmbeddingModel:
+def make_model(session, dim: int, *, built: bool = True) -> EmbeddingModel:
+    """A fresh model; with `built`, its HNSW index is valid on return (built here if need be)."""
     info = ModelInfo(name=f"test-{uuid.uuid4().hex[:8]}", version="1", dim=dim, input_size=1,
                      resize=1, mean=[0, 0, 0], std=[1, 1, 1], input_name="image",
                      outputs=["embedding"], licence="test", sha256="0" * 64)
-    return ensure_model_row(info, session=session)
+    model = ensure_model_row(info, session=session)  # committed: the session holds nothing
+    if built:
+        wait_for_indexes(session.get_bind(), model.id)
+    return model
 
 
 @pytest.fixture
