@@ -46,10 +46,11 @@ def service_rows(app: Any, model_id: int, ids: list[Any], unit: np.ndarray, vect
                  queries: np.ndarray, truth: np.ndarray, methods: list[str], bit_sizes: list[int],
                  candidate_sweep: list[int]) -> list[dict[str, Any]]:
     """Fit each code set in PostgreSQL and time hash search (re-ranked and pure) and HNSW."""
-    from sqlalchemy import text
+    from sqlalchemy import select, text
 
     from service.db import session_scope
-    from service.embedding.models import EmbeddingModel
+    from service.embedding.indexes import build_now
+    from service.embedding.models import EmbeddingModel, IndexBuild
     from service.hashing.models import code_index_name
     from service.hashing.service import create_code_set, fit_code_set
     from service.search.strategies.codes import hash_search
@@ -104,9 +105,12 @@ def service_rows(app: Any, model_id: int, ids: list[Any], unit: np.ndarray, vect
                                           bits=bits)
                     session.commit()
                     t0 = time.perf_counter()
-                    fit_code_set(row.id, session=session)
-                    fit_s = time.perf_counter() - t0
+                    fit_code_set(row.id, session=session)  # commits; the index is built here
+                    build = session.scalar(select(IndexBuild.id).where(
+                        IndexBuild.name == code_index_name(row.id)))
                     session.commit()
+                    build_now([build], engine=session.get_bind())
+                    fit_s = time.perf_counter() - t0
                     session.execute(text("CREATE EXTENSION IF NOT EXISTS pg_prewarm"))
                     session.execute(text("SELECT pg_prewarm(:n)"),
                                     {"n": code_index_name(row.id)})
