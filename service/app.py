@@ -26,7 +26,7 @@ from service.api.metrics import init_request_telemetry
 from service.api.openapi import spec
 from service.config import load_settings
 from service.db import init_db
-from service.images.storage import ContentStore
+from service.images.storage import open_store
 from service.logs import configure_logging, resolve_format
 from service.queue import celery_init_app
 from service.web import views as web
@@ -48,7 +48,7 @@ def create_app(config: dict[str, Any] | None = None, *, log_format: str = "text"
 
     init_db(app)
     celery_init_app(app)
-    app.extensions["content_store"] = ContentStore(app.config["STORAGE_DIR"])
+    app.extensions["content_store"] = open_store(app.config)
 
     for module in (health, images, search, codes, jobs, graph, facets, web, evaluations,
                    explain, metrics):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,8 @@ VAR_DIR = Path(os.environ.get("LOOKALIKE_VAR_DIR", PROJECT_ROOT / "var"))
 SERVICES_STATE_FILE = "services.json"
 PREFIX = "LOOKALIKE_"
 MiB = 1024 * 1024
+STORAGE_URL_FORM = re.compile(
+    r"|file://(/.*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?")
 # A list given as JSON or as comma-separated words ("photos.lan, .example.org").
 Words = Annotated[list[str], NoDecode]
 
@@ -62,6 +65,18 @@ class Settings(BaseSettings):
     REDIS_URL: str | None = _plain("REDIS_URL")
     STORAGE_DIR: str = Field(str(VAR_DIR / "storage"),
                              description="Originals, thumbnails and job files")
+    STORAGE_URL: str = Field("", description="Where originals and thumbnails live: empty or "
+                             "file:// (STORAGE_DIR), file:///path, or s3://bucket/prefix "
+                             "(credentials and region: the standard AWS variables and files; "
+                             "docs/operations.md)")
+    STORAGE_S3_ENDPOINT_URL: str = Field(
+        "", validation_alias=AliasChoices(PREFIX + "STORAGE_S3_ENDPOINT_URL",
+                                          "STORAGE_S3_ENDPOINT_URL"),
+        description="S3 endpoint of another provider (MinIO, moto), also read without the "
+                    "prefix; empty: AWS (or AWS_ENDPOINT_URL_S3)")
+    STORAGE_MAX_OBJECT_BYTES: int = Field(256 * MiB, ge=1, description="Largest stored "
+                                          "object read into memory; a bigger one under an "
+                                          "original's key is refused, not loaded")
     MODEL_DIR: str = Field(str(VAR_DIR / "models"), description="Installed ONNX models")
     DEFAULT_MODEL: str = Field("efficientnet-lite0", description="Model of a fresh database "
                                "(`lookalike models default` switches it for every process)")
@@ -147,6 +162,15 @@ class Settings(BaseSettings):
             return json.loads(text) if text.startswith("[") else [
                 w.strip() for w in text.split(",") if w.strip()]
         return value
+
+    @field_validator("STORAGE_URL")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        # Checked at start-up: a typo must not send originals somewhere unexpected.
+        if not STORAGE_URL_FORM.fullmatch(value.strip()):
+            raise ValueError("STORAGE_URL must be empty, file://, file:///path or "
+                             "s3://bucket[/prefix] (prefix: letters, digits, . _ - /)")
+        return value.strip()
 
     @classmethod
     def settings_customise_sources(

@@ -75,6 +75,9 @@ def worker_env(settings: dict[str, Any]) -> dict[str, str]:
     env["REDIS_URL"] = settings["REDIS_URL"]
     for key in ("STORAGE_DIR", "MODEL_DIR", "DEFAULT_MODEL", "MAX_UPLOAD_BYTES", "BIND_HOST"):
         env[f"LOOKALIKE_{key}"] = str(settings[key])
+    for key in ("STORAGE_URL", "STORAGE_S3_ENDPOINT_URL"):  # the object-storage tests'
+        if settings.get(key):
+            env[f"LOOKALIKE_{key}"] = str(settings[key])
     env["LOOKALIKE_RATE_LIMIT_ENABLED"] = "false"
     return env
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from spectree import Response as Resp
+from werkzeug.wsgi import wrap_file
 
 from service.api.auth import require_collection
 from service.api.context import content_store
@@ -26,12 +29,14 @@ from service.errors import ApiError
 from service.images import service as images
 from service.images.decode import ImageDecodeError
 from service.images.models import Image
+from service.images.storage import OpenedContent
 from service.images.validation import validate_metadata
 from service.queue import EMBED_IMAGE, enqueue_or_sweep
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
 log = logging.getLogger(__name__)
 TAGS = ["images"]
+STREAM_CHUNK = 256 * 1024
 
 
 def image_json(image: Image, *, duplicate: bool | None = None) -> dict[str, Any]:
@@ -127,16 +132,45 @@ def delete_image(image_id: str) -> tuple[str, int]:
     return "", 204
 
 
+def streamed(view: Callable[..., Response]) -> Callable[..., Response]:
+    """Attach the body a view left in `g` after spectree is done with its response.
+
+    Spectree reads every response body whole to validate it (its Flask plugin calls
+    `get_data`), which would load a 50 MB original into memory; the view returns headers only
+    and its stream is attached here, outside the validation.
+    """
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Response:
+        g.pop("stream_body", None)
+        response = view(*args, **kwargs)
+        opened: OpenedContent | None = g.pop("stream_body", None)
+        if opened is not None:
+            if response.status_code != 200:
+                opened.stream.close()
+                return response
+            response.response = wrap_file(request.environ, opened.stream,  # type: ignore[arg-type]
+                                          buffer_size=STREAM_CHUNK)
+            response.direct_passthrough = True
+            response.headers["Content-Length"] = str(opened.size)
+        return response
+    return wrapper
+
+
 @bp.get("/<image_id>/file")
+@streamed
 @spec.validate(resp=Resp(HTTP_404=ErrorResponse, HTTP_410=ErrorResponse), tags=TAGS)
 def image_file(image_id: str) -> Response:
-    """The original bytes."""
+    """The original bytes, streamed from the store (never whole in memory)."""
     with session_scope() as session:
         image = images.get_image(image_id, session=session)
-        data = images.original(image, session=session, store=content_store())
-        return Response(data, mimetype=image.mime, headers={
-            "Cache-Control": "private, max-age=31536000, immutable",
-            "X-Content-Type-Options": "nosniff"})
+        mime = image.mime
+        # Through the API rather than a presigned redirect: keys and collection visibility
+        # hold for every read, a deleted image stops being served at once, and the bucket
+        # need not be reachable from clients (docs/operations.md, Storage).
+        g.stream_body = images.open_original(image, session=session, store=content_store())
+    return Response(b"", mimetype=mime, headers={
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "X-Content-Type-Options": "nosniff"})
 
 
 @bp.get("/<image_id>/thumbnail")

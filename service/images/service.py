@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from service.errors import ApiError, NotFound, parse_uuid
 from service.images.decode import ImageDecodeError, decode, open_image, to_rgb
 from service.images.models import STATUSES, Image
-from service.images.storage import MISSING_ORIGINAL, ContentMissing, ContentStore
+from service.images.storage import ContentMissing, ContentStore, OpenedContent
 from service.images.validation import clean_filename, validate_collection, validate_metadata
 
 log = logging.getLogger(__name__)
@@ -227,16 +227,28 @@ def original(image: Image, *, session: Session, store: ContentStore) -> bytes:
     try:
         return store.get(image.sha256)
     except ContentMissing as exc:
-        mark_failed(image.id, MISSING_ORIGINAL, session=session)
-        raise ApiError("original_missing", f"{MISSING_ORIGINAL}; upload the file again",
-                       status=410) from exc
+        raise _gone(image, exc, session=session) from exc
+
+
+def open_original(image: Image, *, session: Session, store: ContentStore) -> OpenedContent:
+    """The stored bytes as a stream, for serving them; gone for good, as `original`."""
+    try:
+        return store.open(image.sha256)
+    except ContentMissing as exc:
+        raise _gone(image, exc, session=session) from exc
+
+
+def _gone(image: Image, exc: ContentMissing, *, session: Session) -> ApiError:
+    """Fail the image with the reason; the 410 to raise."""
+    mark_failed(image.id, exc.reason, session=session)
+    return ApiError("original_missing", f"{exc.reason}; upload the file again", status=410)
 
 
 def thumbnail(image: Image, *, session: Session, store: ContentStore, max_pixels: int) -> bytes:
     """A JPEG of at most 256 px on its longer side, cached beside the original."""
-    path = store.thumbnail_path(image.sha256)
-    if path.exists():
-        return path.read_bytes()
+    cached = store.get_thumbnail(image.sha256)
+    if cached is not None:
+        return cached
     img = open_image(original(image, session=session, store=store), max_pixels=max_pixels,
                      draft_size=THUMBNAIL_SIZE)
     img = to_rgb(img)

@@ -186,8 +186,17 @@ def process_batch(job_id: uuid.UUID, token: uuid.UUID, *, session: Session, stor
     # their rows are written under it, with the images that they belong to.
     derived = compute_derived(derived_models, {image.digest: image.data for _, image, _ in new},
                               embedder=embedder, max_pixels=settings.max_pixels)
-    _commit_results(job_id, token, items, new, embedded, outcome, session=session, store=store,
-                    embedder=embedder, collection=collection, derived=derived)
+    try:
+        _commit_results(job_id, token, items, new, embedded, outcome, session=session,
+                        store=store, embedder=embedder, collection=collection, derived=derived)
+    except BaseException:
+        # The files written above belong to rows that will never commit: an object is kept
+        # only while a row references it, whatever failed (and a retry writes them again).
+        session.rollback()
+        for i, (_, _, digest) in enumerate(to_embed):
+            if created.get(digest) and i not in errors:
+                remove_if_unreferenced(digest, session=session, store=store)
+        raise
     for entry in outcome.values():
         key = {"done": "done", "duplicate": "duplicates", "failed": "failed"}.get(entry["status"])
         if key is not None:
