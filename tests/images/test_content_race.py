@@ -6,7 +6,6 @@ import contextlib
 import io
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,8 @@ from service.db import session_scope
 from service.errors import NotFound
 from service.images import service as images
 from service.images.models import Image
-from service.images.storage import ContentStore
+from service.images.storage import ContentStore, open_store
+from tests.images.conftest import Backend
 
 TRIES = 40
 
@@ -33,13 +33,12 @@ def random_png(seed: int) -> bytes:
 
 
 def _store(settings: dict[str, Any]) -> ContentStore:
-    return ContentStore(settings["STORAGE_DIR"])
+    return open_store(settings)
 
 
-def test_delete_waits_for_an_uncommitted_row_of_the_same_bytes(
-        app: Flask, settings: dict[str, Any]) -> None:
+def test_delete_waits_for_an_uncommitted_row_of_the_same_bytes(backend: Backend) -> None:
     """A batch insert not yet committed holds the content: the delete keeps the file."""
-    store = _store(settings)
+    app, store = backend.app, backend.store
     data = random_png(uuid.uuid4().int % 2**32)
     with app.app_context():
         with session_scope() as session:
@@ -97,10 +96,9 @@ def race_once(base: str, image_id: str, data: bytes, collection: str
     return answers
 
 
-def test_delete_racing_an_upload_to_another_collection_over_http(
-        live_server: str, settings: dict[str, Any]) -> None:
+def test_delete_racing_an_upload_to_another_collection_over_http(backend: Backend) -> None:
     """The attacker's race, repeated: every accepted upload keeps its original."""
-    store = _store(settings)
+    live_server, store = backend.live_server(), backend.store
     run = uuid.uuid4().hex[:6]
     lost: list[int] = []
     for attempt in range(TRIES):
@@ -121,16 +119,15 @@ def test_delete_racing_an_upload_to_another_collection_over_http(
     assert lost == [], f"{len(lost)} of {TRIES} uploads lost their original"
 
 
-def test_a_row_whose_original_is_gone_is_failed_not_a_lasting_503(
-        app: Flask, settings: dict[str, Any]) -> None:
+def test_a_row_whose_original_is_gone_is_failed_not_a_lasting_503(backend: Backend) -> None:
     """Bytes removed behind the service's back: the image is marked failed with the reason."""
-    store = _store(settings)
     data = random_png(uuid.uuid4().int % 2**32)
-    client = app.test_client()
+    client = backend.app.test_client()
     body = client.post("/api/v1/images", data={
         "file": (io.BytesIO(data), "gone.png"), "collection": f"gone-{uuid.uuid4().hex[:6]}"},
         content_type="multipart/form-data").get_json()
-    Path(store.path(body["sha256"])).unlink()
+    assert backend.has_original(body["sha256"])
+    backend.remove_behind_the_back(body["sha256"])
     for route in ("file", "thumbnail"):
         got = client.get(f"/api/v1/images/{body['id']}/{route}")
         assert got.status_code == 410, (route, got.status_code, got.get_data(as_text=True))
@@ -178,8 +175,8 @@ def test_a_patch_racing_a_delete_is_a_404_or_a_200(app: Flask, settings: dict[st
 
 
 def test_a_thumbnail_made_while_its_image_is_deleted_is_not_left_behind(
-        app: Flask, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    store = _store(settings)
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, settings, store = backend.app, backend.settings, backend.store
     image = _stored(app, settings, f"thumb-{uuid.uuid4().hex[:6]}")
     real = images.to_rgb
 
@@ -192,4 +189,5 @@ def test_a_thumbnail_made_while_its_image_is_deleted_is_not_left_behind(
         data = images.thumbnail(image, session=session, store=store, max_pixels=10**7)
     assert data[:2] == b"\xff\xd8"
     assert not store.exists(image.sha256)
-    assert not store.thumbnail_path(image.sha256).exists(), "a deleted image left a thumbnail"
+    assert not backend.has_thumbnail(image.sha256), "a deleted image left a thumbnail"
+    assert store.get_thumbnail(image.sha256) is None

@@ -154,20 +154,6 @@ def test_a_batch_whose_commit_fails_leaves_no_object(backend: Backend, rejecting
     assert left == [], f"{backend.name}: {len(left)} of 3 originals left without a row"
 
 
-def test_an_object_gone_from_the_store_is_410_and_fails_the_image(backend: Backend) -> None:
-    client = backend.app.test_client()
-    body = _post(backend.app, random_png(uuid.uuid4().int % 2**32), f"gone-{uuid.uuid4().hex[:6]}",
-                 "gone.png").get_json()
-    assert backend.has_original(body["sha256"])
-    backend.remove_behind_the_back(body["sha256"])
-    for route in ("file", "thumbnail"):
-        got = client.get(f"/api/v1/images/{body['id']}/{route}")
-        assert got.status_code == 410, (route, got.status_code, got.get_data(as_text=True))
-        assert got.get_json()["error"]["code"] == "original_missing"
-    after = client.get(f"/api/v1/images/{body['id']}").get_json()
-    assert after["status"] == "failed" and "missing" in after["error"]
-
-
 def test_an_oversized_object_under_a_digest_is_refused_not_loaded(backend: Backend) -> None:
     data = random_png(uuid.uuid4().int % 2**32)
     with backend.app.app_context(), session_scope() as session:
