@@ -138,13 +138,16 @@ class SearchHitOut(BaseModel):
 class SearchPlanOut(BaseModel):
     """How the query ran."""
 
-    method: str = Field(description="exact, index or hash")
+    method: str = Field(description="exact, index, compact-scan, compact-graph, hash, crops, "
+                                    "text or hybrid")
     metric: str
     index_metric: str | None = None
     ef_search: int | None = None
     estimated_rows: float
     estimated_selectivity: float
     rows_scanned: int | None = None
+    indexes: list[str] = Field(default_factory=list,
+                               description="indexes the query read (explain only)")
     fallback: bool
     notes: list[str]
 

@@ -10,6 +10,7 @@ from pgvector.sqlalchemy import BIT, HALFVEC
 from sqlalchemy import (
     CheckConstraint,
     Column,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Index,
@@ -179,6 +180,13 @@ def compact_index(model_id: int, dim: int) -> Index:
     return Index(compact_index_name(model_id), vector.label("v"), postgresql_using="hnsw",
                  postgresql_with=HNSW_BUILD, postgresql_ops={"v": INDEX_OPS["cosine"]},
                  postgresql_where=where)
+
+
+def compact_partial_index(name: str, dim: int, where: ColumnElement[bool]) -> Index:
+    """An HNSW index over the compact vectors of the rows one filter keeps (its `where`)."""
+    vector = cast(_RUNTIME.c.compact, HALFVEC(int(dim)))
+    return Index(name, vector.label("v"), postgresql_using="hnsw", postgresql_with=HNSW_BUILD,
+                 postgresql_ops={"v": INDEX_OPS["cosine"]}, postgresql_where=where)
 
 
 # The table as seen by the per-model indexes, on a metadata of its own: an index declared on

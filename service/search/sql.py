@@ -68,8 +68,20 @@ def scanned_rows(plan: dict[str, Any]) -> int:
 
 def analyzed_rows(session: Session, statement: Any) -> int:
     """Runs a statement under EXPLAIN ANALYZE: the vectors its scans read."""
-    analyzed = session.execute(Explain(statement, analyze=True)).scalar_one()
-    return scanned_rows(analyzed[0]["Plan"])
+    return analyze(session, statement)[0]
+
+
+def analyze(session: Session, statement: Any) -> tuple[int, list[str]]:
+    """Runs a statement under EXPLAIN ANALYZE: the vectors its scans read, the indexes used."""
+    plan = session.execute(Explain(statement, analyze=True)).scalar_one()[0]["Plan"]
+    return scanned_rows(plan), sorted(_indexes(plan))
+
+
+def _indexes(plan: dict[str, Any]) -> set[str]:
+    found = {plan["Index Name"]} if plan.get("Index Name") else set()
+    for child in plan.get("Plans", []):
+        found |= _indexes(child)
+    return found
 
 
 def index_exists(session: Session, name: str) -> bool:

@@ -61,6 +61,8 @@ class SearchPlan:
     estimated_rows: float = 0.0
     estimated_selectivity: float = 1.0
     rows_scanned: int | None = None
+    # The indexes the statement read, from EXPLAIN ANALYZE (with rows_scanned).
+    indexes: list[str] = field(default_factory=list)
     fallback: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -173,6 +175,8 @@ class QueryPlan:
     estimated_rows: float = 0.0
     estimated_selectivity: float = 1.0
     exact_fallback: bool = True
+    # The partial compact index of the plan's filter, when it is one of the model's hot ones.
+    hot_index: str | None = None
     # Code sets: which one, whether candidates are re-ranked on the vectors, how many.
     code: str | None = None
     code_rerank: bool = True

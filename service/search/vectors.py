@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 
 from service.embedding.models import EmbeddingModel
 from service.embedding.projection import ready
+from service.search import hot
 from service.search.estimates import estimate
 from service.search.metrics import get_metric
-from service.search.planner import EXACT_MAX_ROWS, route
+from service.search.planner import EF_SEARCH, EXACT_MAX_ROWS, route
 from service.search.strategies import compact, exact, hnsw
 from service.search.types import Cursor, QueryPlan, SearchResult, Strategy
 
@@ -35,7 +36,15 @@ def route_vector_query(plan: QueryPlan, *, session: Session,
         rows, selectivity = estimate(plan, session=session)
     _, model = plan.vector_model()
     # The projection preserves cosine only: other metrics keep the full-vector routes.
-    with_compact = plan.metric == "cosine" and ready(model, session=session) is not None
+    found = ready(model, session=session) if plan.metric == "cosine" else None
+    with_compact = found is not None
+    if found is not None and plan.filtered and force_method is None:
+        planned = replace(plan, estimated_rows=rows, estimated_selectivity=selectivity)
+        name = hot.ready_index(planned, session=session)
+        if name is not None:
+            return replace(planned, strategy="compact-graph", hot_index=name,
+                           ef_search=max(plan.k, EF_SEARCH), exact_fallback=True)
+        hot.note(planned, found, session=session)
     chosen = route(k=plan.k, filtered=plan.filtered, estimated_rows=rows,
                    selectivity=selectivity, exact_max_rows=exact_max_rows,
                    force_method=force_method,

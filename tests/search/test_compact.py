@@ -100,8 +100,8 @@ def test_every_route_ranks_like_brute_force(app: Flask, small, route: str | None
             assert [h.image.id for h in result.hits] == want
             if route is not None:
                 assert result.plan.method == route
-            else:  # unforced: the planner picks a compact route or the exact scan
-                assert result.plan.method in ("compact-graph", "compact-scan", "exact")
+            else:  # unforced: the planner picks a compact route
+                assert result.plan.method in ("compact-graph", "compact-scan")
 
 
 def test_pages_continue_in_exact_order(app: Flask, small) -> None:

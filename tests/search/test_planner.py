@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from service.search.planner import (
-    COMPACT_EXACT_MAX_ROWS,
     COMPACT_SCAN_MAX_ROWS,
     EF_SEARCH,
     EXACT_MAX_ROWS,
@@ -68,12 +67,11 @@ def test_a_cursor_keeps_the_width_of_its_first_page() -> None:
 
 
 @pytest.mark.parametrize("filtered,rows,strategy", [
-    (False, 5.0, "compact-graph"), (True, 1.0, "exact"), (True, COMPACT_EXACT_MAX_ROWS, "exact"),
-    (True, COMPACT_EXACT_MAX_ROWS + 1, "compact-scan"), (True, COMPACT_SCAN_MAX_ROWS,
-                                                         "compact-scan"),
+    (False, 5.0, "compact-graph"), (True, 1.0, "compact-scan"),
+    (True, COMPACT_SCAN_MAX_ROWS, "compact-scan"),
     (True, COMPACT_SCAN_MAX_ROWS + 1, "compact-graph"), (True, 1e6, "compact-graph"),
 ])
-def test_compact_vectors_add_a_scan_band_between_exact_and_the_graph(
+def test_compact_vectors_are_scanned_for_small_filters_and_walked_for_large_ones(
         filtered: bool, rows: float, strategy: str) -> None:
     chosen = route(k=10, filtered=filtered, estimated_rows=rows, selectivity=0.01, compact=True)
     assert chosen.strategy == strategy and chosen.exact_fallback

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.embedding.compact import candidates, end_walk, walk_settings
@@ -21,7 +21,7 @@ from service.images.models import Image
 from service.search.metrics import get_metric
 from service.search.sql import (
     after,
-    analyzed_rows,
+    analyze,
     image_column,
     query_vector,
     vector_conditions,
@@ -55,6 +55,13 @@ def rank_pool(plan: QueryPlan, found: Compact, explained: SearchPlan, *, session
     if walk:
         walk_settings(session, ef_search=max(plan.ef_search, pool_size(plan)),
                       max_scan_tuples=MAX_SCAN_TUPLES)
+        if plan.hot_index is not None:
+            # Planned with the filter's values, so that PostgreSQL proves the partial index's
+            # predicate (a generic plan of a prepared statement could not).
+            session.execute(text("SELECT set_config('plan_cache_mode', "
+                                 "'force_custom_plan', true)"))
+            explained.notes.append(f"the partial index {plan.hot_index} of this frequent "
+                                   "filter")
     pool = candidates(model, found, vector, vector_conditions(plan), limit=pool_size(plan),
                       walk=walk)
     exact = ranking.distance(pool.c.vector, query_vector(vector, int(model.dim)))
@@ -65,7 +72,7 @@ def rank_pool(plan: QueryPlan, found: Compact, explained: SearchPlan, *, session
                  .join(ranked, ranked.c.image_id == Image.id)
                  .order_by(ranked.c.distance, Image.id))
     if plan.explain:
-        explained.rows_scanned = analyzed_rows(session, statement)
+        explained.rows_scanned, explained.indexes = analyze(session, statement)
     rows = list(session.execute(statement).all())
     if walk:
         end_walk(session)
