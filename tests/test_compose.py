@@ -25,11 +25,12 @@ def test_compose_file_is_valid() -> None:
     command = compose_command()
     if command is None:
         pytest.skip("no docker compose client on this machine")
-    env = dict(os.environ, POSTGRES_PASSWORD="validation-only")
+    env = dict(os.environ, POSTGRES_PASSWORD="validation-only",
+               MINIO_ROOT_PASSWORD="validation-only", LOOKALIKE_S3_SECRET="validation-only")
     result = subprocess.run([*command, "config", "-q"], cwd=PROJECT_ROOT, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     services = subprocess.run([*command, "config", "--services"], cwd=PROJECT_ROOT, env=env,
                               capture_output=True, text=True).stdout.split()
-    assert set(services) == {"db", "redis", "migrate", "api", "nginx", "worker",
-                             "beat"}
+    assert set(services) == {"db", "redis", "minio", "minio-setup", "migrate", "api", "nginx",
+                             "worker", "beat"}
