@@ -17,6 +17,7 @@ from service.cli.models import models
 from service.cli.reindex import reindex, tags
 from service.cli.serve import run
 from service.cli.services import services
+from service.cli.storage import storage
 
 
 @click.group()
@@ -24,5 +25,6 @@ def main() -> None:
     """Lookalike: image retrieval with PostgreSQL + pgvector."""
 
 
-for command in (services, db, models, tags, reindex, ingest, evaluate, finetune, keys, run):
+for command in (services, db, models, tags, reindex, ingest, evaluate, finetune, keys, run,
+                storage):
     main.add_command(command)

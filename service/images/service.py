@@ -158,8 +158,11 @@ def lock_content(digests: list[str], *, session: Session) -> None:
                         .order_by(key.c.k))
 
 
-def remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> None:
-    """Delete a digest's bytes unless a row in any collection still references them; commits."""
+def remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore) -> bool:
+    """Delete a digest's bytes unless a row in any collection still references them; commits.
+
+    Returns whether they were deleted.
+    """
     try:
         session.rollback()
         lock_content([digest], session=session)
@@ -169,9 +172,11 @@ def remove_if_unreferenced(digest: str, *, session: Session, store: ContentStore
         if still_used is None:
             store.delete(digest)
         session.commit()
+        return still_used is None
     except Exception:  # The database may be what failed; keeping a file is the safe side.
         session.rollback()
         log.exception("could not check references of %s", digest)
+        return False
 
 
 def get_image(image_id: str | uuid.UUID, *, session: Session) -> Image:

@@ -28,6 +28,7 @@ from service.config import load_settings
 from service.db import session_scope
 from service.embedding.session import get_embedder
 from service.images import service as images
+from service.images.orphans import orphaned_digests, remove_orphans
 from service.images.s3 import S3ContentStore
 from service.images.storage import ContentTooLarge, LocalContentStore, open_store
 from service.jobs import expansion, pipeline
@@ -200,3 +201,20 @@ def test_the_s3_prefix_keeps_the_local_layout() -> None:
     digest = "ab" + "c" * 62
     assert store.key(digest) == f"a/b/ab/cc/{digest}"
     assert store.thumbnail_key(digest) == f"a/b/thumbnails/ab/{digest}.jpg"
+
+
+def test_orphans_are_found_and_removed_and_referenced_bytes_kept(backend: Backend) -> None:
+    orphan = random_png(uuid.uuid4().int % 2**32)
+    kept = random_png(uuid.uuid4().int % 2**32)
+    orphan_digest = hashlib.sha256(orphan).hexdigest()
+    with backend.app.app_context(), session_scope() as session:
+        image = images.store_image(kept, session=session, store=backend.store,
+                                   collection=f"orph-{uuid.uuid4().hex[:6]}", metadata={},
+                                   filename="x.png", max_pixels=10**7).image
+        kept_digest = image.sha256
+        backend.store.put(orphan_digest, orphan)  # as a process killed before its commit
+        found = set(orphaned_digests(session=session, store=backend.store))
+        assert orphan_digest in found and kept_digest not in found
+        assert remove_orphans(session=session, store=backend.store) >= 1
+    assert not backend.has_original(orphan_digest)
+    assert backend.has_original(kept_digest)
