@@ -22,6 +22,11 @@ EXACT_MAX_ROWS = 3_000
 # scan of 1,000 full vectors (read out of line) took 12.5 ms where the compact scan of the
 # same rows took 4.4 (100k x 1280, docs/benchmarks.md).
 COMPACT_SCAN_MAX_ROWS = 20_000
+# A tuple the compact walk reads costs about this many scanned rows (100k x 1280, a 10% filter:
+# 15 ms for the ~1,000 tuples a 100-row pool needs, 13.7 ms to scan its 10,000 rows): the scan
+# wins only when the filter leaves fewer rows than the walk would read.
+WALK_COST = 10
+COMPACT_POOL = 100
 # The graph is explored this wide at least (more for k above it). A fixed width makes the
 # strict-order scan one deterministic stream, so later pages continue the first one exactly.
 EF_SEARCH = 100
@@ -51,7 +56,8 @@ def ef_search_for(k: int, selectivity: float) -> int:
 
 def route(*, k: int, filtered: bool, estimated_rows: float, selectivity: float,
           exact_max_rows: int = EXACT_MAX_ROWS, force_method: str | None = None,
-          cursor_ef: int | None = None, compact: bool = False) -> Route:
+          cursor_ef: int | None = None, compact: bool = False,
+          compact_pool: int = COMPACT_POOL) -> Route:
     """Exact for a filter expected to match few rows, else a graph walk; a cursor keeps its width.
 
     With `compact` (the model's compact vectors are ready), mid-sized filtered sets are
@@ -63,7 +69,8 @@ def route(*, k: int, filtered: bool, estimated_rows: float, selectivity: float,
             raise ValueError(f"force_method is one of {', '.join(forced)}, not {force_method!r}")
         strategy = forced[force_method]
     elif compact:
-        scan = filtered and estimated_rows <= COMPACT_SCAN_MAX_ROWS
+        walked = WALK_COST * compact_pool / max(selectivity, 1e-6)
+        scan = filtered and estimated_rows <= min(COMPACT_SCAN_MAX_ROWS, walked)
         strategy = "compact-scan" if scan else "compact-graph"
     else:
         strategy = "exact" if filtered and estimated_rows <= exact_max_rows else "hnsw"

@@ -49,7 +49,7 @@ def route_vector_query(plan: QueryPlan, *, session: Session,
                    selectivity=selectivity, exact_max_rows=exact_max_rows,
                    force_method=force_method,
                    cursor_ef=plan.cursor.ef_search if plan.cursor else None,
-                   compact=with_compact)
+                   compact=with_compact, compact_pool=compact.pool_size(plan))
     return replace(plan, strategy=chosen.strategy, ef_search=chosen.ef_search,
                    estimated_rows=rows, estimated_selectivity=selectivity,
                    exact_fallback=chosen.exact_fallback)

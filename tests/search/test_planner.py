@@ -77,6 +77,17 @@ def test_compact_vectors_are_scanned_for_small_filters_and_walked_for_large_ones
     assert chosen.strategy == strategy and chosen.exact_fallback
 
 
+@pytest.mark.parametrize("rows,selectivity,strategy", [
+    (5_000, 1.0, "compact-graph"), (5_000, 0.1, "compact-scan"), (10_000, 0.1, "compact-scan"),
+    (15_000, 0.1, "compact-graph"), (10_000, 0.01, "compact-scan"),
+])
+def test_a_filter_that_keeps_most_rows_walks_even_when_small(rows: float, selectivity: float,
+                                                              strategy: str) -> None:
+    chosen = route(k=10, filtered=True, estimated_rows=rows, selectivity=selectivity,
+                   compact=True)
+    assert chosen.strategy == strategy
+
+
 def test_with_compact_vectors_a_forced_index_walks_the_compact_graph() -> None:
     assert route(k=10, filtered=True, estimated_rows=1.0, selectivity=0.1, compact=True,
                  force_method="index").strategy == "compact-graph"
