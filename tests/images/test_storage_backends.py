@@ -218,3 +218,13 @@ def test_orphans_are_found_and_removed_and_referenced_bytes_kept(backend: Backen
         assert remove_orphans(session=session, store=backend.store) >= 1
     assert not backend.has_original(orphan_digest)
     assert backend.has_original(kept_digest)
+
+
+def test_a_missing_bucket_is_503_and_writes_no_row(s3_settings: dict[str, Any]) -> None:
+    app = create_app({**s3_settings, "STORAGE_URL": "s3://no-such-bucket-here/x"})
+    collection = f"nobucket-{uuid.uuid4().hex[:6]}"
+    resp = _post(app, random_png(uuid.uuid4().int % 2**32), collection, "x.png")
+    assert resp.status_code == 503, resp.get_json()
+    assert resp.get_json()["error"]["code"] == "storage_unavailable"
+    listed = app.test_client().get("/api/v1/images", query_string={"collection": collection})
+    assert listed.get_json()["items"] == []
