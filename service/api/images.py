@@ -158,7 +158,8 @@ def streamed(view: Callable[..., Response]) -> Callable[..., Response]:
 
 @bp.get("/<image_id>/file")
 @streamed
-@spec.validate(resp=Resp(HTTP_404=ErrorResponse, HTTP_410=ErrorResponse), tags=TAGS)
+@spec.validate(resp=Resp("HTTP_200", HTTP_404=ErrorResponse, HTTP_410=ErrorResponse),
+               tags=TAGS)
 def image_file(image_id: str) -> Response:
     """The original bytes, streamed from the store (never whole in memory)."""
     with session_scope() as session:
@@ -174,7 +175,8 @@ def image_file(image_id: str) -> Response:
 
 
 @bp.get("/<image_id>/thumbnail")
-@spec.validate(resp=Resp(HTTP_404=ErrorResponse, HTTP_410=ErrorResponse), tags=TAGS)
+@spec.validate(resp=Resp("HTTP_200", HTTP_404=ErrorResponse, HTTP_410=ErrorResponse,
+                         HTTP_422=ErrorResponse), tags=TAGS)
 def image_thumbnail(image_id: str) -> Response:
     """A JPEG of at most 256 px."""
     with session_scope() as session:

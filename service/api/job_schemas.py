@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from spectree.model_adapter.pydantic_adapter import BaseFile
 
 
 class JobSource(BaseModel):
@@ -41,6 +42,20 @@ class JobCreate(BaseModel):
         default=None, max_length=1_000_000,
         description="at most MANIFEST_MAX_ITEMS (100,000) files, the body at most "
                     "MANIFEST_MAX_BYTES (64 MiB)")
+
+
+class JobForm(BaseModel):
+    """A multipart job: an archive in `file`, or a server `source` with an uploaded metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: BaseFile | None = Field(default=None, description="a .zip, .tar or .tar.gz archive")
+    metadata: BaseFile | None = Field(
+        default=None, description="metadata.csv or .jsonl with a `file` column (a text field "
+                                  "with the same content is read too)")
+    collection: str | None = Field(default=None, max_length=128)
+    source: str | None = Field(default=None, description="without `file`: JobCreate's "
+                                                         "`source` as a JSON object")
 
 
 class JobCreated(BaseModel):

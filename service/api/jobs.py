@@ -18,6 +18,7 @@ from service.api.auth import require_collection
 from service.api.job_schemas import (
     JobCreate,
     JobCreated,
+    JobForm,
     JobItemList,
     JobItemsQuery,
     JobList,
@@ -208,7 +209,10 @@ def _create_from_json(body: JobCreate, *,
 
 
 @bp.post("")
-@spec.validate(resp=Resp(HTTP_202=JobCreated, HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
+# Documented, not validated by spectree: it would read a multipart archive whole, and a large
+# manifest's errors would all be echoed; the view streams the one and bounds the other.
+@spec.validate(json=JobCreate, form=JobForm, skip_validation=True,
+               resp=Resp(HTTP_202=JobCreated, HTTP_400=ErrorResponse, HTTP_413=ErrorResponse),
                tags=TAGS)
 def create_job() -> tuple[dict[str, Any], int]:
     """Start a bulk ingestion job from an archive, a server directory or a manifest (202).

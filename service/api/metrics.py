@@ -12,8 +12,11 @@ import logging
 import time
 
 from flask import Blueprint, Flask, Response, current_app, g, request
+from spectree import Response as Resp
 
 from service import logs
+from service.api.openapi import spec
+from service.api.schemas import ErrorResponse
 from service.gauges import InventoryCollector, QueueDepthCollector
 from service.metrics import HTTP_DURATION, HTTP_REQUESTS, render
 
@@ -39,6 +42,8 @@ def _collectors(app: Flask) -> list[object]:
 
 
 @bp.get("/metrics")
+@spec.validate(resp=Resp("HTTP_200", HTTP_401=ErrorResponse, HTTP_403=ErrorResponse),
+               tags=["metrics"])
 def metrics() -> Response:
     """Every process's counters and histograms, plus queue depth and inventory read now."""
     body, content_type = render(_collectors(current_app))  # type: ignore[arg-type]

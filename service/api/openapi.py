@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 from flask import request
+from pydantic import BaseModel
 from spectree import SpecTree
 
+from service.api.explain_schemas import ExplanationOut
 from service.api.schemas import ErrorResponse
 from service.errors import ApiError
 
@@ -36,8 +38,25 @@ def _raise_validation_error(req: Any, resp: Any, error: Exception | None, instan
     raise ApiError("invalid_request", "; ".join(details) or str(error))
 
 
+_NAMED: dict[str, type] = {}
+
+
+def schema_name(model: type) -> str:
+    """A component's name: the model's own, refused if two models share it.
+
+    spectree's default ("<Model>.<hash>", nested "<Parent>.<hash>.<Child>") gives one model
+    several components with the same title, and client generators then see duplicate models.
+    """
+    name = model.__name__
+    if _NAMED.setdefault(name, model) is not model:
+        raise TypeError(f"two API models are named {name}: {model} and {_NAMED[name]}")
+    return name
+
+
 spec = SpecTree(
     "flask",
+    naming_strategy=schema_name,
+    nested_naming_strategy=lambda parent, child: child,
     title="Lookalike API",
     version="1.0.0",
     path="apidoc",
@@ -67,9 +86,8 @@ def with_auth(document: dict[str, Any]) -> dict[str, Any]:
         "type": "http", "scheme": "bearer", "bearerFormat": "lk_<prefix>_<secret>",
         "description": "An API key from `lookalike keys create`. Required unless the API "
                        "listens on loopback (docs/security.md)."}
-    # spectree names schemas "<Model>.<hash>": find ours rather than guess the hash.
-    ref = next((f"#/components/schemas/{name}" for name in components.get("schemas", {})
-                if name.split(".")[0] == "ErrorResponse"), None)
+    ref = (f"#/components/schemas/{ErrorResponse.__name__}"
+           if ErrorResponse.__name__ in components.get("schemas", {}) else None)
     schema: dict[str, Any] = {"$ref": ref} if ref else {"type": "object"}
     for path, operations in doc.get("paths", {}).items():
         for operation in operations.values():
@@ -87,6 +105,40 @@ def with_auth(document: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+# 200 bodies that are not JSON: spectree writes every model as application/json and can only
+# leave these without content. A model stands for its JSON schema.
+RAW_OK: dict[tuple[str, str], dict[str, Any]] = {
+    ("/api/v1/images/{image_id}/file", "get"): {"image/*": BINARY},  # the original's own type
+    ("/api/v1/images/{image_id}/thumbnail", "get"): {"image/jpeg": BINARY},
+    ("/api/v1/explain", "get"): {"image/png": BINARY, "application/json": ExplanationOut},
+    ("/api/v1/explain", "post"): {"image/png": BINARY, "application/json": ExplanationOut},
+    ("/metrics", "get"): {"text/plain": {"type": "string"}},  # the Prometheus text format
+}
+
+
+def with_raw_bodies(document: dict[str, Any]) -> dict[str, Any]:
+    """The document with the media types of the 200s in RAW_OK."""
+    doc = copy.deepcopy(document)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for (path, method), media in RAW_OK.items():
+        operation = doc.get("paths", {}).get(path, {}).get(method)
+        if operation is None:
+            continue
+        content: dict[str, Any] = {}
+        for media_type, schema in media.items():
+            if isinstance(schema, type) and issubclass(schema, BaseModel):
+                found = schema.model_json_schema(ref_template="#/components/schemas/{model}",
+                                                 mode="serialization")
+                schemas.update(found.pop("$defs", {}))
+                schemas[schema_name(schema)] = found
+                schema = {"$ref": f"#/components/schemas/{schema_name(schema)}"}
+            content[media_type] = {"schema": schema}
+        ok = operation["responses"].setdefault("200", {"description": "OK"})
+        ok["content"] = content
+    return doc
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3 document of every decorated route."""
-    return with_auth(spec.spec)
+    return with_auth(with_raw_bodies(spec.spec))
