@@ -12,16 +12,21 @@ from service.embedding import indexes
 from service.embedding.models import IndexBuild
 from service.search import estimates, hot
 from service.search.vectors import search_vectors
+from tests.embedding.builds import wait_for_indexes
 from tests.search.test_compact import DIM, matches, small  # noqa: F401  (the fixture)
 from tests.search.test_service import exact_order
 
 
 @pytest.fixture
 def eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Thresholds for a 90-row table: the third search of a filter of 10+ rows asks."""
+    """Thresholds for a 90-row table: the third search of any filter asks.
+
+    The size bounds are off: on a table that earlier tests filled, a new collection's rows are
+    estimated from statistics that do not know it yet.
+    """
     monkeypatch.setattr(hot, "HOT_AFTER", 3)
-    monkeypatch.setattr(hot, "MIN_ROWS", 10)
-    monkeypatch.setattr(hot, "MAX_SELECTIVITY", 0.6)
+    monkeypatch.setattr(hot, "MIN_ROWS", 0)
+    monkeypatch.setattr(hot, "MAX_SELECTIVITY", 1.0)
     hot.forget()
     yield
     hot.forget()
@@ -44,7 +49,7 @@ def test_a_frequent_filter_gets_its_partial_index_and_searches_walk_it(
             assert result.plan.method == "compact-scan"
         build = session.scalar(select(IndexBuild).where(
             IndexBuild.name.startswith(hot.prefix(int(model.id)))))
-        assert build is not None and build.status == "pending"
+        assert build is not None and build.status in ("pending", "building", "ready")
         build_id = int(build.id)
         session.commit()
         # Another filter, searched once, asks for nothing.
@@ -57,7 +62,9 @@ def test_a_frequent_filter_gets_its_partial_index_and_searches_walk_it(
     with app.app_context():
         from service.db import get_engine
 
-        assert indexes.build(build_id, engine=get_engine()) == "built"
+        # Here, or by the suite's worker if it took the message first.
+        assert indexes.build(build_id, engine=get_engine()) in ("built", "ready", "busy")
+        wait_for_indexes(get_engine(), int(model.id))
     hot.forget()
     with app.app_context(), session_scope() as session:
         for query in queries:
