@@ -22,8 +22,9 @@ from service.search.sql import model_is, plan_rows, vector_conditions
 from service.search.types import QueryPlan
 
 CACHE_SECONDS = 30.0
-# Counting further costs more than it tells: past this size the selectivity only widens the
-# graph walk, and a filter that leaves more rows than this walks the graph whatever the share.
+# Counting further costs more than it tells; past this size the planner's own estimate of the
+# table is used instead, since a share computed against the cap would call a 10% filter of a
+# million rows "everything" and keep it off its hot index.
 COUNT_CAP = 100_000
 MAX_ENTRIES = 4096
 
@@ -53,13 +54,20 @@ def clear() -> None:
         _cache.clear()
 
 
+def _count_ready(model: EmbeddingModel, *, session: Session) -> float:
+    ready = (select(ImageEmbedding.image_id)
+             .where(model_is(model), ImageEmbedding.status == "ready"))
+    counted = session.scalar(select(func.count()).select_from(
+        ready.limit(COUNT_CAP).subquery())) or 0
+    if counted < COUNT_CAP:
+        return float(counted)
+    return max(float(COUNT_CAP), plan_rows(session, ready))
+
+
 def model_rows(model: EmbeddingModel, *, session: Session) -> float:
-    """The model's ready vectors, counted up to COUNT_CAP (a fresh table has no statistics)."""
-    capped = (select(ImageEmbedding.image_id)
-              .where(model_is(model), ImageEmbedding.status == "ready")
-              .limit(COUNT_CAP).subquery())
-    return _cached(("model", int(model.id)),
-                   lambda: session.scalar(select(func.count()).select_from(capped)) or 0)
+    """The model's ready vectors: counted while small (a fresh table has no statistics), else
+    the planner's estimate."""
+    return _cached(("model", int(model.id)), lambda: _count_ready(model, session=session))
 
 
 def estimate(plan: QueryPlan, *, session: Session) -> tuple[float, float]:
