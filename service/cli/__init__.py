@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from service.cli.backup import backup, restore
 from service.cli.database import db
 from service.cli.evaluate import evaluate
 from service.cli.finetune import finetune
@@ -26,5 +27,5 @@ def main() -> None:
 
 
 for command in (services, db, models, tags, reindex, ingest, evaluate, finetune, keys, run,
-                storage):
+                storage, backup, restore):
     main.add_command(command)

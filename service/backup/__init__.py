@@ -1,0 +1,1 @@
+"""Backups of an installation (database dump + objects) and its integrity check."""
