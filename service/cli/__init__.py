@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from service.cli.backup import backup, restore
+from service.cli.check import check
 from service.cli.database import db
 from service.cli.evaluate import evaluate
 from service.cli.finetune import finetune
@@ -27,5 +28,5 @@ def main() -> None:
 
 
 for command in (services, db, models, tags, reindex, ingest, evaluate, finetune, keys, run,
-                storage, backup, restore):
+                storage, backup, restore, check):
     main.add_command(command)

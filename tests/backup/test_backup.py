@@ -49,9 +49,9 @@ def databases(stack: ServiceStack) -> Iterator[Any]:
     admin.dispose()
 
 
-def installation(settings: dict[str, Any], url: str, storage: Path) -> Flask:
+def installation(settings: dict[str, Any], url: str, storage: Path, redis_db: int = 11) -> Flask:
     """An app on its own database and store; its queue is a Redis database no worker reads."""
-    redis = settings["REDIS_URL"].rsplit("/", 1)[0] + "/11"
+    redis = settings["REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_db}"
     return create_app({**settings, "DATABASE_URL": url, "STORAGE_DIR": str(storage),
                        "REDIS_URL": redis})
 
