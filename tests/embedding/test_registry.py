@@ -127,3 +127,9 @@ def test_add_refuses_what_is_not_an_image_model(tmp_path: Path, kind: str, messa
         registry.add_onnx("mine", path, models, size=224, resize=None, mean=(0.5,) * 3,
                           std=(0.5,) * 3)
     assert not (models / "mine").exists()
+
+
+def test_every_catalogue_model_has_its_weights_installed() -> None:
+    # `make install` must bring every package the catalogue names, or `models install` fails.
+    for entry in registry.CATALOG.values():
+        assert entry.weights_path().is_file(), entry.name
