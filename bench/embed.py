@@ -95,11 +95,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=None, help="comma-separated; default: installed")
     parser.add_argument("--sample", type=int, default=640, help="photos for the speed runs")
+    parser.add_argument("--quality", type=int, default=0,
+                        help="photos for mAP (default 0: all of them)")
     args = parser.parse_args()
     model_dir = load_settings()["MODEL_DIR"]
     names = (args.models.split(",") if args.models
              else [m.name for m in registry.installed(registry.Path(model_dir))])
     rows = clothing_labels()
+    if args.quality:
+        rows = rows[:: max(1, len(rows) // args.quality)][: args.quality]
     all_files = [(CLOTHING / r["file"]).read_bytes() for r in rows]
     labels = [r["label"] for r in rows]
     files = all_files[: args.sample]

@@ -20,7 +20,11 @@ import numpy as np
 from service.config import PROJECT_ROOT, VAR_DIR
 
 CLOTHING = PROJECT_ROOT.parent / "shared" / "datasets" / "clothing"
-BENCH_DIR = VAR_DIR / "bench"
+# The benches' throwaway services live here: elsewhere for the tests that run each bench at
+# a tiny size, so that they never remove the folder of a bench running meanwhile.
+BENCH_DIR = Path(os.environ.get("LOOKALIKE_BENCH_DIR", VAR_DIR / "bench"))
+# Embeddings of the shared photos, kept between runs (and shared with those tests).
+CACHE_DIR = VAR_DIR / "bench"
 # Elsewhere for trial runs and the tests that run each bench at a tiny size.
 RESULTS = Path(os.environ.get("LOOKALIKE_BENCH_RESULTS", PROJECT_ROOT / "docs" / "benchmarks.md"))
 
@@ -87,7 +91,7 @@ def clothing_outputs(model_name: str, output: str = "vectors",
     from service.embedding.transforms import batch, preprocess
 
     rows = clothing_labels()
-    cache = BENCH_DIR / (f"clothing-{model_name}.npy" if output == "vectors"
+    cache = CACHE_DIR / (f"clothing-{model_name}.npy" if output == "vectors"
                          else f"clothing-{output}-{model_name}.npy")
     if cache.exists():
         cached = np.load(cache)
@@ -107,7 +111,7 @@ def clothing_outputs(model_name: str, output: str = "vectors",
         out.append(result)
     values = np.concatenate(out).astype(np.float32)
     print(f"ran {model_name} on {len(rows)} photos in {time.perf_counter() - started:.0f}s")
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     np.save(cache, values)
     return values, rows
 
